@@ -1,0 +1,40 @@
+# Two commands: `make run` (set up, then run the whole pipeline) and `make test` (set up, then every test).
+# Both create .venv from pinned versions once; later calls reuse it.
+
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(CURDIR)/$(VENV)/bin
+KERNEL := mlops-template
+STAMP  := $(VENV)/.installed
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup run test lab bench lint export clean-notebooks
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==0.13.8
+	$(BIN)/uv pip install --python $(BIN)/python --quiet -r requirements.lock
+	$(BIN)/uv pip install --python $(BIN)/python --quiet --no-deps -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python ($(KERNEL))" >/dev/null
+	@touch $(STAMP)
+	@echo "environment ready: $(VENV) (kernel $(KERNEL))"
+
+run: setup
+	dvc repro
+
+test: setup
+	bash tests/run_all.sh
+
+lab: setup
+	jupyter lab notebooks/
+
+bench: setup
+	python tests/benchmark.py
+
+lint: setup
+	ruff check lib tests
+
+export: setup
+	nbdev-export && nbdev-clean

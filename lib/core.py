@@ -9,11 +9,10 @@ __all__ = ['ROOT_MARKERS', 'STEPS', 'SECTIONS', 'SHARED_SPEC', 'REPORT_CSS', 'pr
            'check_outputs', 'check_notebook_outputs', 'step_notebook', 'report_paths', 'check_notebook_parameters',
            'render_report', 'StageError', 'run_stage', 'run_stage_cli']
 
-# %% ../notebooks/00_core.ipynb #13e50f36
+# %% ../notebooks/00_core.ipynb #989ba2c6
 import ast
 import hashlib
 import json
-import os
 import random
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-# %% ../notebooks/00_core.ipynb #ad10340b
+# %% ../notebooks/00_core.ipynb #07a0c066
 ROOT_MARKERS = ("dvc.yaml", "params.yaml")
 
 def project_root(start=None) -> Path:
@@ -32,7 +31,7 @@ def project_root(start=None) -> Path:
             return folder
     raise FileNotFoundError(f"No project root (a folder with {' and '.join(ROOT_MARKERS)}) at or above {here}")
 
-# %% ../notebooks/00_core.ipynb #1911b911
+# %% ../notebooks/00_core.ipynb #eca82487
 class ParamsError(ValueError):
     "A parameter file or section that does not match its spec."
 
@@ -51,7 +50,7 @@ def _check_leaf(value, spec, where):
     if not isinstance(value, spec):
         raise ParamsError(f"{where}: expected {_type_names(spec)}, got {type(value).__name__} {value!r}")
 
-# %% ../notebooks/00_core.ipynb #860e1c09
+# %% ../notebooks/00_core.ipynb #6f119b91
 def _check_mapping(value, spec, where):
     if not isinstance(value, dict):
         raise ParamsError(f"{where}: expected a mapping, got {type(value).__name__}")
@@ -71,7 +70,7 @@ def validate_spec(value, spec, where="params"):
         return
     _check_leaf(value, spec, where)
 
-# %% ../notebooks/00_core.ipynb #63963d7e
+# %% ../notebooks/00_core.ipynb #0f89b931
 STEPS = ("business_understanding", "data_acquisition", "model_development", "model_deployment", "model_monitoring")
 SECTIONS = ("shared", *STEPS, "reports")
 
@@ -97,7 +96,7 @@ def load_params(path, section, spec) -> dict:
     validate_spec(params[section], spec, where=section)
     return params[section]
 
-# %% ../notebooks/00_core.ipynb #fb3a3ca2
+# %% ../notebooks/00_core.ipynb #b1252f68
 def tracking_uri(root, environ) -> str:
     "The MLflow tracking URI: `MLFLOW_TRACKING_URI` from `environ` if set, else `mlflow.db` at `root`."
     return environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
@@ -106,7 +105,7 @@ def artifact_location(root, environ) -> str:
     "Where new experiments keep artifacts: `MLFLOW_ARTIFACT_LOCATION` if set, else `mlartifacts/` at `root`."
     return environ.get("MLFLOW_ARTIFACT_LOCATION") or (Path(root).resolve() / "mlartifacts").as_uri()
 
-# %% ../notebooks/00_core.ipynb #31a7b8be
+# %% ../notebooks/00_core.ipynb #f33a7abf
 def connect_mlflow(root, environ, experiment):
     "Point MLflow at the project's store and make `experiment` the active one; returns its id."
     import mlflow
@@ -116,7 +115,7 @@ def connect_mlflow(root, environ, experiment):
     mlflow.set_experiment(experiment_id=found.experiment_id)
     return found.experiment_id
 
-# %% ../notebooks/00_core.ipynb #191944b5
+# %% ../notebooks/00_core.ipynb #9a422c1e
 def seed_everything(seed: int):
     "Seed Python's and NumPy's global generators; returns a NumPy `Generator` for new code."
     random.seed(seed)
@@ -130,7 +129,7 @@ def file_sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""): digest.update(block)
     return digest.hexdigest()
 
-# %% ../notebooks/00_core.ipynb #d134e868
+# %% ../notebooks/00_core.ipynb #480944ca
 def save_json(obj, path) -> Path:
     "Write `obj` as indented, key-sorted JSON, creating parent folders."
     path = Path(path)
@@ -142,7 +141,7 @@ def load_json(path):
     "Read a JSON file."
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
-# %% ../notebooks/00_core.ipynb #7f30bf8b
+# %% ../notebooks/00_core.ipynb #ea586033
 class MissingOutputError(RuntimeError):
     "A stage ended without writing one of its declared outputs."
 
@@ -166,11 +165,11 @@ def check_outputs(paths, root):
     if missing: raise MissingOutputError(f"missing or empty output(s): {', '.join(missing)}")
 
 def check_notebook_outputs(stage, root):
-    "What a stage notebook checks last: its declared outputs, except the HTML page rendered after it ends."
-    page = f"reports/html/{step_notebook(stage, root).stem}.html"
-    check_outputs([p for p in stage_outputs(stage, root) if p != page], root)
+    "What a stage notebook checks last: its declared outputs except its own executed copy and page (`run-stage` checks those)."
+    reports = {f"reports/{kind}/{step_notebook(stage, root).stem}.{ext}" for kind, ext in (("executed", "ipynb"), ("html", "html"))}
+    check_outputs([p for p in stage_outputs(stage, root) if p not in reports], root)
 
-# %% ../notebooks/00_core.ipynb #d3d4d945
+# %% ../notebooks/00_core.ipynb #c0f591eb
 def step_notebook(stage, root) -> Path:
     "The notebook `notebooks/NN_<stage>.ipynb` of `stage`."
     found = sorted((Path(root) / "notebooks").glob(f"[0-9][0-9]_{stage}.ipynb"))
@@ -182,7 +181,7 @@ def report_paths(stage, root) -> tuple:
     name = step_notebook(stage, root).stem
     return Path(root) / "reports/executed" / f"{name}.ipynb", Path(root) / "reports/html" / f"{name}.html"
 
-# %% ../notebooks/00_core.ipynb #9b478b96
+# %% ../notebooks/00_core.ipynb #7ce1b508
 def check_notebook_parameters(notebook, given: dict):
     "Reject parameters that `notebook`'s `parameters` cell does not declare, or whose type differs from its default."
     import papermill
@@ -194,7 +193,7 @@ def check_notebook_parameters(notebook, given: dict):
         expected = (int, float) if isinstance(default, float) else type(default)
         if default is not None: _check_leaf(value, expected, f"{Path(notebook).name}: parameter {name!r}")
 
-# %% ../notebooks/00_core.ipynb #18fcd519
+# %% ../notebooks/00_core.ipynb #ce6dafae
 def _stakeholder_view(nb):
     "A copy of executed notebook `nb` without hidden cells, stream output, or errors."
     import copy
@@ -206,7 +205,7 @@ def _stakeholder_view(nb):
             cell.outputs = [o for o in cell.outputs if o.output_type in ("display_data", "execute_result")]
     return nb
 
-# %% ../notebooks/00_core.ipynb #d581a1ac
+# %% ../notebooks/00_core.ipynb #8a33d855
 REPORT_CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;max-width:1100px;margin:2rem auto;padding:0 1rem;color:#1f2933;line-height:1.5}
 table{border-collapse:collapse;margin:1rem 0;font-size:.9rem}th,td{border:1px solid #d2d6dc;padding:.3rem .6rem;text-align:left}
@@ -227,13 +226,14 @@ def render_report(executed_notebook, html_path, title) -> Path:
     Path(html_path).write_text(page, encoding="utf-8")
     return Path(html_path)
 
-# %% ../notebooks/00_core.ipynb #a914fe49
+# %% ../notebooks/00_core.ipynb #904ca901
 class StageError(RuntimeError):
     "A stage notebook failed; the message names the stage and the cause."
 
 def _execute(stage, root, parameters, shared):
     "Run the stage notebook with papermill from `root`; a failing cell raises `StageError`."
     import papermill
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
     from papermill.exceptions import PapermillExecutionError
     executed, _ = report_paths(stage, root)
     executed.parent.mkdir(parents=True, exist_ok=True)
@@ -242,11 +242,16 @@ def _execute(stage, root, parameters, shared):
                                    kernel_name=shared["kernel"], cwd=str(root), progress_bar=sys.stderr.isatty(),
                                    log_output=not sys.stderr.isatty(), execution_timeout=shared["cell_timeout_s"])
     except PapermillExecutionError as err:
-        raise StageError(f"stage {stage!r} failed in cell {err.exec_count}: {err.ename}: {err.evalue}\n"
-                         f"  executed notebook kept for debugging: {executed.relative_to(root)}") from None
-    return executed
+        cause = f"cell {err.exec_count} raised {err.ename}: {err.evalue}"
+    except CellTimeoutError:
+        cause = f"a cell ran longer than shared.cell_timeout_s = {shared['cell_timeout_s']} s"
+    except DeadKernelError as err:
+        cause = f"the kernel died ({err})"
+    else:
+        return executed
+    raise StageError(f"stage {stage!r} failed: {cause}\n  executed notebook kept for debugging: {executed.relative_to(root)}")
 
-# %% ../notebooks/00_core.ipynb #7a252803
+# %% ../notebooks/00_core.ipynb #fe8efb55
 def run_stage(stage, root=None, parameters=None) -> Path:
     "Execute `stage`'s notebook, render its stakeholder page and check its declared outputs; returns the page."
     root = project_root(root)
@@ -258,7 +263,7 @@ def run_stage(stage, root=None, parameters=None) -> Path:
     check_outputs(stage_outputs(stage, root), root)
     return html
 
-# %% ../notebooks/00_core.ipynb #d93796ad
+# %% ../notebooks/00_core.ipynb #7e502ce7
 def _parse_assignments(pairs):
     "['name=value', ...] to a dict, values read as YAML scalars (so 3 is an int and 'x' a string)."
     out = {}

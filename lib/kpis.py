@@ -7,19 +7,17 @@ __all__ = ['KPI_SPEC', 'CHARTER_SPEC', 'KpiValue', 'measurable_campaigns', 'coun
            'measure_visit_uplift', 'measure_redemption_rate', 'measure_offer_precision', 'kpi_function', 'measure_kpi',
            'validate_charter']
 
-# %% ../notebooks/01_business_understanding.ipynb #a37f383a
+# %% ../notebooks/01_business_understanding.ipynb #a4f53b97
+import importlib
+import inspect
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-# %% ../notebooks/01_business_understanding.ipynb #71fb1956
-import importlib
-import inspect
-
 from .core import Optional_, ParamsError, validate_spec
 
-# %% ../notebooks/01_business_understanding.ipynb #65e54b4a
+# %% ../notebooks/01_business_understanding.ipynb #70f63ae5
 @dataclass
 class KpiValue:
     "A KPI measured overall (pooled over campaigns) and per campaign."
@@ -35,7 +33,7 @@ def _pooled_rate(by_campaign, numerator, denominator) -> float:
     if total == 0: raise ValueError(f"KPI undefined: zero {denominator} over {len(by_campaign)} campaign(s)")
     return float(by_campaign[numerator].sum() / total)
 
-# %% ../notebooks/01_business_understanding.ipynb #08fb5348
+# %% ../notebooks/01_business_understanding.ipynb #85c6da42
 def measurable_campaigns(campaign_descriptions, first_day, last_day, window_days=14) -> pd.DataFrame:
     "Campaigns whose window (start to the later of end and start + `window_days`) lies within [first_day, last_day]."
     start = _calendar_day(campaign_descriptions.start_date).to_numpy()
@@ -43,7 +41,7 @@ def measurable_campaigns(campaign_descriptions, first_day, last_day, window_days
     inside = (start >= pd.Timestamp(first_day).normalize()) & (end <= pd.Timestamp(last_day).normalize())
     return campaign_descriptions[inside]
 
-# %% ../notebooks/01_business_understanding.ipynb #e6ca9931
+# %% ../notebooks/01_business_understanding.ipynb #fea697ff
 def _households_shopping(days_sorted, households_sorted, start, window_days) -> set:
     "Households with a transaction on calendar days [start, start + window_days]."
     lo, hi = np.searchsorted(days_sorted, [start, start + np.timedelta64(window_days + 1, "D")])
@@ -64,7 +62,7 @@ def count_visitors(transactions, campaigns, campaign_descriptions, households, w
                          comparison=len(comparison), comparison_visitors=len(comparison & visited)))
     return pd.DataFrame(rows, columns=["campaign_id", "messaged", "messaged_visitors", "comparison", "comparison_visitors"])
 
-# %% ../notebooks/01_business_understanding.ipynb #766317ce
+# %% ../notebooks/01_business_understanding.ipynb #47edb552
 def measure_store_visit_rate(transactions, campaigns, campaign_descriptions, households, window_days=14) -> KpiValue:
     "Share of messaged households with any transaction within `window_days` of the campaign start."
     counts = count_visitors(transactions, campaigns, campaign_descriptions, households, window_days)
@@ -79,7 +77,7 @@ def measure_visit_uplift(transactions, campaigns, campaign_descriptions, househo
     uplift = _pooled_rate(counts, "messaged_visitors", "messaged") - _pooled_rate(counts, "comparison_visitors", "comparison")
     return KpiValue(uplift, counts)
 
-# %% ../notebooks/01_business_understanding.ipynb #fbcaf1c0
+# %% ../notebooks/01_business_understanding.ipynb #12b5e944
 def _within_campaign(frame, campaign_descriptions, date_column) -> pd.DataFrame:
     "Rows of `frame` (with `campaign_id`) dated between their campaign's start and end day, inclusive."
     dated = frame.merge(campaign_descriptions[["campaign_id", "start_date", "end_date"]], on="campaign_id")
@@ -97,7 +95,7 @@ def measure_redemption_rate(campaigns, campaign_descriptions, coupon_redemptions
     counts["value"] = counts.redeemers / counts.messaged
     return KpiValue(_pooled_rate(counts, "redeemers", "messaged"), counts)
 
-# %% ../notebooks/01_business_understanding.ipynb #ce1625cb
+# %% ../notebooks/01_business_understanding.ipynb #10c09935
 def measure_offer_precision(offers, campaign_descriptions, coupon_redemptions) -> KpiValue:
     "Share of messaged offers (household × campaign × coupon) redeemed during their campaign."
     keys = ["household_id", "campaign_id", "coupon_upc"]
@@ -108,7 +106,7 @@ def measure_offer_precision(offers, campaign_descriptions, coupon_redemptions) -
     counts["value"] = counts.redeemed / counts.offers
     return KpiValue(_pooled_rate(counts, "redeemed", "offers"), counts)
 
-# %% ../notebooks/01_business_understanding.ipynb #8b1318fd
+# %% ../notebooks/01_business_understanding.ipynb #6477f907
 def kpi_function(dotted_name: str):
     "The callable named `module.function` (for example `lib.kpis.measure_redemption_rate`)."
     module, _, name = dotted_name.rpartition(".")
@@ -122,7 +120,7 @@ def measure_kpi(kpi: dict, tables: dict) -> KpiValue:
     if missing: raise KeyError(f"KPI {kpi['id']!r} needs table(s) {', '.join(missing)}")
     return fn(**{n: tables[n] for n in wanted}, **kpi.get("params", {}))
 
-# %% ../notebooks/01_business_understanding.ipynb #eef5ed79
+# %% ../notebooks/01_business_understanding.ipynb #6e36cdeb
 KPI_SPEC = {
     "id": str, "name": str, "definition": str,
     "unit": str,                       # share, percentage points, ...
@@ -153,7 +151,7 @@ CHARTER_SPEC = {
     },
 }
 
-# %% ../notebooks/01_business_understanding.ipynb #c2e3e4b7
+# %% ../notebooks/01_business_understanding.ipynb #3858c622
 def _check_kpi_function(kpi):
     "The KPI's function must import, be callable and accept the KPI's params."
     try: fn = kpi_function(kpi["function"])
@@ -175,7 +173,7 @@ def _check_kpi_thresholds(kpi):
         raise ParamsError(f"KPI {kpi['id']!r}: alert_threshold {kpi['alert_threshold']} must be "
                           f"{'below' if kpi['direction'] == 'higher' else 'above'} target {kpi['target']} (direction: {kpi['direction']})")
 
-# %% ../notebooks/01_business_understanding.ipynb #19ea6c75
+# %% ../notebooks/01_business_understanding.ipynb #a16733fe
 def _check_ml_problem(ml):
     if ml["top_k"] < 1: raise ParamsError(f"ml_problem.top_k must be at least 1, got {ml['top_k']}")
     for key, value in ml["acceptance"].items():

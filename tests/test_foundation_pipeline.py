@@ -1,0 +1,102 @@
+"""Step 01 end to end through DVC and papermill in disposable copies of the project, and the stage's faults."""
+import json
+import subprocess
+import time
+
+import nbformat
+import pytest
+import yaml
+
+from conftest import project_env, run
+from lib.kpis import validate_charter
+
+pytestmark = pytest.mark.pipeline
+STAGE = "business_understanding"
+NOTEBOOK = "notebooks/01_business_understanding.ipynb"
+
+
+def insert_cell(project, source, before="save_json(charter"):
+    """Insert a code cell into the copy's step-01 notebook, just before the cell containing `before`."""
+    path = project / NOTEBOOK
+    nb = nbformat.read(path, as_version=4)
+    at = next(i for i, c in enumerate(nb.cells) if before in c.source)
+    nb.cells.insert(at, nbformat.v4.new_code_cell(source))
+    nbformat.write(nb, path)
+    run("git -c user.name=t -c user.email=t@t commit -qam 'change notebook'", project)
+
+
+def locked_stages(project):
+    lock = project / "dvc.lock"
+    return set(yaml.safe_load(lock.read_text())["stages"]) if lock.exists() else set()
+
+
+def test_stage_writes_the_validated_charter_and_a_second_repro_does_nothing(project_copy):
+    run(["dvc", "repro", STAGE], project_copy)
+    charter = json.loads((project_copy / "data/charter.json").read_text())
+    expected = yaml.safe_load((project_copy / "params.yaml").read_text())[STAGE]
+    assert charter == validate_charter(expected)
+    assert {k["id"] for k in charter["kpis"]} >= {"store_visit_rate_14d", "redemption_rate", "offer_precision"}
+    page = (project_copy / "reports/html/01_business_understanding.html").read_text()
+    assert "Key performance indicators" in page and "validate_charter(" not in page and "Traceback" not in page
+    assert STAGE in locked_stages(project_copy)
+    again = run(["dvc", "repro", STAGE], project_copy)
+    assert "didn't change, skipping" in again.stdout and "Running stage" not in again.stdout
+    assert "up to date" in run(["dvc", "status"], project_copy).stdout
+
+
+@pytest.mark.parametrize("cwd", ["notebooks", "."])
+def test_notebook_runs_from_the_notebooks_folder_and_from_the_root(project_copy, cwd, tmp_path):
+    out = tmp_path / "executed.ipynb"
+    run(["papermill", NOTEBOOK if cwd == "." else NOTEBOOK.split("/")[1], str(out), "-k", "mlops-template",
+         "-p", "params_file", "params.yaml"], project_copy / cwd)
+    charter = json.loads((project_copy / "data/charter.json").read_text())
+    assert charter["title"] == yaml.safe_load((project_copy / "params.yaml").read_text())[STAGE]["title"]
+
+
+def test_a_failing_cell_fails_the_stage_and_keeps_the_executed_notebook(project_copy):
+    insert_cell(project_copy, "raise RuntimeError('charter source unavailable')")
+    proc = run(["dvc", "repro", STAGE], project_copy, check=False)
+    assert proc.returncode != 0
+    assert "stage 'business_understanding' failed" in proc.stderr and "charter source unavailable" in proc.stderr
+    assert (project_copy / "reports/executed/01_business_understanding.ipynb").stat().st_size > 0
+    assert STAGE not in locked_stages(project_copy)
+
+
+def test_an_early_exit_with_status_0_still_fails_the_stage(project_copy):
+    insert_cell(project_copy, "import sys\nsys.exit(0)")
+    proc = run(["dvc", "repro", STAGE], project_copy, check=False)
+    assert proc.returncode != 0
+    assert "missing or empty output(s): data/charter.json" in proc.stderr
+    assert STAGE not in locked_stages(project_copy)
+
+
+def test_a_hung_cell_is_stopped_by_the_cell_timeout(project_copy):
+    params = yaml.safe_load((project_copy / "params.yaml").read_text())
+    params["shared"]["cell_timeout_s"] = 5
+    (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    insert_cell(project_copy, "import time\ntime.sleep(120)")
+    started = time.monotonic()
+    proc = run(["dvc", "repro", STAGE], project_copy, check=False)
+    assert proc.returncode != 0 and "cell_timeout_s" in proc.stderr
+    assert time.monotonic() - started < 100
+
+
+def test_a_wrongly_typed_parameter_stops_the_stage_naming_the_key(project_copy):
+    params = yaml.safe_load((project_copy / "params.yaml").read_text())
+    params[STAGE]["kpis"][0]["target"] = "ninety percent"
+    (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = run(["dvc", "repro", STAGE], project_copy, check=False)
+    assert proc.returncode != 0 and "business_understanding.kpis[0].target: expected int or float" in proc.stderr
+    assert not (project_copy / "data/charter.json").exists()
+
+
+def test_two_repros_at_once_do_not_both_run(project_copy):
+    insert_cell(project_copy, "import time\ntime.sleep(8)")
+    first = subprocess.Popen(["dvc", "repro", STAGE], cwd=project_copy, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=project_env())
+    time.sleep(3)
+    second = run(["dvc", "repro", STAGE], project_copy, check=False, timeout=60)
+    first_out, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err
+    assert second.returncode != 0 and "lock" in second.stderr.lower()
+    assert json.loads((project_copy / "data/charter.json").read_text())["kpis"]

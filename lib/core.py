@@ -4,12 +4,12 @@
 
 # %% auto #0
 __all__ = ['ROOT_MARKERS', 'STEPS', 'STAGES', 'SECTIONS', 'SHARED_SPEC', 'REPORT_CSS', 'project_root', 'ParamsError', 'Optional_',
-           'validate_spec', 'load_yaml', 'load_params', 'tracking_uri', 'artifact_location', 'connect_mlflow',
-           'seed_everything', 'file_sha256', 'save_json', 'load_json', 'MissingOutputError', 'stage_outputs',
-           'check_outputs', 'check_notebook_outputs', 'step_notebook', 'report_paths', 'check_notebook_parameters',
-           'render_report', 'StageError', 'run_stage', 'run_stage_cli']
+           'validate_spec', 'load_yaml', 'load_params', 'tracking_uri', 'artifact_location', 'TrackingStoreError',
+           'check_tracking_server', 'connect_mlflow', 'seed_everything', 'file_sha256', 'save_json', 'load_json',
+           'MissingOutputError', 'stage_outputs', 'check_outputs', 'check_notebook_outputs', 'step_notebook',
+           'report_paths', 'check_notebook_parameters', 'render_report', 'StageError', 'run_stage', 'run_stage_cli']
 
-# %% ../notebooks/00_core.ipynb #7a17a36f
+# %% ../notebooks/00_core.ipynb #1504f3be
 import ast
 import hashlib
 import json
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-# %% ../notebooks/00_core.ipynb #7dd16ae7
+# %% ../notebooks/00_core.ipynb #b79676f3
 ROOT_MARKERS = ("dvc.yaml", "params.yaml")
 
 def project_root(start=None) -> Path:
@@ -31,7 +31,7 @@ def project_root(start=None) -> Path:
             return folder
     raise FileNotFoundError(f"No project root (a folder with {' and '.join(ROOT_MARKERS)}) at or above {here}")
 
-# %% ../notebooks/00_core.ipynb #60c283b7
+# %% ../notebooks/00_core.ipynb #86cadb72
 class ParamsError(ValueError):
     "A parameter file or section that does not match its spec."
 
@@ -50,7 +50,7 @@ def _check_leaf(value, spec, where):
     if not isinstance(value, spec):
         raise ParamsError(f"{where}: expected {_type_names(spec)}, got {type(value).__name__} {value!r}")
 
-# %% ../notebooks/00_core.ipynb #344157a7
+# %% ../notebooks/00_core.ipynb #a70ea610
 def _check_mapping(value, spec, where):
     if not isinstance(value, dict):
         raise ParamsError(f"{where}: expected a mapping, got {type(value).__name__}")
@@ -70,7 +70,7 @@ def validate_spec(value, spec, where="params"):
         return
     _check_leaf(value, spec, where)
 
-# %% ../notebooks/00_core.ipynb #ba72a1b5
+# %% ../notebooks/00_core.ipynb #656fc2d9
 STEPS = ("business_understanding", "data_acquisition", "model_development", "model_deployment", "model_monitoring")
 STAGES = (*STEPS, "reports")          # the reports portal runs last, as a stage of its own
 SECTIONS = ("shared", *STAGES)
@@ -97,7 +97,7 @@ def load_params(path, section, spec) -> dict:
     validate_spec(params[section], spec, where=section)
     return params[section]
 
-# %% ../notebooks/00_core.ipynb #db39e54d
+# %% ../notebooks/00_core.ipynb #117c1cb5
 def tracking_uri(root, environ) -> str:
     "The MLflow tracking URI: `MLFLOW_TRACKING_URI` from `environ` if set, else `mlflow.db` at `root`."
     return environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
@@ -106,17 +106,34 @@ def artifact_location(root, environ) -> str:
     "Where new experiments keep artifacts: `MLFLOW_ARTIFACT_LOCATION` if set, else `mlartifacts/` at `root`."
     return environ.get("MLFLOW_ARTIFACT_LOCATION") or (Path(root).resolve() / "mlartifacts").as_uri()
 
-# %% ../notebooks/00_core.ipynb #74df9e79
+# %% ../notebooks/00_core.ipynb #5f79d7db
+class TrackingStoreError(RuntimeError):
+    "The MLflow tracking store cannot be reached."
+
+def check_tracking_server(uri, timeout_s=5.0):
+    "For an http(s) tracking URI, raise `TrackingStoreError` unless the server answers its health check."
+    import urllib.error
+    import urllib.request
+    if not uri.startswith(("http://", "https://")): return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as reply:
+            if reply.status == 200: return
+    except (urllib.error.URLError, OSError) as err:
+        raise TrackingStoreError(f"MLflow tracking server {uri} is unreachable ({err}); start it or unset MLFLOW_TRACKING_URI") from None
+    raise TrackingStoreError(f"MLflow tracking server {uri} answered its health check with status {reply.status}")
+
+# %% ../notebooks/00_core.ipynb #e83b3ec2
 def connect_mlflow(root, environ, experiment):
     "Point MLflow at the project's store and make `experiment` the active one; returns its id."
     import mlflow
+    check_tracking_server(tracking_uri(root, environ))
     mlflow.set_tracking_uri(tracking_uri(root, environ))
     found = mlflow.get_experiment_by_name(experiment)
     if found is None: return mlflow.create_experiment(experiment, artifact_location=artifact_location(root, environ))
     mlflow.set_experiment(experiment_id=found.experiment_id)
     return found.experiment_id
 
-# %% ../notebooks/00_core.ipynb #f7111875
+# %% ../notebooks/00_core.ipynb #55efda8b
 def seed_everything(seed: int):
     "Seed Python's and NumPy's global generators; returns a NumPy `Generator` for new code."
     random.seed(seed)
@@ -130,7 +147,7 @@ def file_sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""): digest.update(block)
     return digest.hexdigest()
 
-# %% ../notebooks/00_core.ipynb #8903031e
+# %% ../notebooks/00_core.ipynb #167654b8
 def save_json(obj, path) -> Path:
     "Write `obj` as indented, key-sorted JSON, creating parent folders."
     path = Path(path)
@@ -142,7 +159,7 @@ def load_json(path):
     "Read a JSON file."
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
-# %% ../notebooks/00_core.ipynb #f8658525
+# %% ../notebooks/00_core.ipynb #b3a2527c
 class MissingOutputError(RuntimeError):
     "A stage ended without writing one of its declared outputs."
 
@@ -170,7 +187,7 @@ def check_notebook_outputs(stage, root):
     reports = {f"reports/{kind}/{step_notebook(stage, root).stem}.{ext}" for kind, ext in (("executed", "ipynb"), ("html", "html"))}
     check_outputs([p for p in stage_outputs(stage, root) if p not in reports], root)
 
-# %% ../notebooks/00_core.ipynb #81fb65a6
+# %% ../notebooks/00_core.ipynb #f9939675
 def step_notebook(stage, root) -> Path:
     "The notebook `notebooks/NN_<stage>.ipynb` of `stage`."
     found = sorted((Path(root) / "notebooks").glob(f"[0-9][0-9]_{stage}.ipynb"))
@@ -182,7 +199,7 @@ def report_paths(stage, root) -> tuple:
     name = step_notebook(stage, root).stem
     return Path(root) / "reports/executed" / f"{name}.ipynb", Path(root) / "reports/html" / f"{name}.html"
 
-# %% ../notebooks/00_core.ipynb #ef182a56
+# %% ../notebooks/00_core.ipynb #c632c13a
 def check_notebook_parameters(notebook, given: dict):
     "Reject parameters that `notebook`'s `parameters` cell does not declare, or whose type differs from its default."
     import papermill
@@ -194,7 +211,7 @@ def check_notebook_parameters(notebook, given: dict):
         expected = (int, float) if isinstance(default, float) else type(default)
         if default is not None: _check_leaf(value, expected, f"{Path(notebook).name}: parameter {name!r}")
 
-# %% ../notebooks/00_core.ipynb #cc408737
+# %% ../notebooks/00_core.ipynb #5872ff55
 def _stakeholder_view(nb):
     "A copy of executed notebook `nb` without hidden cells, stream output, or errors."
     import copy
@@ -206,7 +223,7 @@ def _stakeholder_view(nb):
             cell.outputs = [o for o in cell.outputs if o.output_type in ("display_data", "execute_result")]
     return nb
 
-# %% ../notebooks/00_core.ipynb #c4b1cf0e
+# %% ../notebooks/00_core.ipynb #4831fbc5
 REPORT_CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;max-width:1100px;margin:2rem auto;padding:0 1rem;color:#1f2933;line-height:1.5}
 table{border-collapse:collapse;margin:1rem 0;font-size:.9rem}th,td{border:1px solid #d2d6dc;padding:.3rem .6rem;text-align:left}
@@ -227,7 +244,7 @@ def render_report(executed_notebook, html_path, title) -> Path:
     Path(html_path).write_text(page, encoding="utf-8")
     return Path(html_path)
 
-# %% ../notebooks/00_core.ipynb #7e607d70
+# %% ../notebooks/00_core.ipynb #fec56bda
 class StageError(RuntimeError):
     "A stage notebook failed; the message names the stage and the cause."
 
@@ -252,7 +269,7 @@ def _execute(stage, root, parameters, shared):
         return executed
     raise StageError(f"stage {stage!r} failed: {cause}\n  executed notebook kept for debugging: {executed.relative_to(root)}")
 
-# %% ../notebooks/00_core.ipynb #ad785e44
+# %% ../notebooks/00_core.ipynb #487e804a
 def run_stage(stage, root=None, parameters=None) -> Path:
     "Execute `stage`'s notebook, render its stakeholder page and check its declared outputs; returns the page."
     root = project_root(root)
@@ -264,7 +281,7 @@ def run_stage(stage, root=None, parameters=None) -> Path:
     check_outputs(stage_outputs(stage, root), root)
     return html
 
-# %% ../notebooks/00_core.ipynb #973bd169
+# %% ../notebooks/00_core.ipynb #72fe43a1
 def _parse_assignments(pairs):
     "['name=value', ...] to a dict, values read as YAML scalars (so 3 is an int and 'x' a string)."
     out = {}

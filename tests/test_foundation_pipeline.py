@@ -100,3 +100,20 @@ def test_two_repros_at_once_do_not_both_run(project_copy):
     assert first.returncode == 0, first_err
     assert second.returncode != 0 and "lock" in second.stderr.lower()
     assert json.loads((project_copy / "data/charter.json").read_text())["kpis"]
+
+
+def test_an_interrupted_repro_is_recovered_by_the_next_one(project_copy):
+    insert_cell(project_copy, "import time\ntime.sleep(30)")
+    first = subprocess.Popen(["dvc", "repro", STAGE], cwd=project_copy, env=project_env(), start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(8)
+    import os
+    import signal
+    os.killpg(first.pid, signal.SIGINT)
+    first.wait(timeout=60)
+    assert STAGE not in locked_stages(project_copy)
+    nb = nbformat.read(project_copy / NOTEBOOK, as_version=4)
+    nb.cells = [c for c in nb.cells if "time.sleep(30)" not in c.source]
+    nbformat.write(nb, project_copy / NOTEBOOK)
+    run(["dvc", "repro", STAGE], project_copy)
+    assert STAGE in locked_stages(project_copy) and json.loads((project_copy / "data/charter.json").read_text())["kpis"]

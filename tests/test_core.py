@@ -1,0 +1,33 @@
+"""Core helpers: the MLflow store, seeding and output checks, as the stages use them."""
+import time
+
+import pytest
+
+from lib.core import TrackingStoreError, connect_mlflow, file_sha256, seed_everything, tracking_uri
+
+
+def test_connect_mlflow_creates_the_experiment_in_the_project_store(tmp_path):
+    import mlflow
+    experiment_id = connect_mlflow(tmp_path, {}, "demo")
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
+    assert mlflow.get_experiment(experiment_id).artifact_location == (tmp_path / "mlartifacts").as_uri()
+    assert connect_mlflow(tmp_path, {}, "demo") == experiment_id          # a second call finds it
+    assert (tmp_path / "mlflow.db").exists()
+
+
+def test_an_unreachable_tracking_server_fails_fast_with_its_address(tmp_path):
+    started = time.monotonic()
+    with pytest.raises(TrackingStoreError, match=r"http://127\.0\.0\.1:9 is unreachable"):
+        connect_mlflow(tmp_path, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, "demo")
+    assert time.monotonic() - started < 15
+
+
+def test_tracking_uri_is_absolute_whatever_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uri(".", {}) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+
+
+def test_seeding_and_hashing_are_repeatable(tmp_path):
+    assert seed_everything(3).random(4).tolist() == seed_everything(3).random(4).tolist()
+    (tmp_path / "a").write_bytes(b"x" * 3_000_000)
+    assert file_sha256(tmp_path / "a") == file_sha256(tmp_path / "a")

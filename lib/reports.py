@@ -6,16 +6,16 @@
 __all__ = ['PORTAL_CSS', 'stage_status', 'read_metrics', 'kpi_tiles', 'list_documents', 'local_links', 'broken_links',
            'render_portal']
 
-# %% ../notebooks/06_reports.ipynb #bc02fad4
+# %% ../notebooks/06_reports.ipynb #05116b45
 import html
 import json
 import re
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from .core import STEPS, load_json, load_yaml
+from .core import load_json
 
-# %% ../notebooks/06_reports.ipynb #ff065d45
+# %% ../notebooks/06_reports.ipynb #3c0d71af
 def stage_status(stage, root) -> dict:
     "Status of `stage` from its executed notebook: `ok`, `failed` or `not run`, with run time and report links."
     root = Path(root)
@@ -29,7 +29,7 @@ def stage_status(stage, root) -> dict:
                page=page.relative_to(root / "reports").as_posix() if page.exists() else None)
     return row
 
-# %% ../notebooks/06_reports.ipynb #e9670a6e
+# %% ../notebooks/06_reports.ipynb #9486675a
 def read_metrics(path) -> dict:
     "A flat metrics JSON file, or an empty dict when the step that writes it has not run."
     return load_json(path) if Path(path).exists() else {}
@@ -47,7 +47,7 @@ def kpi_tiles(charter, baseline: dict, latest: dict) -> list:
              "baseline": baseline.get(k["id"]), "latest": latest.get(k["id"]), "state": _tile_state(k, latest.get(k["id"]))}
             for k in charter["kpis"]]
 
-# %% ../notebooks/06_reports.ipynb #6a2ce4b6
+# %% ../notebooks/06_reports.ipynb #a4b2c79b
 def list_documents(reports_dir) -> list:
     "Every HTML document under `reports_dir` except the portal itself, as paths relative to it."
     reports_dir = Path(reports_dir)
@@ -64,7 +64,7 @@ def broken_links(page_path) -> list:
     links = local_links(page_path.read_text(encoding="utf-8"))
     return [t for t in links if not (page_path.parent / unquote(urlparse(t).path)).exists()]
 
-# %% ../notebooks/06_reports.ipynb #a9d3b289
+# %% ../notebooks/06_reports.ipynb #24aceeb3
 PORTAL_CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;max-width:1150px;margin:2rem auto;padding:0 1rem;color:#1f2933}
 h1{margin-bottom:.2rem}.sub{color:#52606d;margin-top:0}section{margin:2rem 0}
@@ -83,7 +83,7 @@ def _fmt(value, digits=3):
 def _link(target, text):
     return html.escape(text) if target is None else f'<a href="{html.escape(target)}">{html.escape(text)}</a>'
 
-# %% ../notebooks/06_reports.ipynb #0e78d034
+# %% ../notebooks/06_reports.ipynb #a0ff1b66
 def _steps_section(steps):
     rows = "".join(f"<tr><td>{_link(s['page'], s['title'])}</td><td><span class=\"badge {s['status'].replace(' ', '-')}\">{s['status']}</span></td>"
                    f"<td>{_fmt(s['seconds'])} s</td><td>{_fmt(s['finished'])}</td></tr>" for s in steps)
@@ -95,7 +95,7 @@ def _tiles_section(tiles):
                     f"<br>baseline {_fmt(t['baseline'])} · latest {_fmt(t['latest'])} · {html.escape(t['unit'])}</div></div>" for t in tiles)
     return f"<section><h2>Business KPIs</h2><div class=\"tiles\">{cells}</div></section>"
 
-# %% ../notebooks/06_reports.ipynb #351e72c6
+# %% ../notebooks/06_reports.ipynb #8e76b811
 def _champion_section(champion):
     if not champion: return "<section><h2>Champion model</h2><p>No model has been deployed yet.</p></section>"
     metrics = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in sorted(champion.get("metrics", {}).items()))
@@ -112,7 +112,7 @@ def _documents_section(documents):
     items = "".join(f"<li>{_link(d, d)}</li>" for d in documents)
     return f"<section><h2>All reports and profiles</h2><ul>{items}</ul></section>"
 
-# %% ../notebooks/06_reports.ipynb #ec09b313
+# %% ../notebooks/06_reports.ipynb #558be27a
 def render_portal(title, steps, tiles, champion, alerts, documents) -> str:
     "The portal page as a self-contained HTML string (inline CSS, relative links, no scripts)."
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"

@@ -41,7 +41,7 @@ def test_stage_writes_the_validated_charter_and_a_second_repro_does_nothing(proj
     assert STAGE in locked_stages(project_copy)
     again = run(["dvc", "repro", STAGE], project_copy)
     assert "didn't change, skipping" in again.stdout and "Running stage" not in again.stdout
-    assert "up to date" in run(["dvc", "status"], project_copy).stdout
+    assert "up to date" in run(["dvc", "status", STAGE], project_copy).stdout
 
 
 @pytest.mark.parametrize("cwd", ["notebooks", "."])

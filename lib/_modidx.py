@@ -404,6 +404,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'lib.model_monitoring._finite': ('model_monitoring.html#_finite', 'lib/model_monitoring.py'),
                                       'lib.model_monitoring._measure_scored': ( 'model_monitoring.html#_measure_scored',
                                                                                 'lib/model_monitoring.py'),
+                                      'lib.model_monitoring._nan_to_none': ( 'model_monitoring.html#_nan_to_none',
+                                                                             'lib/model_monitoring.py'),
                                       'lib.model_monitoring._notice': ('model_monitoring.html#_notice', 'lib/model_monitoring.py'),
                                       'lib.model_monitoring._plain': ('model_monitoring.html#_plain', 'lib/model_monitoring.py'),
                                       'lib.model_monitoring._sample': ('model_monitoring.html#_sample', 'lib/model_monitoring.py'),

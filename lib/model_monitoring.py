@@ -15,7 +15,7 @@ __all__ = ['SCENARIOS', 'SEVERITIES', 'REMEDIATIONS', 'OPS', 'RULE_SPEC', 'SPEC'
            'plot_timeline', 'retrain_trigger', 'training_campaigns', 'labelled_features', 'gate_challenger',
            'register_challenger', 'close_the_loop']
 
-# %% ../notebooks/05_model_monitoring.ipynb #31d67277
+# %% ../notebooks/05_model_monitoring.ipynb #18aad86e
 import hashlib
 import json
 import time
@@ -31,7 +31,7 @@ from .kpis import measurable_campaigns, measure_kpi
 from .model_development import (FEATURES, KEYS, build_candidates, build_features, label_candidates, measure_metrics,
                                    reference_statistics, top_k_offers)
 
-# %% ../notebooks/05_model_monitoring.ipynb #1e05beb3
+# %% ../notebooks/05_model_monitoring.ipynb #e0e0d3b7
 SCENARIOS = ("none", "schema_change", "demographic_shift", "online_shift", "quality_degradation")
 SEVERITIES = ("info", "warning", "critical")
 REMEDIATIONS = ("pipeline", "retrain", "business")   # in order of precedence: a broken pipeline explains everything after it
@@ -61,7 +61,7 @@ SPEC = {
     "profile": {"minimal": bool, "sample_rows": int},
 }
 
-# %% ../notebooks/05_model_monitoring.ipynb #ae5eed0a
+# %% ../notebooks/05_model_monitoring.ipynb #23611d67
 BATCH_METRICS = ("schema_violations", "contract_failures", "quality_score", "null_share", "duplicate_share",
                  "households", "rows", "max_feature_psi", "mean_feature_psi", "max_feature_js", "drifted_feature_share",
                  "prediction_psi", "prediction_js", "mean_score", "roc_auc", "average_precision", "precision_at_k",
@@ -92,7 +92,7 @@ def check_params(params, kpi_ids=()) -> dict:
     _check(min(params["min_households"], params["min_rows"], params["min_positives"]) >= 1, "min_households, min_rows and min_positives must be at least 1")
     return params
 
-# %% ../notebooks/05_model_monitoring.ipynb #79510416
+# %% ../notebooks/05_model_monitoring.ipynb #e26a2a94
 def plan_batches(campaign_descriptions, production_from, as_of, until="") -> pd.DataFrame:
     "The production batches in arrival order: one per campaign starting from `production_from` (up to `until`), with whether it has ended by `as_of`."
     d = campaign_descriptions[["campaign_id", "campaign_type", "start_date", "end_date"]]
@@ -101,7 +101,7 @@ def plan_batches(campaign_descriptions, production_from, as_of, until="") -> pd.
     d = d.sort_values(["start_date", "campaign_id"]).reset_index(drop=True)
     return d.assign(batch=[f"campaign {c}" for c in d.campaign_id], labelled=d.end_date.dt.normalize() <= pd.Timestamp(as_of).normalize())
 
-# %% ../notebooks/05_model_monitoring.ipynb #bbbc54f0
+# %% ../notebooks/05_model_monitoring.ipynb #809cd440
 BATCH_TABLES = ("campaign_descriptions", "campaigns", "coupons", "coupon_redemptions", "transactions", "demographics")
 
 def window_end(start, end, window_days=14) -> pd.Timestamp:
@@ -120,7 +120,7 @@ def slice_batch(tables, campaign_id, window_days=14) -> dict:
             "transactions": tables["transactions"][(when >= start) & (when < stop)].reset_index(drop=True),
             "demographics": tables["demographics"][tables["demographics"].household_id.isin(targeted.household_id)].reset_index(drop=True)}
 
-# %% ../notebooks/05_model_monitoring.ipynb #85438282
+# %% ../notebooks/05_model_monitoring.ipynb #90fcdda9
 def rename_columns(batch, table, rename, drop=()) -> dict:
     "The batch with columns of `table` renamed and dropped: a source that changed its schema."
     return {**batch, table: batch[table].rename(columns=rename).drop(columns=list(drop))}
@@ -141,7 +141,7 @@ def degrade_quality(batch, tables, column, null_share, duplicate_share, rng) -> 
     "The batch with nulls in `column` and duplicate rows injected into each of `tables`."
     return {**batch, **{t: _with_duplicates(_with_nulls(batch[t], column, null_share, rng), duplicate_share, rng) for t in tables}}
 
-# %% ../notebooks/05_model_monitoring.ipynb #78c01ee1
+# %% ../notebooks/05_model_monitoring.ipynb #b6bda60e
 def shift_demographics(batch, households, demographics, column, bands, weight, rng) -> dict:
     "The batch targeting households with a recorded `column` (as many as before, at most all of them), `weight` times likelier in `bands`."
     known = demographics.household_id[demographics[column].astype(str) != "Unknown"]
@@ -165,7 +165,7 @@ def shift_online(batch, from_date, keep_share, rng) -> dict:
     return {**batch, "transactions": tx[~after | tx.basket_id.isin(kept)].reset_index(drop=True),
             "coupon_redemptions": red[keep_redemption].reset_index(drop=True)}
 
-# %% ../notebooks/05_model_monitoring.ipynb #15ea5574
+# %% ../notebooks/05_model_monitoring.ipynb #cb465830
 def inject_scenario(batch, scenario, drills, tables, rng) -> dict:
     "The batch as failure drill `scenario` changes it (`tables`: the whole delivered tables, for drills that draw from them)."
     if scenario == "none": return batch
@@ -176,7 +176,7 @@ def inject_scenario(batch, scenario, drills, tables, rng) -> dict:
     if scenario == "online_shift": return shift_online(batch, d["from_date"], d["keep_share"], rng)
     raise ValueError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
 
-# %% ../notebooks/05_model_monitoring.ipynb #64cda779
+# %% ../notebooks/05_model_monitoring.ipynb #40a4ce75
 SCHEMA_RULES = ("required_column", "unexpected_column", "dtype")
 
 def check_batch(batch, contracts=None) -> pd.DataFrame:
@@ -196,14 +196,14 @@ def summarize_checks(scorecard) -> dict:
             "quality_score": float(quality.pass_rate.mean()) if len(quality) else 1.0,
             "null_share": _worst_share(quality, "not_null"), "duplicate_share": _worst_share(quality, "distinct_rows")}
 
-# %% ../notebooks/05_model_monitoring.ipynb #0a07bce2
+# %% ../notebooks/05_model_monitoring.ipynb #b665d083
 def assess_sufficiency(households, rows, min_households, min_rows) -> str:
     "Why a batch is too small to judge ('' when it is not)."
     reasons = [f"{households} targeted household(s) < {min_households}" if households < min_households else "",
                f"{rows} candidate row(s) < {min_rows}" if rows < min_rows else ""]
     return "; ".join(r for r in reasons if r)
 
-# %% ../notebooks/05_model_monitoring.ipynb #59c997e8
+# %% ../notebooks/05_model_monitoring.ipynb #4e65752f
 def bin_shares(values, cuts) -> np.ndarray:
     "Share of `values` in each bin of the cut points `cuts` (bins closed on the left, as the reference's); NaN when empty."
     values = np.asarray(values, dtype=float)
@@ -227,7 +227,7 @@ def js_distance(expected, actual) -> float:
     from scipy.spatial.distance import jensenshannon
     return float(np.nan_to_num(jensenshannon(np.asarray(expected, dtype=float), np.asarray(actual, dtype=float), base=2)))
 
-# %% ../notebooks/05_model_monitoring.ipynb #b08e56d9
+# %% ../notebooks/05_model_monitoring.ipynb #67b9e9c3
 def _expected_actual(spec, values) -> tuple:
     "Reference and batch shares of one feature, on the reference's bins."
     if spec["kind"] == "numeric": return np.asarray(spec["proportions"], dtype=float), bin_shares(values, spec["cuts"])
@@ -250,14 +250,14 @@ def summarize_drift(drift, exclude=(), psi_drifted=0.25) -> dict:
     return {"max_feature_psi": float(judged.psi.max()), "mean_feature_psi": float(judged.psi.mean()),
             "max_feature_js": float(judged.js.max()), "drifted_feature_share": float((judged.psi > psi_drifted).mean())}
 
-# %% ../notebooks/05_model_monitoring.ipynb #9371dfa4
+# %% ../notebooks/05_model_monitoring.ipynb #be0da25c
 def reference_by_type(training, predictions, bins, min_households) -> dict:
     "Step 03's reference statistics of the training rows of each campaign type with at least `min_households` households."
     predictions = pd.Series(np.asarray(predictions, dtype=float), index=training.index)
     return {str(t): {**reference_statistics(rows, predictions[rows.index], bins), "rows": int(len(rows)), "households": int(rows.household_id.nunique())}
             for t, rows in training.groupby("campaign_type") if rows.household_id.nunique() >= min_households}
 
-# %% ../notebooks/05_model_monitoring.ipynb #d48f3faf
+# %% ../notebooks/05_model_monitoring.ipynb #3d636d78
 def overlay_batch(tables, batch) -> dict:
     "The delivered tables with the batch's own description, targeting and coupons in place of its campaign's rows."
     campaign_id = batch["campaign_descriptions"].campaign_id.iloc[0]
@@ -273,7 +273,7 @@ def build_batch_features(tables, batch, promo_weeks=4) -> pd.DataFrame:
     labels = candidates[KEYS].assign(label=label_candidates(candidates, batch["coupon_redemptions"]).to_numpy())
     return features.merge(labels, on=KEYS, how="left")
 
-# %% ../notebooks/05_model_monitoring.ipynb #58003aef
+# %% ../notebooks/05_model_monitoring.ipynb #4c66cab8
 def measure_performance(frame, scores, k, min_positives) -> dict:
     "ROC-AUC, average precision, precision@k and AP lift over the base rate; NaN (insufficient) below `min_positives` redeemed offers."
     positives = int(frame.label.sum()) if len(frame) else 0
@@ -282,7 +282,7 @@ def measure_performance(frame, scores, k, min_positives) -> dict:
     m = measure_metrics(frame, scores, k)
     return {**out, **{key: m[key] for key in ("roc_auc", "average_precision", "precision_at_k")}, "ap_lift": m["average_precision"] / (positives / len(frame))}
 
-# %% ../notebooks/05_model_monitoring.ipynb #f34ebad2
+# %% ../notebooks/05_model_monitoring.ipynb #f088beb5
 def measure_batch_kpis(kpis, batch, households, messaged, as_of) -> dict:
     "Each charter KPI for the batch's campaign; NaN while its window is still open at `as_of` or when nothing was measured."
     tables = {"transactions": batch["transactions"], "campaigns": batch["campaigns"], "households": households,
@@ -298,7 +298,7 @@ def model_age_days(trained_until, batch_start) -> float:
     "Days from the end of the model's training data to the batch's start."
     return float((pd.Timestamp(batch_start) - pd.Timestamp(trained_until)).days)
 
-# %% ../notebooks/05_model_monitoring.ipynb #2aa1cd8d
+# %% ../notebooks/05_model_monitoring.ipynb #9ab7134d
 @dataclass
 class Monitor:
     "What every batch of a replay shares."
@@ -314,9 +314,15 @@ class Monitor:
     seed: int = 42
     window_days: int = 14
 
+def _nan_to_none(obj):
+    if isinstance(obj, dict): return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)): return [_nan_to_none(v) for v in obj]
+    if isinstance(obj, (float, np.floating)) and not np.isfinite(obj): return None
+    return obj
+
 def _plain(obj):
     "`obj` as JSON would give it back (floats, lists, None for NaN), so stored and fresh results compare equal."
-    return json.loads(json.dumps(obj, default=str).replace("NaN", "null"))
+    return json.loads(json.dumps(_nan_to_none(obj), default=str))
 
 def _batch_result(row, status, reason, metrics, drift=None, seconds=None) -> dict:
     return _plain({"batch": row.batch, "campaign_id": int(row.campaign_id), "campaign_type": row.campaign_type,
@@ -324,7 +330,7 @@ def _batch_result(row, status, reason, metrics, drift=None, seconds=None) -> dic
                    "labelled": bool(row.labelled), "status": status, "reason": reason, "metrics": metrics,
                    "drift": [] if drift is None else drift.round(6).to_dict("records"), "seconds": seconds or {}})
 
-# %% ../notebooks/05_model_monitoring.ipynb #c0583c5e
+# %% ../notebooks/05_model_monitoring.ipynb #95883939
 def _measure_scored(m, batch, features, scores, seconds) -> tuple:
     "Drift, performance and KPIs of a scored batch."
     started, metrics = time.perf_counter(), {"mean_score": float(np.mean(scores))}
@@ -363,7 +369,7 @@ def monitor_batch(row, m: Monitor) -> tuple:
     seconds["total"] = time.perf_counter() - started
     return _batch_result(row, "ok", "", {**metrics, **more}, drift, seconds), features.assign(prediction=scores)
 
-# %% ../notebooks/05_model_monitoring.ipynb #2466e547
+# %% ../notebooks/05_model_monitoring.ipynb #12d8c683
 RESULT_SETTINGS = ("scenario", "min_households", "min_rows", "min_positives", "min_reference_households", "psi_epsilon", "psi_drifted", "drift_exclude", "drills")
 
 def batch_fingerprint(row, inputs) -> str:
@@ -383,7 +389,7 @@ def stored_result(state_dir, row, fingerprint):
     result = load_json(path)
     return result if result.get("fingerprint") == fingerprint else None
 
-# %% ../notebooks/05_model_monitoring.ipynb #c1666705
+# %% ../notebooks/05_model_monitoring.ipynb #7bc527c5
 def replay(plan, monitor_fn, state_dir, inputs, incremental=True, on_result=None) -> tuple:
     "Results of every batch of `plan` in order, computing (with `monitor_fn(row)`) only those not stored with the same fingerprint; and the batches computed."
     results, computed = [], []
@@ -399,7 +405,7 @@ def replay(plan, monitor_fn, state_dir, inputs, incremental=True, on_result=None
         results.append(result)
     return results, computed
 
-# %% ../notebooks/05_model_monitoring.ipynb #4995b35f
+# %% ../notebooks/05_model_monitoring.ipynb #ab487de6
 ACCEPTANCE = {"roc_auc": "roc_auc_min", "average_precision": "average_precision_min", "precision_at_k": "precision_at_k_min"}
 
 def resolve_threshold(rule, charter) -> float:
@@ -420,7 +426,7 @@ def _alert(result, rule, value, threshold) -> dict:
             "remediation": rule["remediation"], "action": rule["action"],
             "message": f"{rule['metric']} = {value:.4g} {sign} {threshold:g}. {rule['action']}"}
 
-# %% ../notebooks/05_model_monitoring.ipynb #f9b9613e
+# %% ../notebooks/05_model_monitoring.ipynb #2f9ff11d
 def _notice(result, metric, action, message) -> dict:
     return {"batch": result["batch"], "campaign_id": result["campaign_id"], "start_date": result["start_date"], "metric": metric,
             "value": None, "threshold": None, "op": None, "severity": "info", "remediation": "none", "action": action, "message": message}
@@ -458,7 +464,7 @@ def evaluate_rules(results, rules, charter) -> list:
         alerts += status_notice(result)
     return explain_alerts(alerts)
 
-# %% ../notebooks/05_model_monitoring.ipynb #2257e1ca
+# %% ../notebooks/05_model_monitoring.ipynb #ebbe2606
 def diagnose(result, alerts) -> str:
     "The remediation a batch calls for (pipeline, retrain, business), else its status: healthy, insufficient data."
     raised = {a["remediation"] for a in alerts if a["batch"] == result["batch"] and a["severity"] != "info"}
@@ -466,7 +472,7 @@ def diagnose(result, alerts) -> str:
     if found: return found[0]
     return {"ok": "healthy", "insufficient_data": "insufficient data", "blocked": "pipeline"}[result["status"]]
 
-# %% ../notebooks/05_model_monitoring.ipynb #058f10c8
+# %% ../notebooks/05_model_monitoring.ipynb #d43fa512
 TIMELINE_METRICS = ("households", "rows", "schema_violations", "quality_score", "null_share", "duplicate_share", "max_feature_psi",
                     "mean_feature_psi", "drifted_feature_share", "prediction_psi", "mean_score", "roc_auc", "average_precision",
                     "precision_at_k", "ap_lift", "positives", "model_age_days")
@@ -499,7 +505,7 @@ def flat_metrics(results, alerts, kpi_ids) -> dict:
         if values: out[f"latest_{key}"] = round(values[-1], 6)
     return out
 
-# %% ../notebooks/05_model_monitoring.ipynb #2186ca14
+# %% ../notebooks/05_model_monitoring.ipynb #5ad7c934
 def _sample(frame, rows, seed) -> pd.DataFrame:
     return frame.sample(n=rows, random_state=seed) if rows and len(frame) > rows else frame
 
@@ -513,7 +519,7 @@ def compare_profiles(reference, current, path, titles, minimal=True, sample_rows
     (reports[0].compare(reports[1]) if len(reports) == 2 else reports[0]).to_file(path)   # nothing to compare with: the reference alone
     return Path(path)
 
-# %% ../notebooks/05_model_monitoring.ipynb #f7fc9397
+# %% ../notebooks/05_model_monitoring.ipynb #ac058e96
 def deployed_model(root) -> dict:
     "The pointer of the model in production: step 04's champion if there is one, else step 03's candidate."
     champion, candidate = Path(root) / "models/champion.json", Path(root) / "models/candidate.json"
@@ -538,7 +544,7 @@ def load_scorer(model_uri):
         return out[:, 1] if out.ndim == 2 else out
     return score
 
-# %% ../notebooks/05_model_monitoring.ipynb #c725bdd4
+# %% ../notebooks/05_model_monitoring.ipynb #250c32d6
 PANELS = {"Drift: share of judged features drifted, prediction PSI": ["drifted_feature_share", "prediction_psi"],
           "Data quality": ["quality_score", "null_share", "duplicate_share", "schema_violations"],
           "Model performance (labelled batches)": ["roc_auc", "average_precision", "precision_at_k"]}
@@ -569,7 +575,7 @@ def plot_timeline(timeline, alerts, rules, charter):
     fig.tight_layout()
     return fig
 
-# %% ../notebooks/05_model_monitoring.ipynb #882cc531
+# %% ../notebooks/05_model_monitoring.ipynb #0ceec04a
 def retrain_trigger(results, alerts):
     "The first batch whose diagnosis is retrain, or None."
     return next((r for r in results if diagnose(r, alerts) == "retrain"), None)
@@ -587,7 +593,7 @@ def labelled_features(tables, campaign_ids, promo_weeks) -> pd.DataFrame:
     labels = candidates[KEYS].assign(label=label_candidates(candidates, tables["coupon_redemptions"]).to_numpy())
     return build_features(candidates, tables, promo_weeks).merge(labels, on=KEYS)
 
-# %% ../notebooks/05_model_monitoring.ipynb #854fe9bc
+# %% ../notebooks/05_model_monitoring.ipynb #9bd921f9
 def gate_challenger(frame, challenger_scores, champion_scores, charter, deployment) -> dict:
     "Step 04's gate on the labelled `frame`: the challenger against the charter and against the champion; returns metrics and the decision."
     from lib.model_deployment import decide, gate_metrics
@@ -613,7 +619,7 @@ def register_challenger(client, name, model, example, tags, experiment_id) -> tu
     pointer = {"run_id": run.info.run_id, "model_uri": info.model_uri}
     return register_candidate(client, name, pointer, tags), pointer
 
-# %% ../notebooks/05_model_monitoring.ipynb #1edd6161
+# %% ../notebooks/05_model_monitoring.ipynb #f3488ebb
 def close_the_loop(trigger, m: Monitor, family, development, deployment, charter, client=None, experiment_id=None, tags=None) -> dict:
     "Train a challenger of model `family` on campaigns ended before the `trigger` batch, gate it against the champion on that batch, and (with a `client`) register it and move or keep `@champion`."
     from lib.model_development import fit_candidate

@@ -129,12 +129,15 @@ def store_of(project) -> str:
 
 @pytest.fixture(scope="module")
 def smoke(smoke_pipeline):
+    # The store the smoke pipeline wrote to, resolved as its stages resolve it: MLFLOW_TRACKING_URI wins when set (MLflow's
+    # set_tracking_uri exports it, so an earlier test's store can be inherited by `dvc repro`), else the project's mlflow.db.
+    store = tracking_uri(smoke_pipeline, os.environ)
     params = __import__("yaml").safe_load((smoke_pipeline / "params.yaml").read_text())
     tables = load_processed(smoke_pipeline, md.FEATURE_TABLES)
     rows = campaign_rows(tables, params["model_deployment"]["target_campaign"])
     featurize = campaign_featurizer(tables, rows.start_date.iloc[0], params["model_development"]["promo_weeks"])
-    with tracking(store_of(smoke_pipeline)):
-        yield {"project": smoke_pipeline, "params": params, "rows": rows, "featurize": featurize, "tables": tables,
+    with tracking(store):
+        yield {"project": smoke_pipeline, "store": store, "params": params, "rows": rows, "featurize": featurize, "tables": tables,
                "champion": load_json(smoke_pipeline / "models/champion.json")}
 
 
@@ -159,7 +162,7 @@ class Boom(Exception):
 def test_rest_scores_equal_the_batch_scores_and_the_server_always_stops(smoke, tmp_path):
     features = smoke["featurize"](smoke["rows"][smoke["rows"].household_id.isin(smoke["rows"].household_id.unique()[:5])])
     batch = pd.read_parquet(smoke["project"] / "data/scored/scores.parquet").merge(features[md.KEYS], on=md.KEYS)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store_of(smoke["project"])}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": smoke["store"]}
     with pytest.raises(Boom):
         with serving(f"models:/{smoke['champion']['name']}@champion", env, tmp_path / "server.log", startup_timeout_s=180) as url:
             rest = invoke(url, features, timeout_s=30)
@@ -171,7 +174,7 @@ def test_rest_scores_equal_the_batch_scores_and_the_server_always_stops(smoke, t
 
 def test_stage_outputs_registry_and_privacy(smoke):
     project, params = smoke["project"], smoke["params"]["model_deployment"]
-    champion, client = smoke["champion"], MlflowClient(store_of(project))
+    champion, client = smoke["champion"], MlflowClient(smoke["store"])
     assert str(champion_version(client, champion["name"]).version) == champion["version"]
     assert champion["model_uri"] == f"models:/{champion['name']}/{champion['version']}" and champion["metrics"]
     send = pd.read_parquet(project / "data/scored/send_list.parquet")
@@ -200,6 +203,7 @@ def test_stage_outputs_registry_and_privacy(smoke):
 def test_stage_stops_clearly_when_the_store_lost_the_candidate_and_repairs_a_lost_champion(smoke, tmp_path):
     project = tmp_path / "project"
     shutil.copytree(smoke["project"], project, symlinks=True)
+    shutil.copy(smoke["store"].removeprefix("sqlite:///"), project / "mlflow.db")    # the copy gets its own store
     uri = store_of(project)
     env = {"MLFLOW_TRACKING_URI": uri}
     MlflowClient(uri).delete_registered_model(smoke["champion"]["name"])            # the registry lost the champion ...

@@ -18,7 +18,7 @@ __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'UNKNOWN', 'NUMERIC', 'CATEGORICAL', 
            'lineage_tags', 'plot_curves', 'plot_importance', 'model_requirements', 'log_candidate', 'log_development',
            'AcceptanceError', 'enforce_acceptance', 'candidate_pointer']
 
-# %% ../notebooks/03_model_development.ipynb #41b07a37
+# %% ../notebooks/03_model_development.ipynb #ed6325e4
 import hashlib
 import json
 import subprocess
@@ -36,7 +36,7 @@ from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, OrdinalEnc
 
 from .core import validate_spec
 
-# %% ../notebooks/03_model_development.ipynb #28619d81
+# %% ../notebooks/03_model_development.ipynb #2f337a1a
 SPEC = {
     "min_history_days": int,           # campaigns starting fewer days after the first transaction are dropped
     "train_before": str,               # campaigns starting before this date train the candidates
@@ -69,7 +69,7 @@ def check_params(params) -> dict:
         if not 0 < params[key] <= 1: raise ValueError(f"model_development.{key} must lie in (0, 1], got {params[key]}")
     return params
 
-# %% ../notebooks/03_model_development.ipynb #e67b40fe
+# %% ../notebooks/03_model_development.ipynb #e5ec98a0
 KEYS = ["household_id", "campaign_id", "coupon_upc"]
 
 def build_candidates(campaigns, campaign_descriptions, coupons) -> pd.DataFrame:
@@ -89,7 +89,7 @@ def label_candidates(candidates, coupon_redemptions) -> pd.Series:
     label.loc[rows.loc[inside, "index"].unique()] = 1
     return label
 
-# %% ../notebooks/03_model_development.ipynb #6daa402a
+# %% ../notebooks/03_model_development.ipynb #a3760fb8
 def history_before(transactions, start) -> pd.DataFrame:
     "Transactions strictly before `start`."
     return transactions[transactions.transaction_timestamp < pd.Timestamp(start)]
@@ -105,7 +105,7 @@ def measure_rfm(history, start, observed_days) -> pd.DataFrame:
     weeks = max(observed_days / 7, 1.0)   # the observed history: early campaigns have little of it
     return out.assign(baskets_per_week=out.baskets / weeks, spend_per_week=out.spend / weeks, spend_per_basket=out.spend / out.baskets)
 
-# %% ../notebooks/03_model_development.ipynb #b6f78914
+# %% ../notebooks/03_model_development.ipynb #0f1ff0d6
 def measure_discount_sensitivity(history) -> pd.DataFrame:
     "Per household: share of lines bought on a retail discount, share bought with a coupon, and the discount's share of full price."
     lines = history.assign(on_discount=history.retail_disc > 0, with_coupon=(history.coupon_disc > 0) | (history.coupon_match_disc > 0))
@@ -114,7 +114,7 @@ def measure_discount_sensitivity(history) -> pd.DataFrame:
     return pd.DataFrame({"discount_line_share": g.on_discount.mean(), "coupon_line_share": g.with_coupon.mean(),
                          "discount_value_share": (g.retail_disc.sum() / full_price.where(full_price > 0)).fillna(0.0)})
 
-# %% ../notebooks/03_model_development.ipynb #0ff8a75d
+# %% ../notebooks/03_model_development.ipynb #f72638c0
 def measure_offer_purchases(history, offer_products, start) -> pd.DataFrame:
     "Per (household, coupon): past baskets, spend, distinct products, recency and coupon use on the coupon's products."
     lines = history.merge(offer_products[["coupon_upc", "product_id"]], on="product_id")
@@ -126,7 +126,7 @@ def measure_offer_purchases(history, offer_products, start) -> pd.DataFrame:
                          "offer_recency_days": _days_between(pd.Timestamp(start), g.transaction_timestamp.max()),
                          "offer_coupon_lines": used_coupon.groupby(keys).sum()}).rename_axis(["household_id", "coupon_upc"])
 
-# %% ../notebooks/03_model_development.ipynb #2616d5ad
+# %% ../notebooks/03_model_development.ipynb #55745e11
 def measure_affinity(history, offer_products, key) -> pd.Series:
     "Per (household, coupon): share of the household's spend on the `key` values (e.g. categories) of the coupon's products."
     spend = history.groupby(["household_id", key]).sales_value.sum().rename("spend").reset_index()
@@ -136,7 +136,7 @@ def measure_affinity(history, offer_products, key) -> pd.Series:
     share = pairs / total.reindex(pairs.index.get_level_values("household_id")).to_numpy()
     return share.where(np.isfinite(share), 0.0).rename(f"{key}_affinity")
 
-# %% ../notebooks/03_model_development.ipynb #d7c54beb
+# %% ../notebooks/03_model_development.ipynb #ac5b92f6
 def measure_offer_breadth(offer_products) -> pd.DataFrame:
     "Per coupon: how many products and product categories it covers."
     g = offer_products.groupby("coupon_upc")
@@ -148,7 +148,7 @@ def measure_offer_popularity(history, offer_products) -> pd.Series:
     buyers = pairs.groupby("coupon_upc").household_id.nunique()
     return (buyers / max(history.household_id.nunique(), 1)).rename("offer_buyer_share")
 
-# %% ../notebooks/03_model_development.ipynb #ba4074ac
+# %% ../notebooks/03_model_development.ipynb #edd1e2ef
 def measure_past_redemptions(coupon_redemptions, campaigns, campaign_descriptions, start) -> pd.DataFrame:
     "Per household: campaigns that targeted it, its redemptions and the campaigns it redeemed in — all before `start`."
     start = pd.Timestamp(start)
@@ -163,7 +163,7 @@ def measure_offer_redeemed_before(coupon_redemptions, start) -> pd.Series:
     before = coupon_redemptions[coupon_redemptions.redemption_date < pd.Timestamp(start)]
     return before.groupby(["household_id", "coupon_upc"]).size().clip(upper=1).rename("offer_redeemed_before")
 
-# %% ../notebooks/03_model_development.ipynb #e3599f94
+# %% ../notebooks/03_model_development.ipynb #62447928
 def locate_home_stores(history) -> pd.Series:
     "Per household: the store of most of its baskets in `history` (ties: the lower store id)."
     visits = history[["household_id", "store_id", "basket_id"]].drop_duplicates().groupby(["household_id", "store_id"]).size()
@@ -188,7 +188,7 @@ def measure_promotion_exposure(promotions, offer_products, home_stores, weeks) -
     pairs = home_stores.reset_index().merge(shares, left_on="home_store_id", right_on="store_id")
     return pairs.set_index(["household_id", "coupon_upc"])[["display", "mailer"]].add_prefix("offer_").add_suffix("_share")
 
-# %% ../notebooks/03_model_development.ipynb #af7f6ebf
+# %% ../notebooks/03_model_development.ipynb #17147eb9
 DEMOGRAPHICS = ["age", "income", "home_ownership", "marital_status", "household_size", "household_comp", "kids_count"]
 UNKNOWN = "Unknown"
 
@@ -197,7 +197,7 @@ def encode_demographics(demographics, household_ids) -> pd.DataFrame:
     demo = demographics.set_index("household_id").reindex(pd.Index(household_ids, name="household_id"))[DEMOGRAPHICS]
     return demo.apply(lambda col: col.astype(object).where(col.notna(), UNKNOWN).astype(str))
 
-# %% ../notebooks/03_model_development.ipynb #64265a07
+# %% ../notebooks/03_model_development.ipynb #2d1f7490
 NUMERIC = ["history_days", "campaign_days", "campaign_n_offers",
            "recency_days", "baskets", "spend", "distinct_products", "baskets_per_week", "spend_per_week", "spend_per_basket",
            "discount_line_share", "coupon_line_share", "discount_value_share",
@@ -217,7 +217,7 @@ def prepare_transactions(transactions, products) -> pd.DataFrame:
                "coupon_match_disc", "week", "transaction_timestamp"]
     return transactions[columns].merge(products[["product_id", "product_category", "manufacturer_id"]], on="product_id", how="left")
 
-# %% ../notebooks/03_model_development.ipynb #56cf9d5c
+# %% ../notebooks/03_model_development.ipynb #471ba94a
 def _campaign_offer_products(tables, campaign_id) -> pd.DataFrame:
     coupons = tables["coupons"]
     offers = coupons.loc[coupons.campaign_id == campaign_id, ["coupon_upc", "product_id"]].drop_duplicates()
@@ -239,7 +239,7 @@ def _fill_unseen(frame, observed_days) -> pd.DataFrame:
     "Never-seen households and never-bought offers: recency is the whole observed history; counts and shares are 0."
     return frame.fillna({"recency_days": observed_days, "offer_recency_days": observed_days}).fillna({c: 0.0 for c in NUMERIC})
 
-# %% ../notebooks/03_model_development.ipynb #591364b0
+# %% ../notebooks/03_model_development.ipynb #83bb65f5
 def campaign_features(rows, transactions, tables, promo_weeks=4) -> pd.DataFrame:
     "Features of one campaign's candidate `rows` from prepared `transactions` and `tables`, all strictly before its start."
     start, campaign_id = rows.start_date.iloc[0], rows.campaign_id.iloc[0]
@@ -269,7 +269,7 @@ def build_campaign_features(tables, campaign_ids, promo_weeks=4) -> pd.DataFrame
     candidates = build_candidates(tables["campaigns"], tables["campaign_descriptions"], tables["coupons"])
     return build_features(candidates[candidates.campaign_id.isin(campaign_ids)], tables, promo_weeks)
 
-# %% ../notebooks/03_model_development.ipynb #06b93d60
+# %% ../notebooks/03_model_development.ipynb #9981b7f3
 def split_campaigns(campaign_descriptions, first_transaction, params) -> pd.DataFrame:
     "Each campaign's set — train, held_out, production or dropped — and why."
     d = campaign_descriptions[["campaign_id", "campaign_type", "start_date", "end_date"]].sort_values(["start_date", "campaign_id"])
@@ -288,7 +288,7 @@ def restrict_to_development(tables, split) -> dict:
     by_campaign = ("campaigns", "campaign_descriptions", "coupons", "coupon_redemptions")
     return {name: frame[~frame.campaign_id.isin(production)] if name in by_campaign else frame for name, frame in tables.items()}
 
-# %% ../notebooks/03_model_development.ipynb #beb9cbc5
+# %% ../notebooks/03_model_development.ipynb #23bf2169
 class TrainingDataError(ValueError):
     "Training rows that a model must not be fitted on."
 
@@ -312,7 +312,7 @@ def check_training_data(frame, features, label="label", leakage_auc_max=0.99, wh
     if copies: raise TrainingDataError(f"{where}: feature(s) {copies} rank the label with ROC-AUC >= {leakage_auc_max}: "
                                        "they copy the label (leakage); remove them")
 
-# %% ../notebooks/03_model_development.ipynb #375a8363
+# %% ../notebooks/03_model_development.ipynb #0ea3fb3c
 CANDIDATES = ("rule_baseline", "logistic_regression", "gradient_boosting")
 
 def make_rule_baseline(seed) -> Pipeline:
@@ -333,7 +333,7 @@ def make_gradient_boosting(seed) -> Pipeline:
     model = HistGradientBoostingClassifier(categorical_features=list(range(len(CATEGORICAL))), early_stopping=False, random_state=seed)
     return Pipeline([("prep", prep), ("model", model)])
 
-# %% ../notebooks/03_model_development.ipynb #149330c5
+# %% ../notebooks/03_model_development.ipynb #6446d8ed
 def search_grid(params, name) -> dict:
     "The hyperparameter grid of candidate `name` from the params section, keyed for its pipeline."
     return {f"model__{k}": v for k, v in params.get(name, {}).items()}
@@ -358,7 +358,7 @@ def fit_candidate(name, train, params, seed):
     search.fit(rows[FEATURES], rows.label, groups=rows.campaign_id, model__sample_weight=weights)
     return search.best_estimator_, pd.DataFrame(search.cv_results_)
 
-# %% ../notebooks/03_model_development.ipynb #8e5d31a1
+# %% ../notebooks/03_model_development.ipynb #51b91c94
 METRICS = ("roc_auc", "average_precision", "precision_at_k", "brier")
 
 def top_k_offers(frame, scores, k) -> pd.DataFrame:
@@ -380,7 +380,7 @@ def measure_metrics(frame, scores, k, label="label") -> dict:
             "precision_at_k": precision_at_k(frame, scores, k, label), "brier": float(brier_score_loss(y, scores, pos_label=1)),
             "rows": int(len(frame)), "positives": int(y.sum())}
 
-# %% ../notebooks/03_model_development.ipynb #2dcbeb46
+# %% ../notebooks/03_model_development.ipynb #7c070c0e
 SLICES = ("campaign_type", "income", "age")
 
 def measure_slices(frame, scores, k, slices=SLICES) -> pd.DataFrame:
@@ -394,7 +394,7 @@ def measure_lift(metrics, baseline) -> dict:
     "A candidate's average precision and precision@k divided by the baseline's."
     return {f"lift_{m}": metrics[m] / baseline[m] if baseline[m] > 0 else float("nan") for m in ("average_precision", "precision_at_k")}
 
-# %% ../notebooks/03_model_development.ipynb #164decd4
+# %% ../notebooks/03_model_development.ipynb #2bf54da4
 def measure_curves(labels, scores, points=101, bins=10) -> dict:
     "ROC and precision-recall curves on `points` grid points, and calibration on `bins` quantile bins."
     from sklearn.calibration import calibration_curve
@@ -402,14 +402,14 @@ def measure_curves(labels, scores, points=101, bins=10) -> dict:
     grid = np.linspace(0, 1, points)
     fpr, tpr, _ = roc_curve(labels, scores)
     precision, recall, _ = precision_recall_curve(labels, scores)
-    best = np.maximum.accumulate(precision[::-1])[::-1]          # interpolated precision: the best at this recall or beyond
-    at = np.clip(np.searchsorted(recall[::-1], grid, side="left"), 0, len(recall) - 1)
+    best = np.maximum.accumulate(precision)[::-1]                # interpolated precision: the best at this recall or beyond
+    at = np.clip(np.searchsorted(recall[::-1], grid, side="left"), 0, len(recall) - 1)   # recall falls along the curve
     observed, predicted = calibration_curve(labels, scores, n_bins=bins, strategy="quantile")
     return {"roc": pd.DataFrame({"fpr": grid, "tpr": np.interp(grid, fpr, tpr)}),
-            "precision_recall": pd.DataFrame({"recall": grid, "precision": best[::-1][at]}),
+            "precision_recall": pd.DataFrame({"recall": grid, "precision": best[at]}),
             "calibration": pd.DataFrame({"mean_predicted": predicted, "fraction_positive": observed})}
 
-# %% ../notebooks/03_model_development.ipynb #56f99406
+# %% ../notebooks/03_model_development.ipynb #1e453b3d
 def check_acceptance(metrics, baseline, acceptance) -> list:
     "The charter's thresholds that `metrics` misses, as readable reasons (empty: accepted)."
     lift = measure_lift(metrics, baseline)
@@ -430,7 +430,7 @@ def select_candidate(held_out_metrics, acceptance, primary_metric, baseline="rul
     best = max(pool, key=lambda n: (np.nan_to_num(held_out_metrics[n][primary_metric], nan=-np.inf), n))
     return {"name": best, "accepted": bool(accepted), "failures": failures, "primary_metric": primary_metric}
 
-# %% ../notebooks/03_model_development.ipynb #dc9c7aa4
+# %% ../notebooks/03_model_development.ipynb #23865c89
 def describe_numeric(values, bins=10) -> dict:
     "Quantile cut points of `values`, the share in each bin (value v is in bin `searchsorted(cuts, v, side='right')`), summary statistics."
     values = np.asarray(values, dtype=float)
@@ -449,7 +449,7 @@ def reference_statistics(frame, predictions, bins=10) -> dict:
     features = {c: describe_numeric(frame[c], bins) if c in NUMERIC else describe_categorical(frame[c]) for c in FEATURES}
     return {"features": features, "prediction": describe_numeric(predictions, bins)}
 
-# %% ../notebooks/03_model_development.ipynb #4da6d4f9
+# %% ../notebooks/03_model_development.ipynb #2b7adedc
 @dataclass
 class Candidate:
     "A fitted candidate and everything measured about it."
@@ -484,7 +484,7 @@ def develop_candidate(name, train, held_out, params, k, seed) -> Candidate:
                      measure_curves(held_out.label, scores, params["curve_points"]), measure_importance(model, held_out, params, seed),
                      seconds, chosen)
 
-# %% ../notebooks/03_model_development.ipynb #aa25e47e
+# %% ../notebooks/03_model_development.ipynb #deb755a2
 def flat_metrics(candidates, selection, counts) -> dict:
     "Flat numbers for `metrics/model_development.json`: row counts, each candidate's held-out metrics and lift, the selection."
     base = candidates["rule_baseline"].metrics
@@ -508,7 +508,7 @@ def write_plots(candidates, folder) -> list:
             paths.append(path)
     return paths
 
-# %% ../notebooks/03_model_development.ipynb #3d7c9ad9
+# %% ../notebooks/03_model_development.ipynb #fca4df2c
 def git_commit(root) -> str:
     "The commit checked out at `root`, or 'unknown' outside git."
     try: return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
@@ -522,7 +522,7 @@ def lineage_tags(commit, data_hashes, params_hash) -> dict:
     "MLflow tags tracing a run to its code, data and parameters."
     return {"git_commit": commit, "params_sha256": params_hash, **{f"data_sha256.{name}": h for name, h in sorted(data_hashes.items())}}
 
-# %% ../notebooks/03_model_development.ipynb #8aafd9ce
+# %% ../notebooks/03_model_development.ipynb #d0f7eda6
 CURVE_AXES = {"roc": ("fpr", "tpr", "ROC"), "precision_recall": ("recall", "precision", "Precision-recall"),
               "calibration": ("mean_predicted", "fraction_positive", "Calibration")}
 
@@ -549,7 +549,7 @@ def plot_importance(candidate, top=15):
     fig.tight_layout()
     return fig
 
-# %% ../notebooks/03_model_development.ipynb #c52323b6
+# %% ../notebooks/03_model_development.ipynb #6e1b06da
 def model_requirements() -> list:
     "Pinned pip requirements of the logged models (what loading and serving them needs)."
     from importlib.metadata import version
@@ -589,7 +589,7 @@ def log_development(candidates, selection, tags, run_params, input_example, expe
         requirements = model_requirements()
         return {n: log_candidate(c, selection, tags, input_example, requirements, experiment_id) for n, c in candidates.items()}
 
-# %% ../notebooks/03_model_development.ipynb #e9b0aa19
+# %% ../notebooks/03_model_development.ipynb #82ab3951
 class AcceptanceError(RuntimeError):
     "No candidate meets the charter's acceptance thresholds."
 

@@ -31,7 +31,7 @@ lab: setup
 	jupyter lab notebooks/
 
 bench: setup
-	python tests/benchmark.py
+	python benchmarks/benchmark.py
 
 lint: setup
 	ruff check lib tests

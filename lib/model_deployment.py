@@ -182,18 +182,19 @@ class GateDecision:
     "The gate's verdict on a candidate."
     passed: bool
     reasons: list                         # why it failed (enforced checks only)
-    checks: pd.DataFrame                  # every check: metric, value, threshold, enforced, passed, message
+    checks: pd.DataFrame                  # every check: check, metric, value, threshold, enforced, passed, message
     warnings: list = field(default_factory=list)   # thresholds that failed but are not enforced
 
-ACCEPTANCE_KEYS = {"roc_auc": "roc_auc_min", "average_precision": "average_precision_min", "precision_at_k": "precision_at_k_min",
-                   "lift_average_precision": "min_lift_over_rule", "lift_precision_at_k": "min_lift_over_rule"}
+ACCEPTANCE_KEYS = {"roc_auc": "roc_auc_min", "average_precision": "average_precision_min", "precision_at_k": "precision_at_k_min"}
 
-def gate_thresholds(acceptance, regression_metrics, margin, has_champion) -> dict:
-    "The gate's checks as MLflow `MetricThreshold`s, keyed by the metric they read: the charter's minimums, the change against the champion."
+def gate_thresholds(acceptance, primary_metric, regression_metrics, margin, has_champion) -> dict:
+    "The gate's checks as (kind, MLflow `MetricThreshold`), keyed by the metric they read."
     from mlflow.models import MetricThreshold
-    checks = {m: MetricThreshold(threshold=float(acceptance[key]), greater_is_better=True) for m, key in ACCEPTANCE_KEYS.items()}
-    if has_champion:
-        checks |= {f"{m}_change_vs_champion": MetricThreshold(threshold=-float(margin), greater_is_better=True) for m in regression_metrics}
+    at_least = lambda value: MetricThreshold(threshold=float(value), greater_is_better=True)
+    checks = {m: ("charter", at_least(acceptance[key])) for m, key in ACCEPTANCE_KEYS.items()}
+    checks[f"lift_{primary_metric}"] = ("rule", at_least(acceptance["min_lift_over_rule"]))
+    checks |= {f"{m}_change_vs_rule": ("rule", at_least(-margin)) for m in regression_metrics}
+    if has_champion: checks |= {f"{m}_change_vs_champion": ("champion", at_least(-margin)) for m in regression_metrics}
     return checks
 
 def _validate_one(metric, threshold, values) -> str:
@@ -207,20 +208,24 @@ def _validate_one(metric, threshold, values) -> str:
     except ModelValidationFailedException as err: return str(err.message).replace("-inf", "undefined (NaN)")
     return ""
 
-def decide(candidate, champion, acceptance, regression_metrics, margin, enforce_acceptance=True) -> GateDecision:
-    "Judge `candidate` metrics (and the change from `champion` metrics, None on a first deployment); absolute thresholds only count when enforced."
-    values = dict(candidate)
-    if champion is not None: values |= {f"{m}_change_vs_champion": candidate[m] - champion[m] for m in regression_metrics}
+def _changes(candidate, other, metrics, suffix) -> dict:
+    "The candidate's change against `other` on each of `metrics` (`other[m]` or the rule's `rule_<m>`)."
+    return {f"{m}_change_vs_{suffix}": candidate[m] - other.get(m if suffix == "champion" else f"rule_{m}", np.nan) for m in metrics}
+
+def decide(candidate, champion, acceptance, regression_metrics, margin, enforce_acceptance=True, primary_metric="average_precision") -> GateDecision:
+    "Judge `candidate` metrics (with the rule's, from `gate_metrics`) against the charter, its rule and `champion` (None on a first deployment)."
+    values = {**candidate, **_changes(candidate, candidate, regression_metrics, "rule")}
+    if champion is not None: values |= _changes(candidate, champion, regression_metrics, "champion")
     rows = []
-    for metric, threshold in gate_thresholds(acceptance, regression_metrics, margin, champion is not None).items():
+    for metric, (kind, threshold) in gate_thresholds(acceptance, primary_metric, regression_metrics, margin, champion is not None).items():
         message = _validate_one(metric, threshold, values)
-        kind = "regression" if metric.endswith("_change_vs_champion") else "charter"
         rows.append(dict(check=kind, metric=metric, value=values.get(metric, np.nan), threshold=threshold.threshold,
-                         enforced=kind == "regression" or enforce_acceptance, passed=not message, message=message))
+                         enforced=kind == "champion" or enforce_acceptance, passed=not message, message=message))
     checks = pd.DataFrame(rows)
     failed = checks[~checks.passed]
     return GateDecision(bool(failed.enforced.sum() == 0), failed[failed.enforced].message.tolist(), checks,
                         failed[~failed.enforced].message.tolist())
+
 
 # %% ../notebooks/04_model_deployment.ipynb #16cd1827
 def version_tags(pointer, decision, gate_campaigns) -> dict:
@@ -239,13 +244,14 @@ class Deployment:
     champion_metrics: dict | None   # the champion before the decision, on the same rows (None on a first deployment)
     champion: object                # the version @champion points to now (None: still no champion)
 
-def deploy_candidate(client, name, pointer, rows, k, acceptance, regression_metrics, margin, enforce_acceptance=True) -> Deployment:
+def deploy_candidate(client, name, pointer, rows, k, acceptance, regression_metrics, margin, enforce_acceptance=True,
+                     primary_metric="average_precision") -> Deployment:
     "Register `pointer`'s model, judge it and the current champion on labelled `rows`, then promote it or tag it rejected."
     import mlflow
     before = champion_version(client, name)
     candidate = gate_metrics(rows, predict_scores(mlflow.pyfunc.load_model(pointer["model_uri"]), rows), k)
     champion = gate_metrics(rows, predict_scores(mlflow.pyfunc.load_model(f"models:/{name}@champion"), rows), k) if before else None
-    decision = decide(candidate, champion, acceptance, regression_metrics, margin, enforce_acceptance)
+    decision = decide(candidate, champion, acceptance, regression_metrics, margin, enforce_acceptance, primary_metric)
     version = register_candidate(client, name, pointer, version_tags(pointer, decision, sorted(rows.campaign_id.unique().tolist())))
     if decision.passed: aliases = promote(client, name, version.version)
     else:

@@ -6,6 +6,7 @@ VENV   := .venv
 BIN    := $(CURDIR)/$(VENV)/bin
 KERNEL := mlops-template
 STAMP  := $(VENV)/.installed
+LAB_ARGS ?=
 export PATH := $(BIN):$(PATH)
 
 .PHONY: setup run test lab bench lint export clean-notebooks
@@ -28,7 +29,7 @@ test: setup
 	bash tests/run_all.sh
 
 lab: setup
-	jupyter lab notebooks/
+	jupyter lab --ip=127.0.0.1 $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS) notebooks/
 
 bench: setup
 	python benchmarks/benchmark.py

@@ -181,6 +181,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                              'lib/model_deployment.py'),
                                       'lib.model_deployment.RegistryStateError': ( 'model_deployment.html#registrystateerror',
                                                                                    'lib/model_deployment.py'),
+                                      'lib.model_deployment._at_least': ('model_deployment.html#_at_least', 'lib/model_deployment.py'),
                                       'lib.model_deployment._changes': ('model_deployment.html#_changes', 'lib/model_deployment.py'),
                                       'lib.model_deployment._group_alive': ( 'model_deployment.html#_group_alive',
                                                                              'lib/model_deployment.py'),

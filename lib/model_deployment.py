@@ -187,14 +187,16 @@ class GateDecision:
 
 ACCEPTANCE_KEYS = {"roc_auc": "roc_auc_min", "average_precision": "average_precision_min", "precision_at_k": "precision_at_k_min"}
 
+def _at_least(value):
+    from mlflow.models import MetricThreshold
+    return MetricThreshold(threshold=float(value), greater_is_better=True)
+
 def gate_thresholds(acceptance, primary_metric, regression_metrics, margin, has_champion) -> dict:
     "The gate's checks as (kind, MLflow `MetricThreshold`), keyed by the metric they read."
-    from mlflow.models import MetricThreshold
-    at_least = lambda value: MetricThreshold(threshold=float(value), greater_is_better=True)
-    checks = {m: ("charter", at_least(acceptance[key])) for m, key in ACCEPTANCE_KEYS.items()}
-    checks[f"lift_{primary_metric}"] = ("rule", at_least(acceptance["min_lift_over_rule"]))
-    checks |= {f"{m}_change_vs_rule": ("rule", at_least(-margin)) for m in regression_metrics}
-    if has_champion: checks |= {f"{m}_change_vs_champion": ("champion", at_least(-margin)) for m in regression_metrics}
+    checks = {m: ("charter", _at_least(acceptance[key])) for m, key in ACCEPTANCE_KEYS.items()}
+    checks[f"lift_{primary_metric}"] = ("rule", _at_least(acceptance["min_lift_over_rule"]))
+    checks |= {f"{m}_change_vs_rule": ("rule", _at_least(-margin)) for m in regression_metrics}
+    if has_champion: checks |= {f"{m}_change_vs_champion": ("champion", _at_least(-margin)) for m in regression_metrics}
     return checks
 
 def _validate_one(metric, threshold, values) -> str:

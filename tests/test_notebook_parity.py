@@ -1,0 +1,75 @@
+"""JupyterLab parity: each step notebook, run top to bottom by a notebook client started in notebooks/ (as JupyterLab
+does), gives the same results as the pipeline run by DVC from the project root; and JupyterLab offers the project's kernel."""
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+
+import nbformat
+import pytest
+import yaml
+from nbclient import NotebookClient
+
+from conftest import ROOT, make_project_copy, project_env
+
+pytestmark = pytest.mark.pipeline
+KERNEL = "mlops-template"
+# Figures that measure the machine, not the data: they differ between any two runs.
+MEASURED = re.compile(r"_per_s$|_ms$|memory_mb|_seconds$")
+
+
+def stage_notebooks(project) -> list:
+    """The step notebooks in pipeline order (the order of dvc.yaml's stages DVC runs them in)."""
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    notebooks = [dep for stage in stages.values() for dep in stage["deps"] if dep.startswith("notebooks/0")]
+    return sorted(notebooks)
+
+
+def results(project) -> dict:
+    """What the pipeline decided: the charter, the catalog's content hashes and every metric that does not time the machine."""
+    out = {"charter": json.loads((project / "data/charter.json").read_text()),
+           "hashes": {name: t["sha256"] for name, t in json.loads((project / "data/catalog.json").read_text())["tables"].items()}}
+    for path in sorted((project / "metrics").glob("*.json")):
+        out[path.name] = {k: v for k, v in json.loads(path.read_text()).items() if not MEASURED.search(k)}
+    return out
+
+
+def test_step_notebooks_run_from_the_notebooks_folder_with_the_pipeline_results(smoke_pipeline, tmp_path):
+    project = make_project_copy(tmp_path / "project")         # a fresh copy: its own data, MLflow store and registry
+    for notebook in stage_notebooks(project):
+        nb = nbformat.read(project / notebook, as_version=4)
+        assert nb.metadata.kernelspec.name == KERNEL
+        NotebookClient(nb, kernel_name=KERNEL, timeout=900, resources={"metadata": {"path": str(project / "notebooks")}}).execute()
+    by_notebooks, by_pipeline = results(project), results(smoke_pipeline)
+    assert by_notebooks.keys() == by_pipeline.keys()
+    for name in by_pipeline:
+        assert by_notebooks[name] == by_pipeline[name], f"{name} differs between JupyterLab and the pipeline"
+
+
+def wait_for_url(log_path, process, attempts=120) -> str:
+    """The loopback URL the server prints, polled every half second (bounded); an error if it exits or never prints one."""
+    for _ in range(attempts):
+        found = re.search(r"http://127\.0\.0\.1:(\d+)/", log_path.read_text())
+        if found: return f"http://127.0.0.1:{found.group(1)}"
+        assert process.poll() is None, log_path.read_text()[-2000:]
+        time.sleep(0.5)
+    raise AssertionError(f"no URL after {attempts / 2:.0f} s: {log_path.read_text()[-2000:]}")
+
+
+def test_make_lab_opens_jupyterlab_with_the_project_kernel(tmp_path):
+    """The README's `make lab`, on loopback without a browser: its JupyterLab lists the kernel the notebooks name."""
+    log_path = tmp_path / "lab.log"
+    with log_path.open("w") as log:
+        lab = subprocess.Popen(["make", "-s", "lab", "LAB_ARGS=--no-browser --port=0 --IdentityProvider.token=t"], cwd=ROOT,
+                               env=project_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = wait_for_url(log_path, lab)
+        with urllib.request.urlopen(f"{url}/api/kernelspecs?token=t", timeout=30) as reply:
+            specs = json.loads(reply.read())["kernelspecs"]
+        assert KERNEL in specs and specs[KERNEL]["spec"]["language"] == "python"
+    finally:
+        os.killpg(lab.pid, signal.SIGTERM)
+        lab.wait(30)

@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 LAB_ARGS ?=
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test lab bench lint export clean-notebooks
+.PHONY: setup run test lab bench audit lint export
 
 setup: $(STAMP)
 
@@ -34,8 +34,11 @@ lab: setup
 bench: setup
 	python benchmarks/benchmark.py
 
+audit: setup
+	pip-audit --strict --no-deps --disable-pip -r requirements.lock
+
 lint: setup
-	ruff check lib tests
+	ruff check lib tests benchmarks
 
 export: setup
 	nbdev-export && nbdev-clean

@@ -16,8 +16,10 @@ OUTPUT_DIRS = ("data", "models", "metrics", "plots", "reports")
 
 
 def project_env(extra=None) -> dict:
-    """The environment of this process with the project's virtual environment first on PATH."""
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(extra or {})}
+    """The environment of this process with the project's virtual environment first on PATH, and without the MLflow tracking
+    URI a test may have exported (MLflow's `set_tracking_uri` does): a project copy uses its own store unless `extra` names one."""
+    inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return {**inherited, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(extra or {})}
 
 
 def run(cmd, cwd, check=True, env=None, timeout=1800):

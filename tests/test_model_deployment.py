@@ -129,9 +129,7 @@ def store_of(project) -> str:
 
 @pytest.fixture(scope="module")
 def smoke(smoke_pipeline):
-    # The store the smoke pipeline wrote to, resolved as its stages resolve it: MLFLOW_TRACKING_URI wins when set (MLflow's
-    # set_tracking_uri exports it, so an earlier test's store can be inherited by `dvc repro`), else the project's mlflow.db.
-    store = tracking_uri(smoke_pipeline, os.environ)
+    store = store_of(smoke_pipeline)            # the copy's own store: `run` never passes on an exported tracking URI
     params = __import__("yaml").safe_load((smoke_pipeline / "params.yaml").read_text())
     tables = load_processed(smoke_pipeline, md.FEATURE_TABLES)
     rows = campaign_rows(tables, params["model_deployment"]["target_campaign"])

@@ -2,7 +2,6 @@
 classes, the incremental replay, the closed loop, and the stage's outputs in a DVC run on the smoke slice."""
 import copy
 import json
-import os
 
 import numpy as np
 import pandas as pd
@@ -78,7 +77,7 @@ def test_unseen_categories_and_empty_batches():
 def smoke_world(smoke_pipeline):
     """What the smoke pipeline delivered: tables, reference, the deployed model's scorer, the plan of batches."""
     import mlflow
-    mlflow.set_tracking_uri(tracking_uri(smoke_pipeline, os.environ))
+    mlflow.set_tracking_uri(tracking_uri(smoke_pipeline, {}))             # the copy's own store
     tables = load_processed(smoke_pipeline, [*FEATURE_TABLES, "households"])
     pointer = load_json(smoke_pipeline / "models/candidate.json")
     as_of = tables["transactions"].transaction_timestamp.max().normalize()

@@ -1,8 +1,10 @@
 """The stakeholder reports of a smoke run of the whole pipeline, checked in a real browser (Debian's Chromium)."""
+import html
 import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import pandas as pd
 import pytest
 
 from conftest import ROOT
@@ -67,6 +69,24 @@ def test_portal_screenshot_is_kept_as_an_artifact(smoke_pipeline, browser):
     page.screenshot(path=str(ARTIFACTS / "portal.png"), full_page=True)
     assert page.locator(".tile").count() >= 3 and not problems
     assert (ARTIFACTS / "portal.png").stat().st_size > 10_000
+
+
+def published_files(project) -> list:
+    """What people and tools read: every page, profile and executed notebook, and the MLflow store with its artifacts."""
+    reports = [p for p in (project / "reports").rglob("*") if p.suffix in (".html", ".ipynb", ".json", ".log")]
+    artifacts = [p for p in (project / "mlartifacts").rglob("*") if p.is_file() and p.stat().st_size < 5_000_000]
+    return sorted(reports + artifacts + [project / "mlflow.db"])
+
+
+def test_no_page_notebook_or_mlflow_record_holds_a_raw_contact_detail(smoke_pipeline):
+    contacts = pd.read_parquet(smoke_pipeline / "data/raw/contacts.parquet")
+    values = {str(v) for column in ("name", "email", "phone") for v in contacts[column]}
+    files = published_files(smoke_pipeline)
+    assert len(files) > 20 and any(f.suffix == ".ipynb" for f in files) and any("mlartifacts" in f.parts for f in files)
+    for path in files:
+        text = html.unescape(path.read_bytes().decode("utf-8", errors="replace"))
+        leaked = sorted(v for v in values if v in text)
+        assert not leaked, f"{path.relative_to(smoke_pipeline)} holds raw contact details, e.g. {leaked[:2]}"
 
 
 def test_stakeholder_pages_show_no_code(smoke_pipeline):

@@ -215,6 +215,17 @@ def test_a_drill_through_dvc_raises_its_class_and_a_rerun_reuses_the_state(smoke
     assert json.loads((project / "data/monitoring/run.json").read_text())["computed"] == []
 
 
+@pytest.mark.parametrize("age_days, raised", [(365.0, []), (400.0, [("warning", "retrain")])])
+def test_a_model_older_than_a_year_raises_a_retrain_alert(age_days, raised):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    charter = {"kpis": params["business_understanding"]["kpis"], "ml_problem": params["business_understanding"]["ml_problem"]}
+    healthy = {"batch": "campaign 99", "campaign_id": 99, "start_date": "2018-09-01", "status": "ok",
+               "metrics": {"model_age_days": age_days, "max_feature_psi": 0.01, "roc_auc": 0.9}}
+    alerts = evaluate_rules([healthy], params["model_monitoring"]["rules"], charter)
+    assert [(a["severity"], a["remediation"]) for a in alerts] == raised
+    assert diagnose(healthy, alerts) == ("retrain" if raised else "healthy")
+
+
 def test_remediation_classes_are_the_whitepapers():
     assert REMEDIATIONS == ("pipeline", "retrain", "business")
 

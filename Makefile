@@ -5,7 +5,9 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(CURDIR)/$(VENV)/bin
 KERNEL := mlops-template
-STAMP  := $(VENV)/.installed
+# The stamp is keyed by the content of the pinned set, so touching the files (nbdev-export rewrites pyproject.toml) reinstalls nothing.
+PINS   := $(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+STAMP  := $(VENV)/.installed-$(PINS)
 LAB_ARGS ?=
 export PATH := $(BIN):$(PATH)
 
@@ -13,8 +15,9 @@ export PATH := $(BIN):$(PATH)
 
 setup: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@rm -f $(VENV)/.installed-*
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==0.13.8
 	$(BIN)/uv pip install --python $(BIN)/python --quiet -r requirements.lock
 	$(BIN)/uv pip install --python $(BIN)/python --quiet --no-deps -e .

@@ -210,13 +210,14 @@ def _validate_one(metric, threshold, values) -> str:
     except ModelValidationFailedException as err: return str(err.message).replace("-inf", "undefined (NaN)")
     return ""
 
-def _changes(candidate, other, metrics, suffix) -> dict:
-    "The candidate's change against `other` on each of `metrics` (`other[m]` or the rule's `rule_<m>`)."
-    return {f"{m}_change_vs_{suffix}": candidate[m] - other.get(m if suffix == "champion" else f"rule_{m}", np.nan) for m in metrics}
+def _changes(candidate, reference, metrics, against) -> dict:
+    "The candidate's change against `reference` on each of `metrics`, named `<metric>_change_vs_<against>`."
+    return {f"{m}_change_vs_{against}": candidate[m] - reference.get(m, np.nan) for m in metrics}
 
 def decide(candidate, champion, acceptance, regression_metrics, margin, enforce_acceptance=True, primary_metric="average_precision") -> GateDecision:
     "Judge `candidate` metrics (with the rule's, from `gate_metrics`) against the charter, its rule and `champion` (None on a first deployment)."
-    values = {**candidate, **_changes(candidate, candidate, regression_metrics, "rule")}
+    rule = {m: candidate.get(f"rule_{m}", np.nan) for m in GATE_METRICS}
+    values = {**candidate, **_changes(candidate, rule, regression_metrics, "rule")}
     if champion is not None: values |= _changes(candidate, champion, regression_metrics, "champion")
     rows = []
     for metric, (kind, threshold) in gate_thresholds(acceptance, primary_metric, regression_metrics, margin, champion is not None).items():

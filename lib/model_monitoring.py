@@ -596,14 +596,14 @@ def labelled_features(tables, campaign_ids, promo_weeks) -> pd.DataFrame:
 # %% ../notebooks/05_model_monitoring.ipynb #9bd921f9
 def gate_challenger(frame, challenger_scores, champion_scores, charter, deployment) -> dict:
     "Step 04's gate on the labelled `frame`: the challenger against the charter and against the champion; returns metrics and the decision."
-    from lib.model_deployment import decide, gate_metrics, offers_per_household
+    from lib.model_deployment import GATE_METRICS, decide, gate_metrics, offers_per_household
     k = offers_per_household(charter)
     challenger, champion = gate_metrics(frame, challenger_scores, k), gate_metrics(frame, champion_scores, k)
     decision = decide(challenger, champion, charter["ml_problem"]["acceptance"], deployment["regression_metrics"],
                       deployment["regression_margin"], deployment["enforce_acceptance"], charter["ml_problem"]["primary_metric"])
     return {"passed": decision.passed, "reasons": decision.reasons, "warnings": decision.warnings,
-            "challenger": {m: challenger[m] for m in ("roc_auc", "average_precision", "precision_at_k")},
-            "champion": {m: champion[m] for m in ("roc_auc", "average_precision", "precision_at_k")}}
+            "challenger": {m: challenger[m] for m in GATE_METRICS},
+            "champion": {m: champion[m] for m in GATE_METRICS}}
 
 def register_challenger(client, name, model, example, tags, experiment_id) -> tuple:
     "Log the challenger as an MLflow run and register it as a version of `name`; returns (version, pointer)."

@@ -22,7 +22,7 @@ MEASURED = re.compile(r"_per_s$|_ms$|memory_mb|_seconds$")
 
 
 def stage_notebooks(project) -> list:
-    """The step notebooks in pipeline order (the order of dvc.yaml's stages DVC runs them in)."""
+    """The step notebooks dvc.yaml runs, in pipeline order (their numbers)."""
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     notebooks = [dep for stage in stages.values() for dep in stage["deps"] if dep.startswith("notebooks/0")]
     return sorted(notebooks)

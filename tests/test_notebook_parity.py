@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 import nbformat
@@ -50,14 +51,20 @@ def test_step_notebooks_run_from_the_notebooks_folder_with_the_pipeline_results(
         assert by_notebooks[name] == by_pipeline[name], f"{name} differs between JupyterLab and the pipeline"
 
 
-def wait_for_url(log_path, process, attempts=120) -> str:
-    """The loopback URL the server prints, polled every half second (bounded); an error if it exits or never prints one."""
+def kernelspecs_when_ready(log_path, process, attempts=120) -> dict:
+    """The server's kernelspecs, polled every half second (bounded). Jupyter Server prints its URL before it listens
+    on the port, so a refused connection means "not yet"; an error if the server exits or never answers."""
     for _ in range(attempts):
         found = re.search(r"http://127\.0\.0\.1:(\d+)/", log_path.read_text())
-        if found: return f"http://127.0.0.1:{found.group(1)}"
+        if found:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{found.group(1)}/api/kernelspecs?token=t", timeout=30) as reply:
+                    return json.loads(reply.read())["kernelspecs"]
+            except urllib.error.URLError as err:
+                if not isinstance(err.reason, ConnectionRefusedError): raise
         assert process.poll() is None, log_path.read_text()[-2000:]
         time.sleep(0.5)
-    raise AssertionError(f"no URL after {attempts / 2:.0f} s: {log_path.read_text()[-2000:]}")
+    raise AssertionError(f"no answer after {attempts / 2:.0f} s: {log_path.read_text()[-2000:]}")
 
 
 def test_make_lab_opens_jupyterlab_with_the_project_kernel(tmp_path):
@@ -67,9 +74,7 @@ def test_make_lab_opens_jupyterlab_with_the_project_kernel(tmp_path):
         lab = subprocess.Popen(["make", "-s", "lab", "LAB_ARGS=--no-browser --port=0 --IdentityProvider.token=t"], cwd=ROOT,
                                env=project_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        url = wait_for_url(log_path, lab)
-        with urllib.request.urlopen(f"{url}/api/kernelspecs?token=t", timeout=30) as reply:
-            specs = json.loads(reply.read())["kernelspecs"]
+        specs = kernelspecs_when_ready(log_path, lab)
         assert KERNEL in specs and specs[KERNEL]["spec"]["language"] == "python"
     finally:
         os.killpg(lab.pid, signal.SIGTERM)

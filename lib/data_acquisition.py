@@ -15,7 +15,7 @@ __all__ = ['TABLES', 'SOURCE_TABLES', 'PROCESSED_TABLES', 'UNKNOWN', 'BANDS', 'D
            'find_home_stores', 'pseudonymize_contacts', 'sort_by_key', 'process_tables', 'promotion_reducer',
            'process_promotions', 'Acquisition', 'ingest_contacts', 'acquire', 'write_tables', 'load_processed',
            'quality_scores', 'quality_metrics', 'catalog_entry', 'build_catalog', 'profile_table', 'has_pii',
-           'blanket_offers', 'kpi_tables', 'measure_baseline', 'check_params']
+           'blanket_offers', 'kpi_tables', 'check_params']
 
 # %% ../notebooks/02_data_acquisition.ipynb #93cdfefe
 import copy
@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .core import ParamsError, file_sha256
-from .kpis import measurable_campaigns, measure_kpi
+from .kpis import measurable_campaigns
 
 # %% ../notebooks/02_data_acquisition.ipynb #9ebbd01c
 TABLES = ("transactions", "products", "campaigns", "campaign_descriptions", "coupons", "coupon_redemptions",
@@ -730,21 +730,6 @@ def kpi_tables(processed, window_days=14) -> dict:
     return dict(transactions=processed["transactions"], campaigns=processed["campaigns"], campaign_descriptions=measurable,
                 households=processed["households"], coupon_redemptions=processed["coupon_redemptions"],
                 offers=blanket_offers(processed["campaigns"], processed["coupons"]))
-
-# %% ../notebooks/02_data_acquisition.ipynb #d03ade21
-def measure_baseline(kpis, tables) -> tuple:
-    "Each KPI overall (flat metrics, with the comparison group where the KPI has one) and per campaign (long frame)."
-    metrics, rows = {}, []
-    for kpi in kpis:
-        value = measure_kpi(kpi, tables)
-        metrics[kpi["id"]] = round(value.value, 6)
-        by = value.by_campaign.assign(kpi=kpi["id"])
-        if "comparison_visitors" in by and kpi["id"].startswith("store_visit"):
-            metrics[f"{kpi['id']}_comparison"] = round(float(by.comparison_visitors.sum() / by.comparison.sum()), 6)
-        rows.append(by[["kpi", "campaign_id", "value"] + (["comparison_value"] if "comparison_value" in by else [])])
-    metrics["campaigns_measured"] = int(len(tables["campaign_descriptions"]))
-    metrics["households_messaged"] = int(tables["campaigns"][tables["campaigns"].campaign_id.isin(tables["campaign_descriptions"].campaign_id)].household_id.nunique())
-    return metrics, pd.concat(rows, ignore_index=True)
 
 # %% ../notebooks/02_data_acquisition.ipynb #822e981e
 SPEC = {

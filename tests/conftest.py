@@ -6,6 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+from lib.core import load_yaml, merge_params
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -32,14 +35,17 @@ def run(cmd, cwd, check=True, env=None, timeout=1800):
     return proc
 
 
-def make_project_copy(dest: Path, params: Path = ROOT / "tests/smoke/params.yaml") -> Path:
-    """A fresh git + DVC working copy of the project at `dest`, without outputs, running on `params`."""
+def make_project_copy(dest: Path, overlay: Path = ROOT / "tests/smoke/params.yaml") -> Path:
+    """A fresh git + DVC working copy of the project at `dest`, without outputs, running on params.yaml with `overlay` merged
+    over it (the smoke slice by default; None: params.yaml as it is)."""
     shutil.copytree(ROOT, dest, ignore=NOT_COPIED)
     for folder in OUTPUT_DIRS:
         for path in (dest / folder).glob("*") if (dest / folder).exists() else []:
             if path.name != ".gitignore": shutil.rmtree(path) if path.is_dir() else path.unlink()
     (dest / "dvc.lock").unlink(missing_ok=True)
-    shutil.copy(params, dest / "params.yaml")
+    if overlay is not None:
+        merged = merge_params(load_yaml(ROOT / "params.yaml"), load_yaml(overlay), where=Path(overlay).name)
+        (dest / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False, allow_unicode=True))
     run("git init -q && git add -A && git -c user.name=t -c user.email=t@t commit -qm copy", dest)
     return dest
 

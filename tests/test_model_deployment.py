@@ -139,6 +139,7 @@ def smoke(smoke_pipeline):
                "champion": load_json(smoke_pipeline / "models/champion.json")}
 
 
+@pytest.mark.pipeline
 def test_chunked_scoring_equals_scoring_all_rows_at_once(smoke):
     model = mlflow.pyfunc.load_model(smoke["champion"]["model_uri"])
     predict = {"score": lambda f: predict_scores(model, f)}
@@ -157,6 +158,7 @@ class Boom(Exception):
     pass
 
 
+@pytest.mark.pipeline
 def test_rest_scores_equal_the_batch_scores_and_the_server_always_stops(smoke, tmp_path):
     features = smoke["featurize"](smoke["rows"][smoke["rows"].household_id.isin(smoke["rows"].household_id.unique()[:5])])
     batch = pd.read_parquet(smoke["project"] / "data/scored/scores.parquet").merge(features[md.KEYS], on=md.KEYS)
@@ -170,6 +172,7 @@ def test_rest_scores_equal_the_batch_scores_and_the_server_always_stops(smoke, t
         urllib.request.urlopen(f"{url}/ping", timeout=2)
 
 
+@pytest.mark.pipeline
 def test_stage_outputs_registry_and_privacy(smoke):
     project, params = smoke["project"], smoke["params"]["model_deployment"]
     champion, client = smoke["champion"], MlflowClient(smoke["store"])

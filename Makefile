@@ -1,5 +1,6 @@
-# Two commands: `make run` (set up, then run the whole pipeline) and `make test` (set up, then every test).
-# Both create .venv from pinned versions once; later calls reuse it.
+# Two commands: `make run` (set up, then run the whole pipeline) and `make test` (system packages and set-up, then every
+# test). Both create .venv from pinned versions once; later calls reuse it. `make test-fast`: the tests that need no
+# pipeline run (lint, lib in sync, nbdev-test, unit tests).
 
 PYTHON ?= python3.11
 VENV   := .venv
@@ -11,7 +12,7 @@ STAMP  := $(VENV)/.installed-$(PINS)
 LAB_ARGS ?=
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test lab bench audit lint export
+.PHONY: setup run test test-fast system-packages lab bench audit lint export
 
 setup: $(STAMP)
 
@@ -28,8 +29,14 @@ $(STAMP):
 run: setup
 	dvc repro
 
-test: setup
-	bash tests/run_all.sh
+test: system-packages setup
+	bash tests/run_all.sh all
+
+test-fast: setup
+	bash tests/run_all.sh fast
+
+system-packages:
+	@bash tests/system_packages.sh
 
 lab: setup
 	jupyter lab --ip=127.0.0.1 $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS) notebooks/

@@ -1,8 +1,11 @@
-"""Shared fixtures: the project root, and disposable copies of the project for end-to-end runs."""
+"""Shared fixtures: the project root, and disposable copies of the project for end-to-end runs; and the check that every
+test needing a pipeline run carries the `pipeline` mark (the fast tier runs the others)."""
+import json
 import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -61,3 +64,59 @@ def smoke_pipeline(tmp_path_factory):
     project = make_project_copy(tmp_path_factory.mktemp("smoke") / "project")
     run(["dvc", "repro"], project)
     return project
+
+
+# ---------------------------------------------------------------- the fast tier and the pipeline tier
+
+# A test needs a pipeline run when it uses one of these fixtures, directly or through a fixture built on them ...
+PIPELINE_FIXTURES = frozenset({"project_copy", "smoke_pipeline"})
+# ... or when it, or a fixture it uses, calls one of these (a project copy, an MLflow model server, a notebook kernel run)
+PIPELINE_CALLS = frozenset({"make_project_copy", "serving", "NotebookClient"})
+# ... or runs one of these commands (`dvc repro`, papermill, `make lab`).
+PIPELINE_WORDS = frozenset({"repro", "papermill", "lab"})
+TIERS = pytest.StashKey[dict]()
+
+
+def _code_objects(code):
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType): yield from _code_objects(const)
+
+
+def _strings(const):
+    if isinstance(const, str): yield const
+    elif isinstance(const, (tuple, frozenset)):                # ["make", "-s", "lab"] is compiled to one tuple constant
+        for item in const: yield from _strings(item)
+
+
+def _calls_and_words(function) -> set:
+    """Names a function (and any function or lambda nested in it) refers to, and the string constants it holds."""
+    code = getattr(getattr(function, "__wrapped__", function), "__code__", None)
+    if code is None: return set()
+    return {v for c in _code_objects(code) for v in (*c.co_names, *(s for k in c.co_consts for s in _strings(k)))}
+
+
+def pipeline_needs(item) -> list:
+    """Why the collected test `item` needs a pipeline run (empty when it does not)."""
+    reasons = [f"uses fixture {name}" for name in sorted(PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())))]
+    fixturedefs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    functions = {"the test": getattr(item, "function", None),
+                 **{f"fixture {name}": defs[-1].func for name, defs in fixturedefs.items() if defs and name not in PIPELINE_FIXTURES}}
+    for where, function in functions.items():
+        found = _calls_and_words(function)
+        reasons += [f"{where} calls {name}" for name in sorted(PIPELINE_CALLS & found)]
+        reasons += [f"{where} runs {word!r}" for word in sorted(PIPELINE_WORDS & found)]
+    return reasons
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Before `-m`, `-k` or `--deselect` leave anything out: record every collected test that needs a pipeline run, and
+    whether it is marked `pipeline` (tests/test_tiers.py checks them). PIPELINE_TIER_REPORT=<file> writes the record as JSON."""
+    record = {"modules": sorted({str(item.path) for item in items}),
+              "needs": {item.nodeid: pipeline_needs(item) for item in items},
+              "marked": sorted(item.nodeid for item in items if item.get_closest_marker("pipeline"))}
+    record["needs"] = {nodeid: reasons for nodeid, reasons in record["needs"].items() if reasons}
+    config.stash[TIERS] = record
+    if os.environ.get("PIPELINE_TIER_REPORT"):
+        Path(os.environ["PIPELINE_TIER_REPORT"]).write_text(json.dumps(record))

@@ -1,11 +1,25 @@
 #!/usr/bin/env bash
-# The whole test suite, in tiers: lint, notebook unit tests (nbdev-test), then pytest
-# (lib behaviour, params and charter validation, repository hygiene, end-to-end DVC runs).
+# The test suite in two tiers; arguments after the tier go to pytest.
+#   fast (make test-fast): ruff, lib/ in sync with the notebooks, nbdev-test (the notebooks' demonstrations) and every
+#                          pytest test not marked `pipeline`; no pipeline run.
+#   all  (make test):      the fast tier, then the pipeline tier: `pytest -m pipeline` (DVC runs in disposable copies of
+#                          the project, stage faults, serving, JupyterLab, reports in Chromium).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+tier="${1:-all}"
+[ $# -gt 0 ] && shift
+case "$tier" in fast|all) ;; *) echo "usage: $0 [fast|all] [pytest arguments]" >&2; exit 2 ;; esac
+SYNC=tests/test_repo.py::test_nbdev_export_and_clean_change_nothing
 echo "== ruff"
 ruff check lib tests benchmarks
+echo "== lib/ and notebooks/ in sync (nbdev-export and nbdev-clean change nothing)"
+pytest -q --no-header "$SYNC"
 echo "== nbdev-test"
 nbdev-test --n-workers 1
-echo "== pytest"
-pytest "$@"
+echo "== pytest, unit tier (-m 'not pipeline')"
+pytest -m "not pipeline" --deselect "$SYNC" "$@"
+echo "== fast tier passed in ${SECONDS} s"
+[ "$tier" = fast ] && exit 0
+echo "== pytest, pipeline tier (-m pipeline)"
+pytest -m pipeline "$@"
+echo "== all tests passed in ${SECONDS} s"

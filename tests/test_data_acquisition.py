@@ -35,7 +35,7 @@ from lib.data_acquisition import (
 )
 
 SAMPLE, SEED, KEY = 40, 42, b"test-key"
-PROMOTION_ROWS = 200_000
+PROMOTION_ROWS = 50_000            # enough for thousands of promotions at the sampled home stores
 CANARY = {"name": "Zebulon Canaryfield", "phone": "+1-311-555-0199", "email": "zebulon.canaryfield@example.com"}
 
 

@@ -1,5 +1,7 @@
 """Step 01 end to end through DVC and papermill in disposable copies of the project, and the stage's faults."""
 import json
+import os
+import signal
 import subprocess
 import time
 
@@ -23,6 +25,39 @@ def insert_cell(project, source, before="save_json(charter"):
     nb.cells.insert(at, nbformat.v4.new_code_cell(source))
     nbformat.write(nb, path)
     run("git -c user.name=t -c user.email=t@t commit -qam 'change notebook'", project)
+
+
+def insert_waiting_cell(project, signals):
+    """Insert a cell that writes `signals/started` and then waits (bounded) until the test writes `signals/release`:
+    the test sees when the stage is running and decides when it goes on. Returns the two paths."""
+    signals.mkdir()
+    started, release = signals / "started", signals / "release"
+    insert_cell(project, f"""import pathlib, time
+pathlib.Path({str(started)!r}).touch()
+deadline = time.monotonic() + 300
+while not pathlib.Path({str(release)!r}).exists():
+    assert time.monotonic() < deadline, "no release signal within 300 s"
+    time.sleep(0.1)""")
+    return started, release
+
+
+def wait_for_file(path, process, log, timeout=300):
+    """Return once `path` exists; fail if `process` exits first or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        try:
+            code = process.wait(timeout=0.2)            # the poll interval; returns early only if the process ended
+        except subprocess.TimeoutExpired:
+            assert time.monotonic() < deadline, f"{path.name} did not appear within {timeout} s\n{log.read_text()[-4000:]}"
+        else:
+            raise AssertionError(f"dvc repro exited with {code} before the stage wrote {path.name}\n{log.read_text()[-4000:]}")
+
+
+def stop(process):
+    """Stop `process` and its process group if it is still running."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(30)
 
 
 def locked_stages(project):
@@ -90,30 +125,41 @@ def test_a_wrongly_typed_parameter_stops_the_stage_naming_the_key(project_copy):
     assert not (project_copy / "data/charter.json").exists()
 
 
-def test_two_repros_at_once_do_not_both_run(project_copy):
-    insert_cell(project_copy, "import time\ntime.sleep(8)")
-    first = subprocess.Popen(["dvc", "repro", STAGE], cwd=project_copy, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=project_env())
-    time.sleep(3)
-    second = run(["dvc", "repro", STAGE], project_copy, check=False, timeout=60)
-    first_out, first_err = first.communicate(timeout=300)
-    assert first.returncode == 0, first_err
+def test_two_repros_at_once_do_not_both_run(project_copy, tmp_path):
+    started, release = insert_waiting_cell(project_copy, tmp_path / "signals")
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        first = subprocess.Popen(["dvc", "repro", STAGE], cwd=project_copy, stdout=out, stderr=subprocess.STDOUT,
+                                 env=project_env(), start_new_session=True)
+    try:
+        wait_for_file(started, first, log)                          # the first repro is inside the stage, holding its lock
+        second = run(["dvc", "repro", STAGE], project_copy, check=False, timeout=120)
+        release.touch()
+        assert first.wait(timeout=300) == 0, log.read_text()[-4000:]
+    finally:
+        release.touch()
+        stop(first)
     assert second.returncode != 0 and "lock" in second.stderr.lower()
     assert json.loads((project_copy / "data/charter.json").read_text())["kpis"]
 
 
-def test_an_interrupted_repro_is_recovered_by_the_next_one(project_copy):
-    insert_cell(project_copy, "import time\ntime.sleep(30)")
-    first = subprocess.Popen(["dvc", "repro", STAGE], cwd=project_copy, env=project_env(), start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(8)
-    import os
-    import signal
-    os.killpg(first.pid, signal.SIGINT)
-    first.wait(timeout=60)
+def test_an_interrupted_repro_is_recovered_by_the_next_one(project_copy, tmp_path):
+    started, release = insert_waiting_cell(project_copy, tmp_path / "signals")
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        first = subprocess.Popen(["dvc", "repro", STAGE], cwd=project_copy, env=project_env(), start_new_session=True,
+                                 stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_file(started, first, log)                          # the stage is running: interrupt it there
+        os.killpg(first.pid, signal.SIGINT)
+        first.wait(timeout=60)
+    finally:
+        release.touch()                                             # a kernel that outlived the interrupt stops waiting
+        stop(first)
+    assert first.returncode != 0
     assert STAGE not in locked_stages(project_copy)
     nb = nbformat.read(project_copy / NOTEBOOK, as_version=4)
-    nb.cells = [c for c in nb.cells if "time.sleep(30)" not in c.source]
+    nb.cells = [c for c in nb.cells if str(started) not in c.source]
     nbformat.write(nb, project_copy / NOTEBOOK)
     run(["dvc", "repro", STAGE], project_copy)
     assert STAGE in locked_stages(project_copy) and json.loads((project_copy / "data/charter.json").read_text())["kpis"]

@@ -68,9 +68,18 @@ def tracking(uri):
     finally: mlflow.set_tracking_uri(before)
 
 
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory):
+    """A new MLflow store's database, made once: creating its tables takes seconds, copying the file does not."""
+    path = tmp_path_factory.mktemp("empty_store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def store(tmp_path):
-    """A throw-away MLflow store, made the tracking URI for the test."""
+def store(tmp_path, empty_store):
+    """A throw-away MLflow store (a copy of the new one), made the tracking URI for the test."""
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
     with tracking(f"sqlite:///{tmp_path}/mlflow.db") as uri:
         mlflow.set_experiment(experiment_id=mlflow.create_experiment("toy", artifact_location=(tmp_path / "artifacts").as_uri()))
         yield uri
@@ -139,6 +148,7 @@ def smoke(smoke_pipeline):
                "champion": load_json(smoke_pipeline / "models/champion.json")}
 
 
+@pytest.mark.pipeline
 def test_chunked_scoring_equals_scoring_all_rows_at_once(smoke):
     model = mlflow.pyfunc.load_model(smoke["champion"]["model_uri"])
     predict = {"score": lambda f: predict_scores(model, f)}
@@ -157,6 +167,7 @@ class Boom(Exception):
     pass
 
 
+@pytest.mark.pipeline
 def test_rest_scores_equal_the_batch_scores_and_the_server_always_stops(smoke, tmp_path):
     features = smoke["featurize"](smoke["rows"][smoke["rows"].household_id.isin(smoke["rows"].household_id.unique()[:5])])
     batch = pd.read_parquet(smoke["project"] / "data/scored/scores.parquet").merge(features[md.KEYS], on=md.KEYS)
@@ -170,6 +181,7 @@ def test_rest_scores_equal_the_batch_scores_and_the_server_always_stops(smoke, t
         urllib.request.urlopen(f"{url}/ping", timeout=2)
 
 
+@pytest.mark.pipeline
 def test_stage_outputs_registry_and_privacy(smoke):
     project, params = smoke["project"], smoke["params"]["model_deployment"]
     champion, client = smoke["champion"], MlflowClient(smoke["store"])

@@ -114,12 +114,14 @@ def drills(smoke_world, tmp_path_factory):
     return {s: replay_scenario(smoke_world, base, s) for s in SCENARIOS}
 
 
+@pytest.mark.pipeline
 def test_the_real_replay_raises_no_alert(drills):
     results, alerts = drills["none"]
     assert not [a for a in alerts if a["severity"] != "info"], [a["message"] for a in alerts if a["severity"] != "info"]
     assert any(r["status"] == "ok" for r in results)
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("scenario, remediation", [("schema_change", "pipeline"), ("quality_degradation", "pipeline"),
                                                    ("demographic_shift", "retrain"), ("online_shift", "business")])
 def test_each_drill_raises_its_remediation_class(drills, scenario, remediation):
@@ -129,6 +131,7 @@ def test_each_drill_raises_its_remediation_class(drills, scenario, remediation):
     assert diagnoses == {remediation}, diagnoses
 
 
+@pytest.mark.pipeline
 def test_broken_batches_are_blocked_before_scoring(drills):
     for scenario in ("schema_change", "quality_degradation"):
         results, _ = drills[scenario]
@@ -136,6 +139,7 @@ def test_broken_batches_are_blocked_before_scoring(drills):
         assert all("max_feature_psi" not in r["metrics"] for r in results)
 
 
+@pytest.mark.pipeline
 def test_online_shift_leaves_the_models_inputs_alone(drills):
     base = {r["batch"]: r["metrics"] for r in drills["none"][0] if r["status"] == "ok"}
     for r in drills["online_shift"][0]:
@@ -152,6 +156,7 @@ def campaign_with_households(tables, campaign_id, n):
     return {**tables, "campaigns": pd.concat([tables["campaigns"][tables["campaigns"].campaign_id != campaign_id], kept], ignore_index=True)}
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("households", [0, 3])
 def test_empty_and_tiny_batches_report_insufficient_data(smoke_world, households):
     largest = smoke_world["tables"]["campaigns"].query("campaign_id in @smoke_world['plan'].campaign_id").campaign_id.value_counts().index[0]
@@ -168,6 +173,7 @@ def test_empty_and_tiny_batches_report_insufficient_data(smoke_world, households
 
 # ---------------------------------------------------------------- incremental replay
 
+@pytest.mark.pipeline
 def test_incremental_replay_computes_only_the_new_batch_and_equals_a_full_replay(smoke_world, tmp_path):
     monitor, plan = make_monitor(smoke_world), smoke_world["plan"]
     calls = []
@@ -185,6 +191,7 @@ def test_incremental_replay_computes_only_the_new_batch_and_equals_a_full_replay
 
 # ---------------------------------------------------------------- the stage under DVC
 
+@pytest.mark.pipeline
 def test_stage_writes_alerts_metrics_timeline_and_profile(smoke_pipeline):
     alerts = json.loads((smoke_pipeline / "reports/monitoring/alerts.json").read_text())
     assert alerts["scenario"] == "none"
@@ -200,6 +207,7 @@ def test_stage_writes_alerts_metrics_timeline_and_profile(smoke_pipeline):
         [f"campaign_{c:03d}.json" for c in sorted(timeline.campaign_id)]
 
 
+@pytest.mark.pipeline
 def test_a_drill_through_dvc_raises_its_class_and_a_rerun_reuses_the_state(smoke_pipeline, tmp_path):
     import shutil
     project = tmp_path / "project"
@@ -232,6 +240,7 @@ def test_remediation_classes_are_the_whitepapers():
 
 # ---------------------------------------------------------------- the closed loop
 
+@pytest.mark.pipeline
 def test_a_retrain_diagnosis_trains_a_challenger_and_the_step_04_gate_decides(smoke_world, tmp_path):
     import shutil
 

@@ -6,7 +6,7 @@
 __all__ = ['ROOT_MARKERS', 'STEPS', 'STAGES', 'SECTIONS', 'CHARTER_FILE', 'SHARED_SPEC', 'REPORT_CSS', 'project_root',
            'ParamsError', 'Optional_', 'validate_spec', 'load_yaml', 'load_params', 'merge_params', 'tracking_uri',
            'artifact_location', 'TrackingStoreError', 'check_tracking_server', 'connect_mlflow', 'seed_everything',
-           'file_sha256', 'save_json', 'load_json', 'MissingOutputError', 'stage_outputs', 'check_outputs',
+           'file_sha256', 'save_json', 'load_json', 'save_csv', 'MissingOutputError', 'stage_outputs', 'check_outputs',
            'check_notebook_outputs', 'step_notebook', 'report_paths', 'check_notebook_parameters', 'render_report',
            'progress', 'quiet', 'ipc_kernel_manager', 'StageError', 'run_stage', 'run_stage_cli']
 
@@ -176,6 +176,13 @@ def save_json(obj, path) -> Path:
 def load_json(path):
     "Read a JSON file."
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+def save_csv(frame, path) -> Path:
+    "Write `frame` as CSV without its index (for `dvc plots`), creating parent folders."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)
+    return path
 
 # %% ../notebooks/00_core.ipynb #b3a2527c
 class MissingOutputError(RuntimeError):

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['KPI_SPEC', 'CHARTER_SPEC', 'MODEL_METRICS', 'ACCEPTANCE_METRICS', 'KpiValue', 'measurable_campaigns',
            'count_visitors', 'measure_store_visit_rate', 'measure_visit_uplift', 'measure_redemption_rate',
-           'measure_offer_precision', 'kpi_function', 'measure_kpi', 'measure_kpis', 'validate_charter']
+           'measure_offer_precision', 'kpi_function', 'measure_kpi', 'kpi_window', 'measure_kpis', 'validate_charter']
 
 # %% ../notebooks/01_business_understanding.ipynb #8f89c92c
 import importlib
@@ -119,6 +119,10 @@ def measure_kpi(kpi: dict, tables: dict) -> KpiValue:
     missing = [n for n in wanted if n not in tables]
     if missing: raise KeyError(f"KPI {kpi['id']!r} needs table(s) {', '.join(missing)}")
     return fn(**{n: tables[n] for n in wanted}, **kpi.get("params", {}))
+
+def kpi_window(kpis, default=14) -> int:
+    "The longest window, in days after a campaign's start, that any of `kpis` measures (`default` when none has one)."
+    return max((kpi.get("params", {}).get("window_days", 0) for kpi in kpis), default=0) or default
 
 # %% ../notebooks/01_business_understanding.ipynb #5d0c1a11
 def _comparison_rate(kpi_id, by_campaign) -> dict:

@@ -4,16 +4,17 @@
 
 # %% auto #0
 __all__ = ['SCENARIOS', 'SEVERITIES', 'REMEDIATIONS', 'OPS', 'RULE_SPEC', 'SPEC', 'BATCH_METRICS', 'BATCH_TABLES', 'SCHEMA_RULES',
-           'RESULT_SETTINGS', 'ACCEPTANCE', 'TIMELINE_METRICS', 'PANELS', 'check_params', 'plan_batches', 'window_end',
-           'slice_batch', 'rename_columns', 'degrade_quality', 'shift_demographics', 'shift_online', 'inject_scenario',
-           'check_batch', 'summarize_checks', 'assess_sufficiency', 'bin_shares', 'category_shares', 'psi',
-           'js_distance', 'measure_drift', 'summarize_drift', 'reference_by_type', 'overlay_batch',
-           'build_batch_features', 'measure_performance', 'measure_batch_kpis', 'model_age_days', 'Monitor',
-           'monitor_batch', 'batch_fingerprint', 'state_path', 'stored_result', 'replay', 'resolve_threshold',
-           'status_notice', 'explain_alerts', 'evaluate_rules', 'diagnose', 'build_timeline', 'flat_metrics',
-           'compare_profiles', 'deployed_model', 'model_identity', 'scoring_uri', 'load_scorer', 'rule_thresholds',
-           'plot_timeline', 'retrain_trigger', 'training_campaigns', 'labelled_features', 'gate_challenger',
-           'register_challenger', 'close_the_loop']
+           'RESULT_SETTINGS', 'TIMELINE_METRICS', 'PANELS', 'DIAGNOSIS_COLOURS', 'check_params', 'plan_batches',
+           'window_end', 'slice_batch', 'rename_columns', 'degrade_quality', 'shift_demographics', 'shift_online',
+           'inject_scenario', 'check_batch', 'summarize_checks', 'assess_sufficiency', 'category_shares', 'psi',
+           'js_distance', 'measure_drift', 'summarize_drift', 'reference_by_type', 'overlay_batch', 'batch_rows',
+           'measure_performance', 'measure_batch_kpis', 'model_age_days', 'Monitor', 'drilled_batch', 'monitor_batch',
+           'batch_fingerprint', 'state_path', 'stored_result', 'replay', 'resolve_threshold', 'status_notice',
+           'explain_alerts', 'evaluate_rules', 'diagnose', 'build_timeline', 'flat_metrics', 'compare_profiles',
+           'deployed_model', 'model_identity', 'scoring_uri', 'load_scorer', 'rule_thresholds', 'plot_timeline',
+           'retrain_trigger', 'training_campaigns', 'gate_challenger', 'register_challenger', 'register_verdict',
+           'close_the_loop', 'retrain_on_trigger', 'build_monitor', 'replay_inputs', 'profile_sampler', 'latest_scored',
+           'gate_settings', 'monitoring_summary', 'plot_diagnoses', 'drift_table', 'rules_table', 'retraining_summary']
 
 # %% ../notebooks/05_model_monitoring.ipynb #18aad86e
 import hashlib
@@ -25,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import ParamsError, load_json, save_json, validate_spec
-from .data_acquisition import PROCESSED_CONTRACTS, score_contract
-from .kpis import measurable_campaigns, measure_kpi
-from .model_development import (FEATURES, KEYS, build_candidates, build_features, label_candidates, measure_metrics,
-                                   reference_statistics, top_k_offers)
+from .core import ParamsError, load_json, quiet, save_json, validate_spec
+from .data_acquisition import PROCESSED_CONTRACTS, UNKNOWN, score_contract
+from .kpis import kpi_window, measurable_campaigns, measure_kpi
+from .model_development import (FEATURE_KINDS, FEATURES, bin_shares, build_labelled_rows, measure_metrics, reference_statistics,
+                                   top_k_offers)
 
 # %% ../notebooks/05_model_monitoring.ipynb #e0e0d3b7
 SCENARIOS = ("none", "schema_change", "demographic_shift", "online_shift", "quality_degradation")
@@ -50,7 +51,7 @@ SPEC = {
     "min_reference_households": int,  # a campaign type with fewer training households has no reference of its own: drift not judged
     "psi_epsilon": (int, float),      # floor of a bin's share in PSI (an empty bin would be infinite)
     "psi_drifted": (int, float),      # a feature with PSI above this counts as drifted
-    "drift_exclude": [str],           # features left out of the drift summary (campaign-level constants); still shown
+    "drift_exclude": [str],           # kinds of feature (step 03's FEATURE_KINDS) left out of the drift summary; still shown
     "rules": [RULE_SPEC],
     "drills": {
         "schema_change": {"table": str, "rename": dict, "drop": [str]},
@@ -81,6 +82,8 @@ def check_params(params, kpi_ids=()) -> dict:
     "Check the section's meaning beyond its types (`kpi_ids`: the charter's KPIs, also valid rule metrics); returns it unchanged."
     validate_spec(params, SPEC, where="model_monitoring")
     _check(params["scenario"] in SCENARIOS, f"scenario must be one of {', '.join(SCENARIOS)}, got {params['scenario']!r}")
+    unknown = [k for k in params["drift_exclude"] if k not in FEATURE_KINDS]
+    _check(not unknown, f"drift_exclude: unknown kind(s) of feature {unknown}; known: {', '.join(FEATURE_KINDS)}")
     for i, rule in enumerate(params["rules"]): _check_rule(i, rule, (*BATCH_METRICS, *kpi_ids))
     drills = params["drills"]
     for key in ("null_share", "duplicate_share"): _check(0 <= drills["quality_degradation"][key] <= 1, f"drills.quality_degradation.{key} must lie in [0, 1]")
@@ -144,7 +147,7 @@ def degrade_quality(batch, tables, column, null_share, duplicate_share, rng) -> 
 # %% ../notebooks/05_model_monitoring.ipynb #b6bda60e
 def shift_demographics(batch, households, demographics, column, bands, weight, rng) -> dict:
     "The batch targeting households with a recorded `column` (as many as before, at most all of them), `weight` times likelier in `bands`."
-    known = demographics.household_id[demographics[column].astype(str) != "Unknown"]
+    known = demographics.household_id[demographics[column].astype(str) != UNKNOWN]
     pool = np.sort(households.household_id[households.household_id.isin(known)].unique())
     tilted = demographics.household_id[demographics[column].astype(str).isin(bands)]
     weights = np.where(np.isin(pool, tilted), float(weight), 1.0)
@@ -204,12 +207,6 @@ def assess_sufficiency(households, rows, min_households, min_rows) -> str:
     return "; ".join(r for r in reasons if r)
 
 # %% ../notebooks/05_model_monitoring.ipynb #4e65752f
-def bin_shares(values, cuts) -> np.ndarray:
-    "Share of `values` in each bin of the cut points `cuts` (bins closed on the left, as the reference's); NaN when empty."
-    values = np.asarray(values, dtype=float)
-    if not len(values): return np.full(len(cuts) + 1, np.nan)
-    return np.bincount(np.searchsorted(np.asarray(cuts, dtype=float), values, side="right"), minlength=len(cuts) + 1) / len(values)
-
 def category_shares(values, categories) -> np.ndarray:
     "Share of each of `categories` among `values`, plus a last share for categories not among them; NaN when empty."
     counts = pd.Series(values, dtype=object).astype(str).value_counts()
@@ -240,12 +237,13 @@ def measure_drift(frame, reference_features, epsilon=1e-4) -> pd.DataFrame:
     for name, spec in reference_features.items():
         if name not in frame: continue
         expected, actual = _expected_actual(spec, frame[name])
-        rows.append({"feature": name, "kind": spec["kind"], "psi": psi(expected, actual, epsilon), "js": js_distance(expected, actual)})
-    return pd.DataFrame(rows, columns=["feature", "kind", "psi", "js"])
+        rows.append({"feature": name, "kind": spec["kind"], "feature_kind": spec.get("feature_kind", ""),
+                     "psi": psi(expected, actual, epsilon), "js": js_distance(expected, actual)})
+    return pd.DataFrame(rows, columns=["feature", "kind", "feature_kind", "psi", "js"])
 
 def summarize_drift(drift, exclude=(), psi_drifted=0.25) -> dict:
-    "The drift of a batch in a few numbers: the largest and mean PSI, the largest JS distance, the share of drifted features."
-    judged = drift[~drift.feature.isin(exclude)]
+    "The drift of a batch in a few numbers — largest and mean PSI, largest JS distance, share drifted — over features of kinds not in `exclude`."
+    judged = drift[~drift.feature_kind.isin(exclude)]
     if not len(judged): return {"max_feature_psi": np.nan, "mean_feature_psi": np.nan, "max_feature_js": np.nan, "drifted_feature_share": np.nan}
     return {"max_feature_psi": float(judged.psi.max()), "mean_feature_psi": float(judged.psi.mean()),
             "max_feature_js": float(judged.js.max()), "drifted_feature_share": float((judged.psi > psi_drifted).mean())}
@@ -259,19 +257,16 @@ def reference_by_type(training, predictions, bins, min_households) -> dict:
 
 # %% ../notebooks/05_model_monitoring.ipynb #3d636d78
 def overlay_batch(tables, batch) -> dict:
-    "The delivered tables with the batch's own description, targeting and coupons in place of its campaign's rows."
+    "The delivered tables with the batch's own description, targeting, coupons and redemptions in place of its campaign's rows."
     campaign_id = batch["campaign_descriptions"].campaign_id.iloc[0]
     out = dict(tables)
-    for name in ("campaign_descriptions", "campaigns", "coupons"):
+    for name in ("campaign_descriptions", "campaigns", "coupons", "coupon_redemptions"):
         out[name] = pd.concat([tables[name][tables[name].campaign_id != campaign_id], batch[name]], ignore_index=True)
     return out
 
-def build_batch_features(tables, batch, promo_weeks=4) -> pd.DataFrame:
-    "The batch's candidate rows with step 03's point-in-time features and their label (redeemed during the campaign)."
-    candidates = build_candidates(batch["campaigns"], batch["campaign_descriptions"], batch["coupons"])
-    features = build_features(candidates, overlay_batch(tables, batch), promo_weeks)
-    labels = candidates[KEYS].assign(label=label_candidates(candidates, batch["coupon_redemptions"]).to_numpy())
-    return features.merge(labels, on=KEYS, how="left")
+def batch_rows(tables, batch, promo_weeks=4) -> pd.DataFrame:
+    "The batch's labelled rows with features: step 03's `build_labelled_rows` on the tables overlaid with the batch."
+    return build_labelled_rows(overlay_batch(tables, batch), batch["campaign_descriptions"].campaign_id.tolist(), promo_weeks)
 
 # %% ../notebooks/05_model_monitoring.ipynb #4c66cab8
 def measure_performance(frame, scores, k, min_positives) -> dict:
@@ -314,6 +309,11 @@ class Monitor:
     seed: int = 42
     window_days: int = 14
 
+def drilled_batch(m: Monitor, campaign_id) -> dict:
+    "The batch of `campaign_id` as the replay sees it: its slice of the tables, with the scenario's drill injected (seeded per campaign)."
+    batch = slice_batch(m.tables, campaign_id, m.window_days)
+    return inject_scenario(batch, m.settings["scenario"], m.settings["drills"], m.tables, np.random.default_rng([m.seed, int(campaign_id)]))
+
 def _nan_to_none(obj):
     if isinstance(obj, dict): return {k: _nan_to_none(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)): return [_nan_to_none(v) for v in obj]
@@ -351,15 +351,14 @@ def _measure_scored(m, batch, features, scores, seconds) -> tuple:
 def monitor_batch(row, m: Monitor) -> tuple:
     "The result of batch `row` (a row of `plan_batches`), and its scored rows (for profiles)."
     started, seconds = time.perf_counter(), {}
-    batch = slice_batch(m.tables, row.campaign_id, m.window_days)
-    batch = inject_scenario(batch, m.settings["scenario"], m.settings["drills"], m.tables, np.random.default_rng([m.seed, int(row.campaign_id)]))
+    batch = drilled_batch(m, row.campaign_id)
     metrics = {**summarize_checks(check_batch(batch)), "households": int(batch["campaigns"].household_id.nunique()),
                "model_age_days": model_age_days(m.model["trained_until"], row.start_date)}
     seconds["checks"] = time.perf_counter() - started
     if metrics["schema_violations"] or metrics["contract_failures"]:
         reason = f"{metrics['schema_violations']} schema violation(s), {metrics['contract_failures']} failed quality rule(s): not scored"
         return _batch_result(row, "blocked", reason, metrics, seconds=seconds), None
-    features = build_batch_features(m.tables, batch, m.promo_weeks)
+    features = batch_rows(m.tables, batch, m.promo_weeks)
     metrics["rows"] = int(len(features))
     seconds["features"] = time.perf_counter() - started - seconds["checks"]
     reason = assess_sufficiency(metrics["households"], metrics["rows"], m.settings["min_households"], m.settings["min_rows"])
@@ -390,10 +389,10 @@ def stored_result(state_dir, row, fingerprint):
     return result if result.get("fingerprint") == fingerprint else None
 
 # %% ../notebooks/05_model_monitoring.ipynb #7bc527c5
-def replay(plan, monitor_fn, state_dir, inputs, incremental=True, on_result=None) -> tuple:
+def replay(plan, monitor_fn, state_dir, inputs, incremental=True, on_result=None, say=quiet) -> tuple:
     "Results of every batch of `plan` in order, computing (with `monitor_fn(row)`) only those not stored with the same fingerprint; and the batches computed."
     results, computed = [], []
-    for row in plan.itertuples(index=False):
+    for i, row in enumerate(plan.itertuples(index=False), 1):
         fingerprint = batch_fingerprint(row, inputs)
         result = stored_result(state_dir, row, fingerprint) if incremental else None
         if result is None:
@@ -403,17 +402,16 @@ def replay(plan, monitor_fn, state_dir, inputs, incremental=True, on_result=None
             if on_result: on_result(result, scored)
             computed.append(row.batch)
         results.append(result)
+        say(f"replay: {row.batch} ({i}/{len(plan)}) {result['status']}{'' if row.batch in computed else ', stored result reused'}")
     return results, computed
 
 # %% ../notebooks/05_model_monitoring.ipynb #ab487de6
-ACCEPTANCE = {"roc_auc": "roc_auc_min", "average_precision": "average_precision_min", "precision_at_k": "precision_at_k_min"}
-
 def resolve_threshold(rule, charter) -> float:
     "The rule's threshold: its number, or the charter's alert threshold (KPIs) or acceptance minimum (model metrics)."
     if not isinstance(rule["threshold"], str): return float(rule["threshold"])
     kpis = {k["id"]: k for k in charter["kpis"]}
     if rule["metric"] in kpis: return float(kpis[rule["metric"]]["alert_threshold"])
-    if rule["metric"] in ACCEPTANCE: return float(charter["ml_problem"]["acceptance"][ACCEPTANCE[rule["metric"]]])
+    if rule["metric"] in charter["ml_problem"]["acceptance"]: return float(charter["ml_problem"]["acceptance"][rule["metric"]])
     raise ParamsError(f"model_monitoring.rules: the charter has no threshold for {rule['metric']!r}; give a number")
 
 def _breaches(value, op, threshold) -> bool:
@@ -586,21 +584,14 @@ def training_campaigns(campaign_descriptions, before, first_transaction, min_his
     enough = d.start_date >= pd.Timestamp(first_transaction).normalize() + pd.Timedelta(days=min_history_days)
     return sorted(d.campaign_id[enough & (d.end_date.dt.normalize() < pd.Timestamp(before).normalize())].tolist())
 
-def labelled_features(tables, campaign_ids, promo_weeks) -> pd.DataFrame:
-    "Step 03's features and labels of every candidate row of `campaign_ids`."
-    candidates = build_candidates(tables["campaigns"], tables["campaign_descriptions"], tables["coupons"])
-    candidates = candidates[candidates.campaign_id.isin(campaign_ids)].reset_index(drop=True)
-    labels = candidates[KEYS].assign(label=label_candidates(candidates, tables["coupon_redemptions"]).to_numpy())
-    return build_features(candidates, tables, promo_weeks).merge(labels, on=KEYS)
-
 # %% ../notebooks/05_model_monitoring.ipynb #9bd921f9
-def gate_challenger(frame, challenger_scores, champion_scores, charter, deployment) -> dict:
+def gate_challenger(frame, challenger_scores, champion_scores, charter, gate) -> dict:
     "Step 04's gate on the labelled `frame`: the challenger against the charter and against the champion; returns metrics and the decision."
     from lib.model_deployment import GATE_METRICS, decide, gate_metrics, offers_per_household
     k = offers_per_household(charter)
     challenger, champion = gate_metrics(frame, challenger_scores, k), gate_metrics(frame, champion_scores, k)
-    decision = decide(challenger, champion, charter["ml_problem"]["acceptance"], deployment["regression_metrics"],
-                      deployment["regression_margin"], deployment["enforce_acceptance"], charter["ml_problem"]["primary_metric"])
+    decision = decide(challenger, champion, charter["ml_problem"]["acceptance"], gate["regression_metrics"],
+                      gate["regression_margin"], gate["enforce_acceptance"], charter["ml_problem"]["primary_metric"])
     return {"passed": decision.passed, "reasons": decision.reasons, "warnings": decision.warnings,
             "challenger": {m: challenger[m] for m in GATE_METRICS},
             "champion": {m: champion[m] for m in GATE_METRICS}}
@@ -620,24 +611,120 @@ def register_challenger(client, name, model, example, tags, experiment_id) -> tu
     return register_candidate(client, name, pointer, tags), pointer
 
 # %% ../notebooks/05_model_monitoring.ipynb #f3488ebb
-def close_the_loop(trigger, m: Monitor, family, development, deployment, charter, client=None, experiment_id=None, tags=None) -> dict:
-    "Train a challenger of model `family` on campaigns ended before the `trigger` batch, gate it against the champion on that batch, and (with a `client`) register it and move or keep `@champion`."
+def register_verdict(client, name, model, frame, verdict, tags, experiment_id) -> dict:
+    "Register the challenger and move `@champion` to it if the gate passed it, else tag it rejected; returns its version and aliases."
+    from lib.model_deployment import promote, reject
+    version, pointer = register_challenger(client, name, model, frame[FEATURES].head(5), tags, experiment_id)
+    aliases = promote(client, name, version.version) if verdict["passed"] else reject(client, name, version.version, verdict["reasons"])
+    return {"version": version.version, "run_id": pointer["run_id"], "aliases": aliases}
+
+def close_the_loop(trigger, m: Monitor, family, development, gate, charter, client=None, experiment_id=None, tags=None) -> dict:
+    "Train a challenger of model `family` (with step 03's `development` settings) on campaigns ended before the `trigger` batch, "
+    "gate it against the champion on that batch (`gate`: step 04's settings), and with a `client` register it and move or keep `@champion`."
     from lib.model_development import fit_candidate
     cds = m.tables["campaign_descriptions"]
-    campaigns = training_campaigns(cds, trigger["start_date"], m.tables["transactions"].transaction_timestamp.min(), development["min_history_days"])
+    first_day = m.tables["transactions"].transaction_timestamp.min()
+    campaigns = training_campaigns(cds, trigger["start_date"], first_day, development["min_history_days"])
     out = {"trigger": trigger["batch"], "train_campaigns": campaigns, "decision": "deferred", "reasons": [], "version": None}
-    row = plan_batches(cds[cds.campaign_id == trigger["campaign_id"]], trigger["start_date"], m.as_of).iloc[0]
-    if not row.labelled: return {**out, "reasons": [f"{trigger['batch']} has no labels yet: the gate waits for them"]}
-    train = labelled_features(m.tables, campaigns, m.promo_weeks)
+    if not plan_batches(cds[cds.campaign_id == trigger["campaign_id"]], trigger["start_date"], m.as_of).labelled.iloc[0]:
+        return {**out, "reasons": [f"{trigger['batch']} has no labels yet: the gate waits for them"]}
+    train = build_labelled_rows(m.tables, campaigns, m.promo_weeks)
     model, _ = fit_candidate(family, train, development, m.seed)
-    batch = inject_scenario(slice_batch(m.tables, row.campaign_id, m.window_days), m.settings["scenario"], m.settings["drills"], m.tables,
-                            np.random.default_rng([m.seed, int(row.campaign_id)]))
-    frame = build_batch_features(m.tables, batch, m.promo_weeks)
-    gate = gate_challenger(frame, model.predict_proba(frame[FEATURES])[:, 1], np.asarray(m.score(frame[FEATURES])), charter, deployment)
-    out |= {**gate, "train_rows": int(len(train)), "gate_rows": int(len(frame)), "decision": "promoted" if gate["passed"] else "rejected"}
+    frame = batch_rows(m.tables, drilled_batch(m, trigger["campaign_id"]), m.promo_weeks)
+    verdict = gate_challenger(frame, model.predict_proba(frame[FEATURES])[:, 1], np.asarray(m.score(frame[FEATURES])), charter, gate)
+    out |= {**verdict, "train_rows": int(len(train)), "gate_rows": int(len(frame)), "decision": "promoted" if verdict["passed"] else "rejected"}
     if client is None: return out
-    from lib.model_deployment import promote, reject
-    version, pointer = register_challenger(client, deployment["registered_model"], model, frame[FEATURES].head(5),
-                                           {**(tags or {}), "trigger": trigger["batch"], "gate": out["decision"]}, experiment_id)
-    aliases = promote(client, deployment["registered_model"], version.version) if gate["passed"] else reject(client, deployment["registered_model"], version.version, gate["reasons"])
-    return {**out, "version": version.version, "run_id": pointer["run_id"], "aliases": aliases}
+    tags = {**(tags or {}), "trigger": trigger["batch"], "gate": out["decision"]}
+    return out | register_verdict(client, gate["registered_model"], model, frame, verdict, tags, experiment_id)
+
+def retrain_on_trigger(enabled, trigger, m: Monitor, family, development, gate, charter, client=None, experiment_id=None, tags=None) -> dict:
+    "What the closed loop did: nothing unless `enabled` and a batch called for retraining, else `close_the_loop` on that batch."
+    out = {"enabled": enabled, "trigger": trigger["batch"] if trigger else None, "decision": "none"}
+    if not (enabled and trigger): return out
+    return out | close_the_loop(trigger, m, family, development, gate, charter, client, experiment_id, tags)
+
+# %% ../notebooks/05_model_monitoring.ipynb #ff26c141
+def build_monitor(tables, training, score, deployed, charter, params, settings, seed) -> Monitor:
+    "The replay's shared state: the drift reference per campaign type from step 03's training rows, scored by the deployed model."
+    references = reference_by_type(training, score(training[FEATURES]), settings["reference_bins"], params["min_reference_households"])
+    return Monitor(tables, references, score, {**deployed, "trained_until": settings["train_before"]}, charter["kpis"],
+                   charter["ml_problem"]["top_k"], tables["transactions"].transaction_timestamp.max().normalize(), params,
+                   settings["promo_weeks"], seed, kpi_window(charter["kpis"]))
+
+def replay_inputs(root, deployed, m: Monitor, tables) -> dict:
+    "Everything a batch result depends on besides the batch: data, model, reference, code, settings — hashed into its fingerprint."
+    from lib.core import file_sha256
+    return {"data": {n: file_sha256(Path(root) / "data/processed" / f"{n}.parquet") for n in tables},
+            "model": model_identity(deployed), "reference": file_sha256(Path(root) / "data/features/development.parquet"),
+            "code": {name: file_sha256(Path(root) / f"lib/{name}.py") for name in ("model_monitoring", "model_development", "data_acquisition", "kpis")},
+            "settings": {k: m.settings[k] for k in RESULT_SETTINGS}, "kpis": m.kpis, "top_k": m.top_k, "promo_weeks": m.promo_weeks,
+            "seed": m.seed, "as_of": str(m.as_of.date()), "trained_until": m.model["trained_until"]}
+
+# %% ../notebooks/05_model_monitoring.ipynb #ff26c143
+def profile_sampler(state_dir, rows, seed):
+    "A replay callback keeping a seeded sample of at most `rows` rows of each scored batch next to its result, for the profile comparison."
+    def keep(result, scored):
+        if scored is not None: _sample(scored, rows, seed).to_parquet(state_path(state_dir, result["campaign_id"]).with_suffix(".parquet"), index=False)
+    return keep
+
+def latest_scored(results, state_dir):
+    "The result and kept sample of the latest batch that was scored, or (None, None)."
+    scored = [r for r in results if r["status"] == "ok" and state_path(state_dir, r["campaign_id"]).with_suffix(".parquet").exists()]
+    if not scored: return None, None
+    return scored[-1], pd.read_parquet(state_path(state_dir, scored[-1]["campaign_id"]).with_suffix(".parquet"))
+
+def gate_settings(deployed, enforce_acceptance) -> dict:
+    "Step 04's gate settings for the closed loop, from its champion pointer: the registered model, regression metrics and margin."
+    return {"registered_model": deployed["name"], **deployed["gate"], "enforce_acceptance": enforce_acceptance}
+
+# %% ../notebooks/05_model_monitoring.ipynb #ff26c146
+DIAGNOSIS_COLOURS = {"healthy": "#2f9e44", "insufficient data": "#adb5bd", "pipeline": "#d64545", "retrain": "#f59f00", "business": "#7048e8"}
+
+def monitoring_summary(timeline, alerts, scenario) -> str:
+    "The state of production in one sentence and a few figures, as Markdown for a reader who does not code."
+    raised = [a for a in alerts if a["severity"] != "info"]
+    calls = [d for d in REMEDIATIONS if d in set(timeline.diagnosis)]
+    verdict = ("**Every replayed campaign is healthy: no alert.**" if not raised else
+               f"**{len(raised)} alert(s); the batches call for: {', '.join(calls) or 'no remediation'}.**")
+    drill = "" if scenario == "none" else f" (failure drill `{scenario}` injected into every batch)"
+    counts = timeline.diagnosis.value_counts()
+    return (f"{verdict}{drill}\n\n- batches replayed: **{len(timeline)}** — "
+            + ", ".join(f"{n} {d}" for d, n in counts.items())
+            + f"\n- latest batch: **{timeline.batch.iloc[-1]}** ({timeline.diagnosis.iloc[-1]})" if len(timeline) else verdict + drill)
+
+def plot_diagnoses(timeline):
+    "One marker per batch, coloured by its diagnosis."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(timeline)), 1.6))
+    ax.scatter(range(len(timeline)), [0] * len(timeline), s=300, c=[DIAGNOSIS_COLOURS.get(d, "#868e96") for d in timeline.diagnosis])
+    for x, d in enumerate(timeline.diagnosis): ax.annotate(d, (x, 0), xytext=(0, -22), textcoords="offset points", ha="center", fontsize=8)
+    ax.set_xticks(range(len(timeline)), timeline.batch, fontsize=8); ax.set_yticks([]); ax.set_ylim(-1, 1)
+    for side in ("left", "right", "top"): ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+# %% ../notebooks/05_model_monitoring.ipynb #ff26c148
+def drift_table(results, excluded_kinds) -> pd.DataFrame:
+    "PSI of every feature (rows) in every batch that measured drift (columns); features of an excluded kind are marked."
+    rows = [{"batch": r["batch"], **d} for r in results for d in r["drift"]]
+    if not rows: return pd.DataFrame()
+    frame = pd.DataFrame(rows)
+    heat = frame.pivot(index="feature", columns="batch", values="psi")[[r["batch"] for r in results if r["drift"]]]
+    excluded = set(frame.feature[frame.feature_kind.isin(excluded_kinds)])
+    return heat.rename(index=lambda f: f"{f} (excluded)" if f in excluded else f)
+
+def rules_table(rules, charter) -> pd.DataFrame:
+    "The alert rules in force, thresholds from the charter resolved and marked."
+    return pd.DataFrame([{**r, "threshold": f"{resolve_threshold(r, charter):g}" + (" (charter)" if r["threshold"] == "charter" else "")}
+                         for r in rules])
+
+def retraining_summary(retraining) -> str:
+    "What the closed loop did, as Markdown."
+    if not retraining["enabled"]:
+        return "`auto_retrain` is off. " + (f"The first retrain diagnosis was **{retraining['trigger']}**: with it on, a challenger would be "
+                                            "trained and gated there." if retraining["trigger"] else "No batch called for retraining.")
+    if not retraining["trigger"]: return "`auto_retrain` is on; no batch called for retraining."
+    return (f"**{retraining['trigger']}** called for retraining. A challenger was trained on campaigns {retraining['train_campaigns']} (those ended "
+            f"before the batch) and sent through step 04's gate on the batch's labelled rows. **Decision: {retraining['decision']}**"
+            + (f" — {'; '.join(retraining['reasons'])}" if retraining["reasons"] else "")
+            + (f" (registered version {retraining['version']})" if retraining.get("version") else ""))

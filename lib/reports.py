@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['PORTAL_CSS', 'TILE_STATES', 'CHAMPION_METRICS', 'stage_status', 'read_metrics', 'kpi_tiles', 'format_kpi',
-           'list_documents', 'group_documents', 'local_links', 'broken_links', 'render_portal']
+           'list_documents', 'group_documents', 'local_links', 'broken_links', 'check_links', 'render_portal']
 
 # %% ../notebooks/06_reports.ipynb #05116b45
 import html
@@ -54,7 +54,6 @@ def format_kpi(value, unit) -> str:
     if unit.startswith("share"): return f"{100 * value:.3g}%"
     return f"{value:.3g}"
 
-
 # %% ../notebooks/06_reports.ipynb #a4b2c79b
 def list_documents(reports_dir) -> list:
     "Every HTML document under `reports_dir` except the portal itself, as paths relative to it."
@@ -87,6 +86,11 @@ def broken_links(page_path) -> list:
     links = local_links(page_path.read_text(encoding="utf-8"))
     return [t for t in links if not (page_path.parent / unquote(urlparse(t).path)).exists()]
 
+def check_links(page_path):
+    "Raise `FileNotFoundError` naming every local link of the page at `page_path` that resolves to no file."
+    broken = broken_links(page_path)
+    if broken: raise FileNotFoundError(f"broken links in {Path(page_path).name}: {', '.join(broken)}")
+
 # %% ../notebooks/06_reports.ipynb #24aceeb3
 PORTAL_CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;max-width:1150px;margin:2rem auto;padding:0 1rem;color:#1f2933}
@@ -106,7 +110,6 @@ def _fmt(value, digits=3):
 
 def _link(target, text):
     return html.escape(text) if target is None else f'<a href="{html.escape(target)}">{html.escape(text)}</a>'
-
 
 # %% ../notebooks/06_reports.ipynb #a0ff1b66
 def _steps_section(steps):
@@ -128,7 +131,6 @@ def _tiles_section(tiles):
     return (f"<section><h2>Business KPIs</h2><div class=\"tiles\">{''.join(_tile(t) for t in tiles)}</div>"
             "<p class=\"note\">Baseline: every campaign's blanket mailing, measured on the historical data (step 02). "
             "Latest: the households messaged in the campaign scored by the champion (step 04).</p></section>")
-
 
 # %% ../notebooks/06_reports.ipynb #8e76b811
 CHAMPION_METRICS = {"gate_roc_auc": "ROC-AUC", "gate_average_precision": "Average precision",
@@ -159,7 +161,6 @@ def _documents_section(groups):
     lists = "".join(f"<h3>{html.escape(kind)}</h3><ul class=\"docs\">{''.join(item(d) for d in docs)}</ul>" for kind, docs in groups.items())
     return f"<section><h2>All reports and profiles</h2>{lists}</section>"
 
-
 # %% ../notebooks/06_reports.ipynb #558be27a
 def render_portal(title, steps, tiles, champion, alerts, documents, monitoring=None) -> str:
     "The portal page as a self-contained HTML string (inline CSS, relative links, no scripts); `documents` as from `group_documents`."
@@ -168,4 +169,3 @@ def render_portal(title, steps, tiles, champion, alerts, documents, monitoring=N
             f"<p class=\"sub\">Five MLOps steps, their reports, and how the business is doing.</p>\n"
             + _tiles_section(tiles) + _steps_section(steps) + _champion_section(champion)
             + _alerts_section(alerts, monitoring) + _documents_section(documents) + "\n</body></html>\n")
-

@@ -68,7 +68,7 @@ def locked_stages(project):
 def test_stage_writes_the_validated_charter_and_a_second_repro_does_nothing(project_copy):
     run(["dvc", "repro", STAGE], project_copy)
     charter = json.loads((project_copy / "data/charter.json").read_text())
-    expected = yaml.safe_load((project_copy / "params.yaml").read_text())[STAGE]
+    expected = yaml.safe_load((project_copy / "charter.yaml").read_text())
     assert charter == validate_charter(expected)
     assert {k["id"] for k in charter["kpis"]} >= {"store_visit_rate_14d", "redemption_rate", "offer_precision"}
     page = (project_copy / "reports/html/01_business_understanding.html").read_text()
@@ -85,7 +85,7 @@ def test_notebook_runs_from_the_notebooks_folder_and_from_the_root(project_copy,
     run(["papermill", NOTEBOOK if cwd == "." else NOTEBOOK.split("/")[1], str(out), "-k", "mlops-template",
          "-p", "params_file", "params.yaml"], project_copy / cwd)
     charter = json.loads((project_copy / "data/charter.json").read_text())
-    assert charter["title"] == yaml.safe_load((project_copy / "params.yaml").read_text())[STAGE]["title"]
+    assert charter["title"] == yaml.safe_load((project_copy / "charter.yaml").read_text())["title"]
 
 
 def test_a_failing_cell_fails_the_stage_and_keeps_the_executed_notebook(project_copy):
@@ -117,9 +117,9 @@ def test_a_hung_cell_is_stopped_by_the_cell_timeout(project_copy):
 
 
 def test_a_wrongly_typed_parameter_stops_the_stage_naming_the_key(project_copy):
-    params = yaml.safe_load((project_copy / "params.yaml").read_text())
-    params[STAGE]["kpis"][0]["target"] = "ninety percent"
-    (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    charter = yaml.safe_load((project_copy / "charter.yaml").read_text())
+    charter["kpis"][0]["target"] = "ninety percent"
+    (project_copy / "charter.yaml").write_text(yaml.safe_dump(charter, sort_keys=False))
     proc = run(["dvc", "repro", STAGE], project_copy, check=False)
     assert proc.returncode != 0 and "business_understanding.kpis[0].target: expected int or float" in proc.stderr
     assert not (project_copy / "data/charter.json").exists()

@@ -31,7 +31,7 @@ from lib.model_deployment import (
     serving,
 )
 
-ACCEPTANCE = {"roc_auc_min": 0.6, "average_precision_min": 0.05, "precision_at_k_min": 0.02, "min_lift_over_rule": 1.0}
+ACCEPTANCE = {"roc_auc": 0.6, "average_precision": 0.05, "precision_at_k": 0.02, "lift_average_precision": 1.0, "lift_precision_at_k": 1.0}
 NAME = "toy-offers"
 
 
@@ -141,10 +141,11 @@ def smoke(smoke_pipeline):
     store = store_of(smoke_pipeline)            # the copy's own store: `run` never passes on an exported tracking URI
     params = __import__("yaml").safe_load((smoke_pipeline / "params.yaml").read_text())
     tables = load_processed(smoke_pipeline, md.FEATURE_TABLES)
+    settings = md.development_settings(load_json(smoke_pipeline / "models/candidate.json"))   # what the stage read: step 03's own settings
     rows = campaign_rows(tables, params["model_deployment"]["target_campaign"])
-    featurize = campaign_featurizer(tables, rows.start_date.iloc[0], params["model_development"]["promo_weeks"])
+    featurize = campaign_featurizer(tables, rows.start_date.iloc[0], settings["promo_weeks"])
     with tracking(store):
-        yield {"project": smoke_pipeline, "store": store, "params": params, "rows": rows, "featurize": featurize, "tables": tables,
+        yield {"project": smoke_pipeline, "store": store, "params": params, "settings": settings, "rows": rows, "featurize": featurize, "tables": tables,
                "champion": load_json(smoke_pipeline / "models/champion.json")}
 
 
@@ -157,7 +158,7 @@ def test_chunked_scoring_equals_scoring_all_rows_at_once(smoke):
     assert len(timings) > 5 and len(at_once) == len(smoke["rows"])
     pd.testing.assert_frame_equal(chunked, at_once)
     some = smoke["rows"][smoke["rows"].household_id.isin(smoke["rows"].household_id.unique()[:4])]
-    promo_weeks = smoke["params"]["model_development"]["promo_weeks"]        # the featurizer reads only history: same features as training's
+    promo_weeks = smoke["settings"]["promo_weeks"]                           # the featurizer reads only history: same features as training's
     pd.testing.assert_frame_equal(smoke["featurize"](some), md.build_features(some, smoke["tables"], promo_weeks))
     stage = pd.read_parquet(smoke["project"] / "data/scored/scores.parquet")
     np.testing.assert_array_equal(stage.score.to_numpy(), at_once.score.to_numpy())
@@ -203,7 +204,8 @@ def test_stage_outputs_registry_and_privacy(smoke):
     metrics, latest = load_json(project / "metrics/deployment.json"), load_json(project / "metrics/latest_kpis.json")
     charter = load_json(project / "data/charter.json")
     assert set(latest) == {k["id"] for k in charter["kpis"]} and all(isinstance(v, (int, float)) for v in metrics.values())
-    assert metrics["scoring.rows_scored"] == len(scores) and metrics["gate.enforced_acceptance"] == 0
+    assert metrics["send_list.rows"] == len(send) and metrics["gate.enforced_acceptance"] == 0
+    assert champion["gate"] == {k: params[k] for k in ("regression_metrics", "regression_margin")}   # the closed loop of step 05 reads it
     page = (project / "reports/html/04_model_deployment.html").read_text()
     assert "NOT enforced" in page and "Traceback" not in page and "def deploy_candidate" not in page
     assert (project / "models/docker/Dockerfile").read_text().startswith("# Build an image") and (project / "models/docker/model_dir/MLmodel").exists()

@@ -10,15 +10,15 @@ import pytest
 import yaml
 
 from conftest import ROOT, run
-from lib.core import ParamsError, load_params
+from lib.core import ParamsError, load_params, load_yaml, merge_params
 from lib.model_development import (
     FEATURES,
     KEYS,
     NUMERIC,
     SPEC,
     TrainingDataError,
-    build_campaign_features,
     build_candidates,
+    build_labelled_rows,
     check_params,
     check_training_data,
     complete_weeks,
@@ -142,12 +142,12 @@ def perturb_from(tables, start) -> dict:
 @pytest.mark.parametrize("campaign_id", [8, 11])
 def test_changing_or_adding_data_from_the_campaign_start_changes_none_of_its_features(package_slice, campaign_id):
     start = package_slice["campaign_descriptions"].set_index("campaign_id").start_date[campaign_id]
-    before = build_campaign_features(package_slice, [campaign_id])
+    before = build_labelled_rows(package_slice, [campaign_id]).drop(columns="label")   # labels come after the start by definition
     assert len(before) > 300 and before.offer_baskets.sum() > 0 and before.offer_mailer_share.sum() > 0
-    after = build_campaign_features(perturb_from(package_slice, start), [campaign_id])
+    after = build_labelled_rows(perturb_from(package_slice, start), [campaign_id]).drop(columns="label")
     pd.testing.assert_frame_equal(before, after)
     # the test can see a change: the same edit one day earlier does change the features
-    earlier = build_campaign_features(perturb_from(package_slice, start - pd.Timedelta(days=1)), [campaign_id])
+    earlier = build_labelled_rows(perturb_from(package_slice, start - pd.Timedelta(days=1)), [campaign_id]).drop(columns="label")
     assert not before[NUMERIC].equals(earlier[NUMERIC])
 
 
@@ -181,7 +181,7 @@ def test_rule_baseline_ranks_exactly_as_the_rule():
 
 
 def test_selection_refuses_a_model_that_does_not_beat_the_rule():
-    acceptance = {"roc_auc_min": 0.75, "average_precision_min": 0.05, "precision_at_k_min": 0.02, "min_lift_over_rule": 1.0}
+    acceptance = {"roc_auc": 0.75, "average_precision": 0.05, "precision_at_k": 0.02, "lift_average_precision": 1.0, "lift_precision_at_k": 1.0}
     metrics = {"rule_baseline": {"roc_auc": 0.87, "average_precision": 0.06, "precision_at_k": 0.03},
                "logistic_regression": {"roc_auc": 0.92, "average_precision": 0.07, "precision_at_k": 0.029},
                "gradient_boosting": {"roc_auc": 0.91, "average_precision": 0.059, "precision_at_k": 0.04}}
@@ -191,10 +191,9 @@ def test_selection_refuses_a_model_that_does_not_beat_the_rule():
 
 
 def test_params_are_validated():
-    params = load_params(ROOT / "params.yaml", STAGE, SPEC)
-    assert check_params(params)["enforce_acceptance"] is True
-    smoke = load_params(ROOT / "tests/smoke/params.yaml", STAGE, SPEC)
-    assert smoke["enforce_acceptance"] is False and smoke["production_from"] == params["production_from"]
+    params = check_params(load_params(ROOT / "params.yaml", STAGE, SPEC))
+    smoke = merge_params(load_yaml(ROOT / "params.yaml"), load_yaml(ROOT / "tests/smoke/params.yaml"))
+    assert check_params(smoke[STAGE])["production_from"] == params["production_from"] and smoke["shared"]["enforce_acceptance"] is False
     with pytest.raises(ParamsError, match="model_development.cv_folds: expected int"):
         check_params({**params, "cv_folds": "3"})
     with pytest.raises(ValueError, match="must precede production_from"):
@@ -228,6 +227,7 @@ def test_stage_outputs_pointer_reference_and_report(smoke_pipeline):
     assert pointer["name"] in ("logistic_regression", "gradient_boosting") and pointer["model_uri"].startswith("models:/")
     assert pointer["feature_columns"] == FEATURES and set(pointer["lineage"]) >= {"git_commit", "params_sha256", "data_sha256.transactions"}
     params = yaml.safe_load((smoke_pipeline / "params.yaml").read_text())[STAGE]
+    assert pointer["settings"] == params                                     # what steps 04 and 05 read instead of params.yaml
     descs = pd.read_parquet(smoke_pipeline / "data/processed/campaign_descriptions.parquet").set_index("campaign_id")
     used = pointer["train_campaigns"] + pointer["held_out_campaigns"]
     assert (descs.start_date[used] < pd.Timestamp(params["production_from"])).all()   # no production campaign
@@ -241,8 +241,10 @@ def test_stage_outputs_pointer_reference_and_report(smoke_pipeline):
     assert "Model card" in page and "Traceback" not in page
     if not pointer["accepted"]:                                              # the smoke slice runs with enforce_acceptance: false
         assert "NOT ACCEPTED" in page and "enforce_acceptance: false" in page and pointer["failures"]
-    for chart in ("roc", "precision_recall", "calibration", "importance", "slices"):
+    for chart in ("roc", "precision_recall", "calibration", "slices"):
         assert (smoke_pipeline / f"plots/model_development/{chart}/gradient_boosting.csv").stat().st_size > 0
+    importance = sorted(p.stem for p in (smoke_pipeline / "plots/model_development/importance").glob("*.csv"))
+    assert importance == [pointer["name"]]                                   # permutation importance of the selected model only
 
 
 @pytest.mark.pipeline
@@ -260,8 +262,8 @@ def test_running_the_stage_twice_gives_identical_metrics(smoke_pipeline, tmp_pat
 
 @pytest.mark.pipeline
 @pytest.mark.parametrize("fault, message", [
-    ("features['label'] = 0", "training rows: the target 'label' has a single class [0]"),
-    ("features['offer_spend'] = features['label'] * 2.0", "'offer_spend': 1.0} rank the label with ROC-AUC >= 0.99"),
+    ("rows['label'] = 0", "training rows: the target 'label' has a single class [0]"),
+    ("rows['offer_spend'] = rows['label'] * 2.0", "'offer_spend': 1.0} rank the label with ROC-AUC >= 0.99"),
 ])
 def test_bad_training_data_stops_the_stage(smoke_pipeline, tmp_path, fault, message):
     project = copy_project(smoke_pipeline, tmp_path / "fault")

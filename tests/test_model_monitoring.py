@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, run
-from lib.core import load_json, tracking_uri
+from lib.core import load_json, load_yaml, merge_params, tracking_uri
 from lib.data_acquisition import load_processed
 from lib.model_development import FEATURE_TABLES, FEATURES
 from lib.model_monitoring import (
@@ -32,7 +32,7 @@ from lib.model_monitoring import (
     summarize_drift,
 )
 
-SMOKE = yaml.safe_load((ROOT / "tests/smoke/params.yaml").read_text())
+SMOKE = merge_params(load_yaml(ROOT / "params.yaml"), load_yaml(ROOT / "tests/smoke/params.yaml"))   # what a smoke run reads
 
 
 # ---------------------------------------------------------------- drift statistics: known answers
@@ -225,8 +225,7 @@ def test_a_drill_through_dvc_raises_its_class_and_a_rerun_reuses_the_state(smoke
 
 @pytest.mark.parametrize("age_days, raised", [(365.0, []), (400.0, [("warning", "retrain")])])
 def test_a_model_older_than_a_year_raises_a_retrain_alert(age_days, raised):
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    charter = {"kpis": params["business_understanding"]["kpis"], "ml_problem": params["business_understanding"]["ml_problem"]}
+    params, charter = load_yaml(ROOT / "params.yaml"), load_yaml(ROOT / "charter.yaml")
     healthy = {"batch": "campaign 99", "campaign_id": 99, "start_date": "2018-09-01", "status": "ok",
                "metrics": {"model_age_days": age_days, "max_feature_psi": 0.01, "roc_auc": 0.9}}
     alerts = evaluate_rules([healthy], params["model_monitoring"]["rules"], charter)
@@ -247,7 +246,7 @@ def test_a_retrain_diagnosis_trains_a_challenger_and_the_step_04_gate_decides(sm
     from mlflow import MlflowClient
 
     from lib.core import connect_mlflow
-    from lib.model_monitoring import close_the_loop, retrain_trigger
+    from lib.model_monitoring import close_the_loop, gate_settings, retrain_trigger
     project = tmp_path / "project"          # a copy: the registry changes stay in it
     shutil.copytree(smoke_world["project"], project, symlinks=True)
     world = {**smoke_world, "project": project}
@@ -258,7 +257,8 @@ def test_a_retrain_diagnosis_trains_a_challenger_and_the_step_04_gate_decides(sm
     environ = {"MLFLOW_TRACKING_URI": tracking_uri(project, {})}
     client = MlflowClient(environ["MLFLOW_TRACKING_URI"])
     experiment_id = connect_mlflow(project, environ, SMOKE["shared"]["mlflow_experiment"])
-    outcome = close_the_loop(trigger, monitor, world["pointer"]["name"], SMOKE["model_development"], SMOKE["model_deployment"],
+    gate = gate_settings(load_json(project / "models/champion.json"), SMOKE["shared"]["enforce_acceptance"])
+    outcome = close_the_loop(trigger, monitor, world["pointer"]["name"], world["pointer"]["settings"], gate,
                              world["charter"], client, experiment_id, {"stage": "model_monitoring"})
     assert outcome["trigger"] == trigger["batch"] and outcome["decision"] in ("promoted", "rejected")
     assert outcome["train_campaigns"] and set(outcome["train_campaigns"]) <= campaigns_ended_before(world, trigger["start_date"])

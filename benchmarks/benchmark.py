@@ -1,4 +1,4 @@
-"""Time and peak memory of every pipeline stage, the whole `dvc repro`, and the no-op `dvc repro`.
+"""Time and peak memory of every pipeline stage, the whole `dvc repro` and the no-op `dvc repro`; scoring memory and REST latency.
 
 Runs in a disposable copy of the project (so the working copy and its MLflow store are untouched) and
 writes the figures to benchmarks/results.json. `--overlay tests/smoke/params.yaml` benchmarks the smoke slice.
@@ -17,6 +17,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from scoring import measure_scoring  # noqa: E402
+
 from conftest import make_project_copy, project_env  # noqa: E402
 
 
@@ -46,6 +49,8 @@ def benchmark(project) -> dict:
     results["full_repro"] = measure(["dvc", "repro", "--force"], project)
     print("no-op dvc repro ...", flush=True)
     results["noop_repro"] = measure(["dvc", "repro"], project)
+    print("scoring: peak memory at two chunk sizes, REST latency ...", flush=True)
+    results["scoring"] = measure_scoring(project)
     return results
 
 

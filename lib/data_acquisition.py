@@ -14,8 +14,8 @@ __all__ = ['TABLES', 'SOURCE_TABLES', 'PROCESSED_TABLES', 'UNKNOWN', 'BANDS', 'D
            'sample_households', 'drop_duplicate_rows', 'standardize_demographics', 'fill_unknown_text', 'to_categories',
            'find_home_stores', 'pseudonymize_contacts', 'sort_by_key', 'process_tables', 'promotion_reducer',
            'process_promotions', 'Acquisition', 'ingest_contacts', 'acquire', 'write_tables', 'load_processed',
-           'quality_scores', 'quality_metrics', 'catalog_entry', 'build_catalog', 'profile_table', 'has_pii',
-           'blanket_offers', 'kpi_tables', 'check_params']
+           'quality_scores', 'quality_metrics', 'catalog_entry', 'build_catalog', 'profile_table', 'profile_tables',
+           'has_pii', 'blanket_offers', 'kpi_tables', 'acquisition_summary', 'check_params']
 
 # %% ../notebooks/02_data_acquisition.ipynb #93cdfefe
 import copy
@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import importlib.metadata
 import importlib.util
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -713,6 +714,17 @@ def profile_table(frame, path, title, minimal=True, sensitive=False, sample_rows
     ProfileReport(frame, title=title, minimal=minimal, sensitive=sensitive, progress_bar=False).to_file(path)
     return Path(path)
 
+def profile_tables(acquisition, tables, folder, minimal=True, sample_rows=0, seed=42, say=None) -> dict:
+    "A profile of each of `tables` in `folder` — tables holding direct identifiers from the raw snapshot, in sensitive mode; seconds each."
+    seconds = {}
+    for table in tables:
+        started, sensitive = time.perf_counter(), has_pii(CONTRACTS[table])
+        frame = pd.read_parquet(acquisition.raw_files[table]) if sensitive else acquisition.processed[table]
+        profile_table(frame, Path(folder) / f"{table}.html", f"{table}: {CONTRACTS[table]['description']}", minimal, sensitive, sample_rows, seed)
+        seconds[table] = round(time.perf_counter() - started, 1)
+        if say: say(f"profile: {table} in {seconds[table]} s")
+    return seconds
+
 def has_pii(contract) -> bool:
     "Does the table hold direct identifiers?"
     return any(s["pii"] == "direct" for s in contract["columns"].values())
@@ -730,6 +742,18 @@ def kpi_tables(processed, window_days=14) -> dict:
     return dict(transactions=processed["transactions"], campaigns=processed["campaigns"], campaign_descriptions=measurable,
                 households=processed["households"], coupon_redemptions=processed["coupon_redemptions"],
                 offers=blanket_offers(processed["campaigns"], processed["coupons"]))
+
+# %% ../notebooks/02_data_acquisition.ipynb #d03ade31
+def acquisition_summary(catalog, quality, baseline, kpis) -> str:
+    "What was delivered and how good it is, in one sentence and a few figures, as Markdown."
+    tables = catalog["tables"]
+    headline = next(k for k in kpis if "function" in k)
+    return (f"**The data passed every contract check and was delivered: {tables['households']['rows']:,} households, "
+            f"{tables['transactions']['rows']:,} transactions, {tables['campaign_descriptions']['rows']:,} campaigns.**\n\n"
+            f"- quality score (mean pass rate of {quality['rules_checked']:,} rules): **{quality['quality_score']:.4f}**\n"
+            f"- the \"before\" — {headline['name'].lower()} after the historical blanket mailings: **{baseline[headline['id']]:.1%}** "
+            f"(target {headline['target']:.0%})\n"
+            f"- measured on **{baseline['campaigns_measured']}** campaigns and **{baseline['households_messaged']:,}** messaged households")
 
 # %% ../notebooks/02_data_acquisition.ipynb #822e981e
 SPEC = {

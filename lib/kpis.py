@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['KPI_SPEC', 'CHARTER_SPEC', 'MODEL_METRICS', 'ACCEPTANCE_METRICS', 'KpiValue', 'measurable_campaigns',
            'count_visitors', 'measure_store_visit_rate', 'measure_visit_uplift', 'measure_redemption_rate',
-           'measure_offer_precision', 'kpi_function', 'measure_kpi', 'kpi_window', 'measure_kpis', 'validate_charter']
+           'measure_offer_precision', 'kpi_function', 'measure_kpi', 'kpi_window', 'measure_kpis', 'validate_charter',
+           'charter_summary']
 
 # %% ../notebooks/01_business_understanding.ipynb #8f89c92c
 import importlib
@@ -224,3 +225,14 @@ def validate_charter(charter: dict) -> dict:
         _check_kpi_function(kpi)
     _check_ml_problem(charter["ml_problem"])
     return charter
+
+# %% ../notebooks/01_business_understanding.ipynb #9583a150
+def charter_summary(charter) -> str:
+    "The charter in one sentence and a few figures, as Markdown for a reader who does not code."
+    headline, ml = charter["kpis"][0], charter["ml_problem"]
+    return (f"**{charter['objective']}** Success is judged by {len(charter['kpis'])} KPIs; the headline: "
+            f"**{headline['name'].lower()} of at least {headline['target']:.0%}** (an alert below {headline['alert_threshold']:.0%}).\n\n"
+            f"- offers messaged per household: **{ml['top_k']}** (contact cap: "
+            f"{charter['policies']['contact_frequency_cap']['max_campaigns_per_household_per_30_days']} campaigns per 30 days)\n"
+            f"- a model must beat the charter's rule: *{ml['rule_baseline']}*\n"
+            f"- KPI owners: {', '.join(sorted({k['owner'] for k in charter['kpis']}))}")

@@ -402,10 +402,11 @@ def post_json(url, body, timeout_s) -> dict:
 def start_server(model_uri, port, environ, log_path) -> subprocess.Popen:
     "Start `mlflow models serve` for `model_uri` on 127.0.0.1:`port` in its own process group, logging to `log_path`."
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    mlflow_cli = Path(sys.executable).parent / "mlflow"
-    command = [str(mlflow_cli), "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port), "--env-manager", "local"]
+    bin_dir = Path(sys.executable).parent                  # the CLI starts uvicorn by name: the environment's bin comes first
+    command = [str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port), "--env-manager", "local"]
+    env = {**environ, "PATH": f"{bin_dir}{os.pathsep}{environ.get('PATH', '')}"}
     with open(log_path, "w") as log:
-        return subprocess.Popen(command, env=dict(environ), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 def _group_alive(pgid) -> bool:
     try: os.killpg(pgid, 0)

@@ -48,7 +48,8 @@ audit: setup
 	pip-audit --strict --no-deps --disable-pip -r requirements.lock
 
 lint: setup
-	ruff check lib tests benchmarks
+	ruff check lib tests benchmarks notebooks
+	ruff format --check notebooks tests benchmarks
 
 export: setup
-	nbdev-export && nbdev-clean
+	ruff format --quiet notebooks && nbdev-export && nbdev-clean

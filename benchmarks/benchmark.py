@@ -1,8 +1,10 @@
-"""Time and peak memory of every pipeline stage, the whole `dvc repro` and the no-op `dvc repro`; scoring memory and REST latency.
+"""Time and peak memory of every pipeline stage, the whole `dvc repro` and the no-op `dvc repro`; scoring memory and
+REST latency.
 
 Runs in a disposable copy of the project (so the working copy and its MLflow store are untouched) and
 writes the figures to benchmarks/results.json. `--overlay tests/smoke/params.yaml` benchmarks the smoke slice.
 """
+
 import argparse
 import json
 import os
@@ -41,7 +43,7 @@ def stages(project) -> list:
 
 def benchmark(project) -> dict:
     results = {"stages": {}}
-    for stage in stages(project):          # in pipeline order, each after its upstream stages are done
+    for stage in stages(project):  # in pipeline order, each after its upstream stages are done
         print(f"stage {stage} ...", flush=True)
         results["stages"][stage] = measure(["dvc", "repro", "--single-item", "--force", stage], project)
         print(f"  {results['stages'][stage]}", flush=True)
@@ -56,13 +58,19 @@ def benchmark(project) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--overlay", default=None, help="params overlay merged over params.yaml (default: params.yaml as it is)")
+    parser.add_argument(
+        "--overlay", default=None, help="params overlay merged over params.yaml (default: params.yaml as it is)"
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         project = make_project_copy(Path(tmp) / "project", args.overlay and Path(args.overlay))
         results = benchmark(project)
-    results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "overlay": args.overlay and Path(args.overlay).name}
+    results["machine"] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "overlay": args.overlay and Path(args.overlay).name,
+    }
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 

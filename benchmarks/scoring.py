@@ -1,5 +1,7 @@
-"""Scoring figures that are benchmarks, not pipeline steps: the peak memory that chunked batch scoring of the target campaign
+"""Scoring figures that are benchmarks, not pipeline steps: the peak memory that chunked batch scoring of the target
+campaign
 adds at two chunk sizes, and the latency of single-row requests to the champion served over REST (a bounded loop)."""
+
 import os
 
 import numpy as np
@@ -23,6 +25,7 @@ from lib.model_deployment import (
 def measure_scoring(project, chunk_households=(100, 1200), requests=200, timeout_s=30) -> dict:
     """Peak scoring memory per chunk size and REST latency percentiles, in a project where the pipeline has run."""
     import mlflow
+
     params = yaml.safe_load((project / "params.yaml").read_text())["model_deployment"]
     settings = md.development_settings(load_json(project / "models/candidate.json"))
     champion = load_json(project / "models/champion.json")
@@ -33,10 +36,21 @@ def measure_scoring(project, chunk_households=(100, 1200), requests=200, timeout
     rows = campaign_rows(tables, params["target_campaign"])
     featurize = campaign_featurizer(tables, rows.start_date.iloc[0], settings["promo_weeks"])
     predictors = {"score": lambda features: predict_scores(model, features)}
-    memory = {str(n): round(peak_memory_mb(lambda n=n: score_in_chunks(rows, featurize, predictors, n)), 1) for n in chunk_households}
+    memory = {
+        str(n): round(peak_memory_mb(lambda n=n: score_in_chunks(rows, featurize, predictors, n)), 1)
+        for n in chunk_households
+    }
     sample = featurize(next(household_chunks(rows, 50))).head(50)
-    with serving(champion["alias_uri"], {**os.environ, "MLFLOW_TRACKING_URI": store}, project / "benchmark_server.log") as url:
+    with serving(
+        champion["alias_uri"], {**os.environ, "MLFLOW_TRACKING_URI": store}, project / "benchmark_server.log"
+    ) as url:
         seconds = measure_latency(url, sample, requests, timeout_s)
-    return {"rows_scored": len(rows), "peak_scoring_memory_mb_by_chunk_households": memory,
-            "rest_latency_ms": {"p50": round(1000 * float(np.percentile(seconds, 50)), 1),
-                                "p95": round(1000 * float(np.percentile(seconds, 95)), 1), "requests": requests}}
+    return {
+        "rows_scored": len(rows),
+        "peak_scoring_memory_mb_by_chunk_households": memory,
+        "rest_latency_ms": {
+            "p50": round(1000 * float(np.percentile(seconds, 50)), 1),
+            "p95": round(1000 * float(np.percentile(seconds, 95)), 1),
+            "requests": requests,
+        },
+    }

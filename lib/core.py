@@ -28,6 +28,7 @@ import yaml
 # %% ../notebooks/00_core.ipynb #b79676f3
 ROOT_MARKERS = ("dvc.yaml", "params.yaml")
 
+
 def project_root(start=None) -> Path:
     "The nearest folder at or above `start` (default: the working folder) holding `dvc.yaml` and `params.yaml`."
     here = Path(start or Path.cwd()).resolve()
@@ -40,13 +41,18 @@ def project_root(start=None) -> Path:
 class ParamsError(ValueError):
     "A parameter file or section that does not match its spec."
 
+
 class Optional_:
     "Marks a spec entry that may be absent."
-    def __init__(self, spec): self.spec = spec
+
+    def __init__(self, spec):
+        self.spec = spec
+
 
 def _type_names(spec):
     types = spec if isinstance(spec, tuple) else (spec,)
     return " or ".join(t.__name__ for t in types)
+
 
 def _check_leaf(value, spec, where):
     "A bool is not a number here, although Python says it is an int."
@@ -63,44 +69,55 @@ def _check_mapping(value, spec, where):
     if unknown:
         raise ParamsError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; allowed: {', '.join(spec)}")
     for key, sub in spec.items():
-        if key in value: validate_spec(value[key], sub.spec if isinstance(sub, Optional_) else sub, f"{where}.{key}")
-        elif not isinstance(sub, Optional_): raise ParamsError(f"{where}.{key}: required key is missing")
+        if key in value:
+            validate_spec(value[key], sub.spec if isinstance(sub, Optional_) else sub, f"{where}.{key}")
+        elif not isinstance(sub, Optional_):
+            raise ParamsError(f"{where}.{key}: required key is missing")
+
 
 def validate_spec(value, spec, where="params"):
     "Raise `ParamsError` naming the first key of `value` that does not match `spec`."
-    if isinstance(spec, dict): return _check_mapping(value, spec, where)
+    if isinstance(spec, dict):
+        return _check_mapping(value, spec, where)
     if isinstance(spec, list):
-        if not isinstance(value, list): raise ParamsError(f"{where}: expected a list, got {type(value).__name__}")
-        for i, item in enumerate(value): validate_spec(item, spec[0], f"{where}[{i}]")
+        if not isinstance(value, list):
+            raise ParamsError(f"{where}: expected a list, got {type(value).__name__}")
+        for i, item in enumerate(value):
+            validate_spec(item, spec[0], f"{where}[{i}]")
         return
     _check_leaf(value, spec, where)
 
 # %% ../notebooks/00_core.ipynb #656fc2d9
 STEPS = ("business_understanding", "data_acquisition", "model_development", "model_deployment", "model_monitoring")
-STAGES = (*STEPS, "reports")          # the reports portal runs last, as a stage of its own
-SECTIONS = ("shared", *STAGES[1:])    # params.yaml's sections; step 01 reads CHARTER_FILE instead
+STAGES = (*STEPS, "reports")  # the reports portal runs last, as a stage of its own
+SECTIONS = ("shared", *STAGES[1:])  # params.yaml's sections; step 01 reads CHARTER_FILE instead
 CHARTER_FILE = "charter.yaml"
 
 SHARED_SPEC = {
-    "seed": int,                      # one seed for every random choice
-    "kernel": str,                    # Jupyter kernel that papermill runs the notebooks with
-    "cell_timeout_s": int,            # a cell running longer fails the stage
+    "seed": int,  # one seed for every random choice
+    "kernel": str,  # Jupyter kernel that papermill runs the notebooks with
+    "cell_timeout_s": int,  # a cell running longer fails the stage
     "mlflow_experiment": str,
-    "households_sample": int,         # 0 = every household; smoke runs take a small slice
-    "enforce_acceptance": bool,       # the charter's acceptance thresholds stop a model that misses them (false: smoke slice)
+    "households_sample": int,  # 0 = every household; smoke runs take a small slice
+    "enforce_acceptance": bool,  # the charter's thresholds stop a model that misses them (false: smoke slice)
 }
+
 
 def load_yaml(path) -> dict:
     "Read a YAML file into a dict."
-    with open(path, encoding="utf-8") as f: return yaml.safe_load(f) or {}
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
 
 def load_params(path, section, spec) -> dict:
     "Section `section` of the params file at `path`, checked against `spec` (and `shared` against its spec)."
     params = load_yaml(path)
     validate_spec(params, {name: Optional_(dict) for name in SECTIONS}, where=Path(path).name)
     validate_spec(params.get("shared"), SHARED_SPEC, where="shared")
-    if section == "shared": return params["shared"]
-    if section not in params: raise ParamsError(f"{Path(path).name}: section {section!r} is missing")
+    if section == "shared":
+        return params["shared"]
+    if section not in params:
+        raise ParamsError(f"{Path(path).name}: section {section!r} is missing")
     validate_spec(params[section], spec, where=section)
     return params[section]
 
@@ -108,7 +125,10 @@ def load_params(path, section, spec) -> dict:
 def merge_params(base, overlay, where="params") -> dict:
     "`base` with `overlay`'s values put over it, mapping by mapping; a key `base` lacks is a `ParamsError` naming it."
     unknown = sorted(set(overlay) - set(base))
-    if unknown: raise ParamsError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; the base has: {', '.join(map(str, base))}")
+    if unknown:
+        raise ParamsError(
+            f"{where}: unknown key(s) {', '.join(map(str, unknown))}; the base has: {', '.join(map(str, base))}"
+        )
     merged = dict(base)
     for key, value in overlay.items():
         both_mappings = isinstance(value, dict) and isinstance(base[key], dict)
@@ -120,6 +140,7 @@ def tracking_uri(root, environ) -> str:
     "The MLflow tracking URI: `MLFLOW_TRACKING_URI` from `environ` if set, else `mlflow.db` at `root`."
     return environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
+
 def artifact_location(root, environ) -> str:
     "Where new experiments keep artifacts: `MLFLOW_ARTIFACT_LOCATION` if set, else `mlartifacts/` at `root`."
     return environ.get("MLFLOW_ARTIFACT_LOCATION") or (Path(root).resolve() / "mlartifacts").as_uri()
@@ -128,26 +149,34 @@ def artifact_location(root, environ) -> str:
 class TrackingStoreError(RuntimeError):
     "The MLflow tracking store cannot be reached."
 
+
 def check_tracking_server(uri, timeout_s=5.0):
     "For an http(s) tracking URI, raise `TrackingStoreError` unless the server answers its health check."
     import urllib.error
     import urllib.request
-    if not uri.startswith(("http://", "https://")): return
+
+    if not uri.startswith(("http://", "https://")):
+        return
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as reply:
-            if reply.status == 200: return
+            if reply.status == 200:
+                return
     except (urllib.error.URLError, OSError) as err:
-        raise TrackingStoreError(f"MLflow tracking server {uri} is unreachable ({err}); start it or unset MLFLOW_TRACKING_URI") from None
+        raise TrackingStoreError(
+            f"MLflow tracking server {uri} is unreachable ({err}); start it or unset MLFLOW_TRACKING_URI"
+        ) from None
     raise TrackingStoreError(f"MLflow tracking server {uri} answered its health check with status {reply.status}")
 
 # %% ../notebooks/00_core.ipynb #e83b3ec2
 def connect_mlflow(root, environ, experiment):
     "Point MLflow at the project's store and make `experiment` the active one; returns its id."
     import mlflow
+
     check_tracking_server(tracking_uri(root, environ))
     mlflow.set_tracking_uri(tracking_uri(root, environ))
     found = mlflow.get_experiment_by_name(experiment)
-    if found is None: return mlflow.create_experiment(experiment, artifact_location=artifact_location(root, environ))
+    if found is None:
+        return mlflow.create_experiment(experiment, artifact_location=artifact_location(root, environ))
     mlflow.set_experiment(experiment_id=found.experiment_id)
     return found.experiment_id
 
@@ -158,11 +187,13 @@ def seed_everything(seed: int):
     np.random.seed(seed)
     return np.random.default_rng(seed)
 
+
 def file_sha256(path) -> str:
     "Content hash of a file."
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""): digest.update(block)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
     return digest.hexdigest()
 
 # %% ../notebooks/00_core.ipynb #167654b8
@@ -173,9 +204,11 @@ def save_json(obj, path) -> Path:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
     return path
 
+
 def load_json(path):
     "Read a JSON file."
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
 
 def save_csv(frame, path) -> Path:
     "Write `frame` as CSV without its index (for `dvc plots`), creating parent folders."
@@ -188,36 +221,53 @@ def save_csv(frame, path) -> Path:
 class MissingOutputError(RuntimeError):
     "A stage ended without writing one of its declared outputs."
 
+
 def _out_paths(entries):
     "Paths of a dvc.yaml `outs`/`metrics`/`plots` list whose items are strings or one-key mappings."
     return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
 
+
 def stage_outputs(stage, root) -> list:
     "Every path that `stage` declares in `dvc.yaml` (outs, metrics, plots), relative to `root`."
     stages = load_yaml(Path(root) / "dvc.yaml")["stages"]
-    if stage not in stages: raise KeyError(f"dvc.yaml has no stage {stage!r}")
+    if stage not in stages:
+        raise KeyError(f"dvc.yaml has no stage {stage!r}")
     spec = stages[stage]
     return [p for key in ("outs", "metrics", "plots") for p in _out_paths(spec.get(key))]
 
+
 def _is_empty(path: Path) -> bool:
-    return not path.exists() or (path.is_dir() and not any(path.iterdir())) or (path.is_file() and path.stat().st_size == 0)
+    return (
+        not path.exists()
+        or (path.is_dir() and not any(path.iterdir()))
+        or (path.is_file() and path.stat().st_size == 0)
+    )
+
 
 def check_outputs(paths, root):
     "Raise `MissingOutputError` naming every path under `root` that is missing or empty."
     missing = [str(p) for p in paths if _is_empty(Path(root) / p)]
-    if missing: raise MissingOutputError(f"missing or empty output(s): {', '.join(missing)}")
+    if missing:
+        raise MissingOutputError(f"missing or empty output(s): {', '.join(missing)}")
+
 
 def check_notebook_outputs(stage, root):
-    "What a stage notebook checks last: its declared outputs except its own executed copy and page (`run-stage` checks those)."
-    reports = {f"reports/{kind}/{step_notebook(stage, root).stem}.{ext}" for kind, ext in (("executed", "ipynb"), ("html", "html"))}
+    """What a stage notebook checks last: its declared outputs except its own executed copy and page (`run-stage` checks
+    those)."""
+    reports = {
+        f"reports/{kind}/{step_notebook(stage, root).stem}.{ext}"
+        for kind, ext in (("executed", "ipynb"), ("html", "html"))
+    }
     check_outputs([p for p in stage_outputs(stage, root) if p not in reports], root)
 
 # %% ../notebooks/00_core.ipynb #f9939675
 def step_notebook(stage, root) -> Path:
     "The notebook `notebooks/NN_<stage>.ipynb` of `stage`."
     found = sorted((Path(root) / "notebooks").glob(f"[0-9][0-9]_{stage}.ipynb"))
-    if len(found) != 1: raise FileNotFoundError(f"expected one notebook for stage {stage!r} in notebooks/, found {len(found)}")
+    if len(found) != 1:
+        raise FileNotFoundError(f"expected one notebook for stage {stage!r} in notebooks/, found {len(found)}")
     return found[0]
+
 
 def report_paths(stage, root) -> tuple:
     "Where a stage keeps its executed notebook and its stakeholder HTML page."
@@ -228,24 +278,27 @@ def report_paths(stage, root) -> tuple:
 def check_notebook_parameters(notebook, given: dict):
     "Reject parameters that `notebook`'s `parameters` cell does not declare, or whose type differs from its default."
     import papermill
+
     declared = papermill.inspect_notebook(str(notebook))
     for name, value in given.items():
         if name not in declared:
             raise ParamsError(f"{Path(notebook).name}: unknown parameter {name!r}; declared: {', '.join(declared)}")
         default = ast.literal_eval(declared[name]["default"])
         expected = (int, float) if isinstance(default, float) else type(default)
-        if default is not None: _check_leaf(value, expected, f"{Path(notebook).name}: parameter {name!r}")
+        if default is not None:
+            _check_leaf(value, expected, f"{Path(notebook).name}: parameter {name!r}")
 
 # %% ../notebooks/00_core.ipynb #5872ff55
 def _stakeholder_view(nb):
     "A copy of executed notebook `nb` without hidden cells, stream output, or errors."
     import copy
+
     nb = copy.deepcopy(nb)
     hidden = {"report-hide", "parameters", "injected-parameters"}
     cells = [c for c in nb.cells if not hidden & set(c.metadata.get("tags", []))]
     summary = [c for c in cells if "summary" in c.metadata.get("tags", [])]
     rest = [c for c in cells if c not in summary]
-    nb.cells = rest[:1] + summary + rest[1:]           # the title, then the summary, then the rest in order
+    nb.cells = rest[:1] + summary + rest[1:]  # the title, then the summary, then the rest in order
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs = [o for o in cell.outputs if o.output_type in ("display_data", "execute_result")]
@@ -253,66 +306,94 @@ def _stakeholder_view(nb):
 
 # %% ../notebooks/00_core.ipynb #4831fbc5
 REPORT_CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;max-width:1100px;margin:2rem auto;padding:0 1rem;color:#1f2933;line-height:1.5}
-table{border-collapse:collapse;margin:1rem 0;font-size:.9rem}th,td{border:1px solid #d2d6dc;padding:.3rem .6rem;text-align:left}
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;max-width:1100px;margin:2rem auto;padding:0 1rem;
+color:#1f2933;line-height:1.5}
+table{border-collapse:collapse;margin:1rem 0;font-size:.9rem}
+th,td{border:1px solid #d2d6dc;padding:.3rem .6rem;text-align:left}
 th{background:#f0f4f8}img{max-width:100%}nav.crumbs{font-size:.9rem;margin-bottom:1rem}
 """
+
 
 def render_report(executed_notebook, html_path, title) -> Path:
     "Render an executed notebook as a self-contained stakeholder HTML page (no code, no network resources)."
     import nbformat
     from nbconvert import HTMLExporter
+
     nb = _stakeholder_view(nbformat.read(str(executed_notebook), as_version=4))
-    body, _ = HTMLExporter(template_name="basic", exclude_input=True, exclude_input_prompt=True,
-                           exclude_output_prompt=True).from_notebook_node(nb)
-    page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
-            f"<style>{REPORT_CSS}</style></head><body>\n<nav class=\"crumbs\"><a href=\"../index.html\">All reports</a></nav>\n"
-            f"{body}\n</body></html>\n")
+    body, _ = HTMLExporter(
+        template_name="basic", exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True
+    ).from_notebook_node(nb)
+    page = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f'<style>{REPORT_CSS}</style></head><body>\n<nav class="crumbs"><a href="../index.html">All reports</a></nav>\n'
+        f"{body}\n</body></html>\n"
+    )
     Path(html_path).parent.mkdir(parents=True, exist_ok=True)
     Path(html_path).write_text(page, encoding="utf-8")
     return Path(html_path)
 
 # %% ../notebooks/00_core.ipynb #d1a2b3c1
 def progress(stage, stream=None):
-    "A function printing `[stage  12.3 s] message` lines to `stream` (default: the process's real stderr), timed from now."
+    """A function printing `[stage  12.3 s] message` lines to `stream` (default: the process's real stderr), timed from
+    now."""
     started = time.perf_counter()
+
     def say(message):
         print(f"[{stage} {time.perf_counter() - started:6.1f} s] {message}", file=stream or sys.__stderr__, flush=True)
+
     return say
+
 
 def quiet(message):
     "A progress function that says nothing (the default of functions that report progress)."
 
 # %% ../notebooks/00_core.ipynb #d1a2b3c4
 def ipc_kernel_manager():
-    "A jupyter_client kernel manager class whose kernels talk over IPC sockets in a folder of their own under the temp dir."
+    """A jupyter_client kernel manager class whose kernels talk over IPC sockets in a folder of their own under the temp
+    dir."""
     from jupyter_client.manager import AsyncKernelManager
     from traitlets import default
+
     class IPCKernelManager(AsyncKernelManager):
         @default("transport")
-        def _default_transport(self): return "ipc"
+        def _default_transport(self):
+            return "ipc"
+
         @default("ip")
-        def _default_ip(self): return os.path.join(tempfile.mkdtemp(prefix="kernel-"), "socket")
+        def _default_ip(self):
+            return os.path.join(tempfile.mkdtemp(prefix="kernel-"), "socket")
+
         async def _async_cleanup_resources(self, restart=False):
             await super()._async_cleanup_resources(restart=restart)
-            if not restart: shutil.rmtree(os.path.dirname(self.ip), ignore_errors=True)
+            if not restart:
+                shutil.rmtree(os.path.dirname(self.ip), ignore_errors=True)
+
     return IPCKernelManager
 
 # %% ../notebooks/00_core.ipynb #fec56bda
 class StageError(RuntimeError):
     "A stage notebook failed; the message names the stage and the cause."
 
+
 def _execute(stage, root, parameters, shared):
     "Run the stage notebook with papermill from `root`; a failing cell raises `StageError`."
     import papermill
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
     from papermill.exceptions import PapermillExecutionError
+
     executed, _ = report_paths(stage, root)
     executed.parent.mkdir(parents=True, exist_ok=True)
     try:
-        papermill.execute_notebook(str(step_notebook(stage, root)), str(executed), parameters=parameters,
-                                   kernel_name=shared["kernel"], cwd=str(root), progress_bar=False,
-                                   execution_timeout=shared["cell_timeout_s"], kernel_manager_class=ipc_kernel_manager())
+        papermill.execute_notebook(
+            str(step_notebook(stage, root)),
+            str(executed),
+            parameters=parameters,
+            kernel_name=shared["kernel"],
+            cwd=str(root),
+            progress_bar=False,
+            execution_timeout=shared["cell_timeout_s"],
+            kernel_manager_class=ipc_kernel_manager(),
+        )
     except PapermillExecutionError as err:
         cause = f"cell {err.exec_count} raised {err.ename}: {err.evalue}"
     except CellTimeoutError:
@@ -321,7 +402,9 @@ def _execute(stage, root, parameters, shared):
         cause = f"the kernel died ({err})"
     else:
         return executed
-    raise StageError(f"stage {stage!r} failed: {cause}\n  executed notebook kept for debugging: {executed.relative_to(root)}")
+    raise StageError(
+        f"stage {stage!r} failed: {cause}\n  executed notebook kept for debugging: {executed.relative_to(root)}"
+    )
 
 # %% ../notebooks/00_core.ipynb #487e804a
 def run_stage(stage, root=None, parameters=None) -> Path:
@@ -344,9 +427,11 @@ def _parse_assignments(pairs):
     out = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        if not sep: raise ParamsError(f"parameter {pair!r} is not of the form name=value")
+        if not sep:
+            raise ParamsError(f"parameter {pair!r} is not of the form name=value")
         out[name] = yaml.safe_load(value)
     return out
+
 
 def run_stage_cli(argv=None):
     "Command line: `run-stage STAGE [name=value ...]`."

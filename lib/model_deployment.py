@@ -41,71 +41,104 @@ from .kpis import measurable_campaigns, measure_kpi
 
 # %% ../notebooks/04_model_deployment.ipynb #6ff45f68
 SPEC = {
-    "registered_model": str,            # MLflow registered model name
-    "target_campaign": int,             # the campaign scored in full, messaged and measured
-    "gate_campaigns": [int],            # labelled production campaigns (never read by step 03) the gate evaluates on
-    "regression_metrics": [str],        # metrics on which a candidate may not fall behind the champion ...
+    "registered_model": str,  # MLflow registered model name
+    "target_campaign": int,  # the campaign scored in full, messaged and measured
+    "gate_campaigns": [int],  # labelled production campaigns (never read by step 03) the gate evaluates on
+    "regression_metrics": [str],  # metrics on which a candidate may not fall behind the champion ...
     "regression_margin": (int, float),  # ... by more than this (absolute)
-    "chunk_households": int,            # households per scoring chunk: bounds memory whatever the campaign size
+    "chunk_households": int,  # households per scoring chunk: bounds memory whatever the campaign size
     "serving": {"startup_timeout_s": int, "request_timeout_s": int, "parity_rows": int},
 }
 GATE_METRICS = ("roc_auc", "average_precision", "precision_at_k")
+
 
 def check_params(params) -> dict:
     "Check the section's meaning beyond its types; returns it unchanged."
     validate_spec(params, SPEC, where="model_deployment")
     unknown = [m for m in params["regression_metrics"] if m not in GATE_METRICS]
-    checks = [(not unknown, f"regression_metrics: unknown metric(s) {unknown}; allowed: {', '.join(GATE_METRICS)}"),
-              (params["regression_margin"] >= 0, f"regression_margin must be 0 or more, got {params['regression_margin']}"),
-              (bool(params["gate_campaigns"]), "gate_campaigns must name at least one campaign"),
-              (params["target_campaign"] not in params["gate_campaigns"], "the target campaign cannot also be a gate campaign"),
-              (params["chunk_households"] > 0, "chunk_households must be positive"),
-              (min(params["serving"].values()) > 0, "serving settings must be positive")]
+    checks = [
+        (not unknown, f"regression_metrics: unknown metric(s) {unknown}; allowed: {', '.join(GATE_METRICS)}"),
+        (params["regression_margin"] >= 0, f"regression_margin must be 0 or more, got {params['regression_margin']}"),
+        (bool(params["gate_campaigns"]), "gate_campaigns must name at least one campaign"),
+        (
+            params["target_campaign"] not in params["gate_campaigns"],
+            "the target campaign cannot also be a gate campaign",
+        ),
+        (params["chunk_households"] > 0, "chunk_households must be positive"),
+        (min(params["serving"].values()) > 0, "serving settings must be positive"),
+    ]
     for ok, message in checks:
-        if not ok: raise ParamsError(f"model_deployment.{message}")
+        if not ok:
+            raise ParamsError(f"model_deployment.{message}")
     return params
 
 # %% ../notebooks/04_model_deployment.ipynb #7b64d22e
 class RegistryStateError(RuntimeError):
     "The MLflow store lacks what a DVC output points to."
 
+
 def check_candidate_in_store(client, pointer, store_uri, pointer_path="models/candidate.json"):
-    "Raise `RegistryStateError` unless the store at `store_uri` holds the run and the logged model that `pointer` names."
+    """Raise `RegistryStateError` unless the store at `store_uri` holds the run and the logged model that `pointer`
+    names."""
     from mlflow.exceptions import MlflowException
+
     try:
         client.get_run(pointer["run_id"])
-        if pointer["model_uri"].startswith("models:/m-"): client.get_logged_model(pointer["model_uri"].removeprefix("models:/"))
+        if pointer["model_uri"].startswith("models:/m-"):
+            client.get_logged_model(pointer["model_uri"].removeprefix("models:/"))
     except MlflowException as err:
         raise RegistryStateError(
-            f"model_deployment: {pointer_path} points to run {pointer['run_id']} (model {pointer['model_uri']}), which the MLflow store "
-            f"{store_uri} does not hold ({err.error_code}): a fresh clone, a deleted store, or outputs restored from DVC's cache. "
-            "Re-create the candidate with `dvc repro --force --single-item model_development`, or restore the store (mlflow.db and mlartifacts/)."
+            f"model_deployment: {pointer_path} points to run {pointer['run_id']} (model {pointer['model_uri']}), which "
+            "the MLflow store "
+            f"{store_uri} does not hold ({err.error_code}): a fresh clone, a deleted store, or outputs restored from "
+            "DVC's cache. "
+            "Re-create the candidate with `dvc repro --force --single-item model_development`, or restore the store "
+            "(mlflow.db and mlartifacts/)."
         ) from None
 
 # %% ../notebooks/04_model_deployment.ipynb #a18af7b5
 def champion_version(client, name):
     "The version `@champion` points to, or None when the model or the alias does not exist."
     from mlflow.exceptions import MlflowException
-    try: return client.get_model_version_by_alias(name, "champion")
-    except MlflowException: return None
+
+    try:
+        return client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return None
+
 
 def find_version(client, name, pointer):
     "The registered version of `pointer`'s model, if it was registered before."
     from mlflow.exceptions import MlflowException
-    try: versions = client.search_model_versions(f"name = '{name}' and run_id = '{pointer['run_id']}'")
-    except MlflowException: return None
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}' and run_id = '{pointer['run_id']}'")
+    except MlflowException:
+        return None
     return next((v for v in versions if v.source == pointer["model_uri"]), None)
 
+
 def register_candidate(client, name, pointer, tags):
-    "Register `pointer`'s model as a version of `name` (created if needed), or return its existing version; tags it with `tags`."
+    """Register `pointer`'s model as a version of `name` (created if needed), or return its existing version; tags it
+    with `tags`."""
     from mlflow.exceptions import MlflowException
-    try: client.get_registered_model(name)
-    except MlflowException: client.create_registered_model(name, description="Ranks each targeted household's campaign offers by redemption probability.")
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(
+            name, description="Ranks each targeted household's campaign offers by redemption probability."
+        )
     version = find_version(client, name, pointer)
     if version is None:
-        model_id = pointer["model_uri"].removeprefix("models:/") if pointer["model_uri"].startswith("models:/m-") else None
-        version = client.create_model_version(name, source=pointer["model_uri"], run_id=pointer["run_id"], model_id=model_id)
-    for key, value in tags.items(): client.set_model_version_tag(name, str(version.version), key, str(value)[:5000])
+        model_id = (
+            pointer["model_uri"].removeprefix("models:/") if pointer["model_uri"].startswith("models:/m-") else None
+        )
+        version = client.create_model_version(
+            name, source=pointer["model_uri"], run_id=pointer["run_id"], model_id=model_id
+        )
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version.version), key, str(value)[:5000])
     return client.get_model_version(name, str(version.version))
 
 # %% ../notebooks/04_model_deployment.ipynb #36511654
@@ -113,10 +146,12 @@ def promote(client, name, version) -> dict:
     "Point `@champion` at `version` and `@previous` at the old champion (if any); returns the aliases before and after."
     old = champion_version(client, name)
     before = str(old.version) if old is not None else None
-    if before is not None and before != str(version): client.set_registered_model_alias(name, "previous", before)
+    if before is not None and before != str(version):
+        client.set_registered_model_alias(name, "previous", before)
     client.set_registered_model_alias(name, "champion", str(version))
     client.set_model_version_tag(name, str(version), "deployment", "champion")
     return {"champion_before": before, "champion_after": str(version)}
+
 
 def reject(client, name, version, reasons):
     "Tag `version` rejected, with the gate's reasons; aliases stay where they are."
@@ -124,39 +159,60 @@ def reject(client, name, version, reasons):
     client.set_model_version_tag(name, str(version), "gate_reasons", "; ".join(reasons)[:5000])
     client.set_model_version_tag(name, str(version), "deployment", "rejected")
 
+
 def rollback(client, name) -> dict:
     "Move `@champion` back to `@previous` and drop `@previous`; the demoted version is tagged rolled_back."
     from mlflow.exceptions import MlflowException
-    try: previous = client.get_model_version_by_alias(name, "previous")
-    except MlflowException: raise RegistryStateError(f"model {name!r} has no @previous version to roll back to") from None
+
+    try:
+        previous = client.get_model_version_by_alias(name, "previous")
+    except MlflowException:
+        raise RegistryStateError(f"model {name!r} has no @previous version to roll back to") from None
     current = champion_version(client, name)
     client.set_registered_model_alias(name, "champion", str(previous.version))
     client.delete_registered_model_alias(name, "previous")
-    if current is not None: client.set_model_version_tag(name, str(current.version), "deployment", "rolled_back")
+    if current is not None:
+        client.set_model_version_tag(name, str(current.version), "deployment", "rolled_back")
     return {"champion_before": str(current.version) if current else None, "champion_after": str(previous.version)}
 
 # %% ../notebooks/04_model_deployment.ipynb #cd902a87
 def check_gate_campaigns(campaign_descriptions, gate_campaigns, target_campaign, pointer, last_day) -> pd.DataFrame:
-    "The gate campaigns' dates; an error if one is unknown, was read by step 03, starts after the target, or is not finished by `last_day`."
+    """The gate campaigns' dates; an error if one is unknown, was read by step 03, starts after the target, or is not
+    finished by `last_day`."""
     d = campaign_descriptions.set_index("campaign_id")
     problems = [f"campaign {c} does not exist" for c in gate_campaigns if c not in d.index]
-    problems += [f"campaign {c} was read by step 03 (train or held out)" for c in gate_campaigns
-                 if c in set(pointer["train_campaigns"]) | set(pointer["held_out_campaigns"])]
+    problems += [
+        f"campaign {c} was read by step 03 (train or held out)"
+        for c in gate_campaigns
+        if c in set(pointer["train_campaigns"]) | set(pointer["held_out_campaigns"])
+    ]
     known = [c for c in gate_campaigns if c in d.index]
     start = d.loc[target_campaign, "start_date"]
-    problems += [f"campaign {c} starts after the target campaign {target_campaign}" for c in known if d.loc[c, "start_date"] >= start]
-    problems += [f"campaign {c} ends {d.loc[c, 'end_date']:%Y-%m-%d}, after the data ({pd.Timestamp(last_day):%Y-%m-%d}): its labels are incomplete"
-                 for c in known if d.loc[c, "end_date"] > pd.Timestamp(last_day)]
-    if problems: raise ParamsError("model_deployment.gate_campaigns: " + "; ".join(problems))
+    problems += [
+        f"campaign {c} starts after the target campaign {target_campaign}"
+        for c in known
+        if d.loc[c, "start_date"] >= start
+    ]
+    problems += [
+        f"campaign {c} ends {d.loc[c, 'end_date']:%Y-%m-%d}, after the data ({pd.Timestamp(last_day):%Y-%m-%d}): its "
+        "labels are incomplete"
+        for c in known
+        if d.loc[c, "end_date"] > pd.Timestamp(last_day)
+    ]
+    if problems:
+        raise ParamsError("model_deployment.gate_campaigns: " + "; ".join(problems))
     return d.loc[known, ["campaign_type", "start_date", "end_date"]].reset_index()
 
 # %% ../notebooks/04_model_deployment.ipynb #0eba16db
 def positive_scores(predictions) -> np.ndarray:
     "The probability of the positive class from a pyfunc answer: a 1-D array as is, column 1 of a two-column one."
     values = np.asarray(predictions.to_numpy() if hasattr(predictions, "to_numpy") else predictions, dtype=float)
-    if values.ndim == 2 and values.shape[1] == 2: return values[:, 1]
-    if values.ndim == 1: return values
+    if values.ndim == 2 and values.shape[1] == 2:
+        return values[:, 1]
+    if values.ndim == 1:
+        return values
     raise ValueError(f"expected probabilities (n,) or (n, 2), got shape {values.shape}")
+
 
 def predict_scores(model, features) -> np.ndarray:
     "Scores of pyfunc `model` for the rows of `features` (its step-03 feature columns)."
@@ -164,93 +220,165 @@ def predict_scores(model, features) -> np.ndarray:
 
 # %% ../notebooks/04_model_deployment.ipynb #0aff40ae
 def gate_metrics(frame, scores, k) -> dict:
-    "Step 03's metrics of `scores` on the labelled `frame`, with the lift over the charter's rule measured on the same rows."
+    """Step 03's metrics of `scores` on the labelled `frame`, with the lift over the charter's rule measured on the same
+    rows."""
     metrics = md.measure_metrics(frame, scores, k)
     counts = frame[md.RULE_FEATURE].to_numpy(dtype=float)
-    rule = md.measure_metrics(frame, counts / (1 + counts), k)     # the rule ranks by past baskets; x / (1 + x) keeps the order within [0, 1)
+    rule = md.measure_metrics(
+        frame, counts / (1 + counts), k
+    )  # the rule ranks by past baskets; x / (1 + x) keeps the order within [0, 1)
     return {**metrics, **md.measure_lift(metrics, rule), **{f"rule_{m}": rule[m] for m in GATE_METRICS}}
 
 # %% ../notebooks/04_model_deployment.ipynb #c9701398
 @dataclass
 class GateDecision:
     "The gate's verdict on a candidate."
+
     passed: bool
-    reasons: list                         # why it failed (enforced checks only)
-    checks: pd.DataFrame                  # every check: check, metric, value, threshold, enforced, passed, message
-    warnings: list = field(default_factory=list)   # thresholds that failed but are not enforced
+    reasons: list  # why it failed (enforced checks only)
+    checks: pd.DataFrame  # every check: check, metric, value, threshold, enforced, passed, message
+    warnings: list = field(default_factory=list)  # thresholds that failed but are not enforced
+
 
 def _at_least(value):
     from mlflow.models import MetricThreshold
+
     return MetricThreshold(threshold=float(value), greater_is_better=True)
+
 
 def gate_thresholds(acceptance, primary_metric, regression_metrics, margin, has_champion) -> dict:
     "The gate's checks as (kind, MLflow `MetricThreshold`), keyed by the metric they read."
     checks = {m: ("charter", _at_least(acceptance[m])) for m in GATE_METRICS if m in acceptance}
-    if f"lift_{primary_metric}" in acceptance: checks[f"lift_{primary_metric}"] = ("rule", _at_least(acceptance[f"lift_{primary_metric}"]))
+    if f"lift_{primary_metric}" in acceptance:
+        checks[f"lift_{primary_metric}"] = ("rule", _at_least(acceptance[f"lift_{primary_metric}"]))
     checks |= {f"{m}_change_vs_rule": ("rule", _at_least(-margin)) for m in regression_metrics}
-    if has_champion: checks |= {f"{m}_change_vs_champion": ("champion", _at_least(-margin)) for m in regression_metrics}
+    if has_champion:
+        checks |= {f"{m}_change_vs_champion": ("champion", _at_least(-margin)) for m in regression_metrics}
     return checks
+
 
 def _validate_one(metric, threshold, values) -> str:
     "MLflow's verdict on one check: '' when it passes, else its message."
     import mlflow
     from mlflow.models.evaluation import EvaluationResult
     from mlflow.models.evaluation.validation import ModelValidationFailedException
+
     value = values.get(metric, float("nan"))
     result = EvaluationResult(metrics={metric: value if np.isfinite(value) else float("-inf")}, artifacts={})
-    try: mlflow.validate_evaluation_results(validation_thresholds={metric: threshold}, candidate_result=result, baseline_result=None)
-    except ModelValidationFailedException as err: return str(err.message).replace("-inf", "undefined (NaN)")
+    try:
+        mlflow.validate_evaluation_results(
+            validation_thresholds={metric: threshold}, candidate_result=result, baseline_result=None
+        )
+    except ModelValidationFailedException as err:
+        return str(err.message).replace("-inf", "undefined (NaN)")
     return ""
+
 
 def _changes(candidate, reference, metrics, against) -> dict:
     "The candidate's change against `reference` on each of `metrics`, named `<metric>_change_vs_<against>`."
     return {f"{m}_change_vs_{against}": candidate[m] - reference.get(m, np.nan) for m in metrics}
 
-def decide(candidate, champion, acceptance, regression_metrics, margin, enforce_acceptance=True, primary_metric="average_precision") -> GateDecision:
-    "Judge `candidate` metrics (with the rule's, from `gate_metrics`) against the charter, its rule and `champion` (None on a first deployment)."
+
+def decide(
+    candidate,
+    champion,
+    acceptance,
+    regression_metrics,
+    margin,
+    enforce_acceptance=True,
+    primary_metric="average_precision",
+) -> GateDecision:
+    "Judge `candidate` metrics (with the rule's, from `gate_metrics`) against the charter, its rule and `champion`"
+    "(None on a first deployment)."
     rule = {m: candidate.get(f"rule_{m}", np.nan) for m in GATE_METRICS}
     values = {**candidate, **_changes(candidate, rule, regression_metrics, "rule")}
-    if champion is not None: values |= _changes(candidate, champion, regression_metrics, "champion")
+    if champion is not None:
+        values |= _changes(candidate, champion, regression_metrics, "champion")
     rows = []
-    for metric, (kind, threshold) in gate_thresholds(acceptance, primary_metric, regression_metrics, margin, champion is not None).items():
+    for metric, (kind, threshold) in gate_thresholds(
+        acceptance, primary_metric, regression_metrics, margin, champion is not None
+    ).items():
         message = _validate_one(metric, threshold, values)
-        rows.append(dict(check=kind, metric=metric, value=values.get(metric, np.nan), threshold=threshold.threshold,
-                         enforced=kind == "champion" or enforce_acceptance, passed=not message, message=message))
+        rows.append(
+            dict(
+                check=kind,
+                metric=metric,
+                value=values.get(metric, np.nan),
+                threshold=threshold.threshold,
+                enforced=kind == "champion" or enforce_acceptance,
+                passed=not message,
+                message=message,
+            )
+        )
     checks = pd.DataFrame(rows)
     failed = checks[~checks.passed]
-    return GateDecision(bool(failed.enforced.sum() == 0), failed[failed.enforced].message.tolist(), checks,
-                        failed[~failed.enforced].message.tolist())
+    return GateDecision(
+        bool(failed.enforced.sum() == 0),
+        failed[failed.enforced].message.tolist(),
+        checks,
+        failed[~failed.enforced].message.tolist(),
+    )
 
 # %% ../notebooks/04_model_deployment.ipynb #16cd1827
 def version_tags(pointer, decision, gate_campaigns) -> dict:
     "Tags of a registered version: lineage from step 03's run, and the gate's verdict with its reasons."
-    return {**pointer.get("lineage", {}), "candidate": pointer.get("name", ""), "gate": "passed" if decision.passed else "rejected",
-            "gate_campaigns": ",".join(map(str, gate_campaigns)), "gate_reasons": "; ".join(decision.reasons) or "none",
-            "gate_warnings": "; ".join(decision.warnings) or "none"}
+    return {
+        **pointer.get("lineage", {}),
+        "candidate": pointer.get("name", ""),
+        "gate": "passed" if decision.passed else "rejected",
+        "gate_campaigns": ",".join(map(str, gate_campaigns)),
+        "gate_reasons": "; ".join(decision.reasons) or "none",
+        "gate_warnings": "; ".join(decision.warnings) or "none",
+    }
+
 
 @dataclass
 class Deployment:
     "What one pass through the gate did."
-    version: object                 # the candidate's registered version
-    decision: GateDecision
-    aliases: dict                   # champion_before, champion_after (version numbers, None when there was none)
-    candidate_metrics: dict
-    champion_metrics: dict | None   # the champion before the decision, on the same rows (None on a first deployment)
-    champion: object                # the version @champion points to now (None: still no champion)
 
-def deploy_candidate(client, name, pointer, rows, k, acceptance, regression_metrics, margin, enforce_acceptance=True,
-                     primary_metric="average_precision") -> Deployment:
-    "Register `pointer`'s model, judge it and the current champion on labelled `rows`, then promote it or tag it rejected."
+    version: object  # the candidate's registered version
+    decision: GateDecision
+    aliases: dict  # champion_before, champion_after (version numbers, None when there was none)
+    candidate_metrics: dict
+    champion_metrics: dict | None  # the champion before the decision, on the same rows (None on a first deployment)
+    champion: object  # the version @champion points to now (None: still no champion)
+
+
+def deploy_candidate(
+    client,
+    name,
+    pointer,
+    rows,
+    k,
+    acceptance,
+    regression_metrics,
+    margin,
+    enforce_acceptance=True,
+    primary_metric="average_precision",
+) -> Deployment:
+    "Register `pointer`'s model, judge it and the current champion on labelled `rows`, then promote it or tag it"
+    "rejected."
     import mlflow
+
     before = champion_version(client, name)
     candidate = gate_metrics(rows, predict_scores(mlflow.pyfunc.load_model(pointer["model_uri"]), rows), k)
-    champion = gate_metrics(rows, predict_scores(mlflow.pyfunc.load_model(f"models:/{name}@champion"), rows), k) if before else None
+    champion = (
+        gate_metrics(rows, predict_scores(mlflow.pyfunc.load_model(f"models:/{name}@champion"), rows), k)
+        if before
+        else None
+    )
     decision = decide(candidate, champion, acceptance, regression_metrics, margin, enforce_acceptance, primary_metric)
-    version = register_candidate(client, name, pointer, version_tags(pointer, decision, sorted(rows.campaign_id.unique().tolist())))
-    if decision.passed: aliases = promote(client, name, version.version)
+    version = register_candidate(
+        client, name, pointer, version_tags(pointer, decision, sorted(rows.campaign_id.unique().tolist()))
+    )
+    if decision.passed:
+        aliases = promote(client, name, version.version)
     else:
         reject(client, name, version.version, decision.reasons)
-        aliases = {"champion_before": str(before.version) if before else None, "champion_after": str(before.version) if before else None}
+        aliases = {
+            "champion_before": str(before.version) if before else None,
+            "champion_after": str(before.version) if before else None,
+        }
     return Deployment(version, decision, aliases, candidate, champion, champion_version(client, name))
 
 # %% ../notebooks/04_model_deployment.ipynb #1f1d7781
@@ -258,34 +386,48 @@ def campaign_rows(tables, campaign_id) -> pd.DataFrame:
     "Step 03's candidate rows of one campaign: every household it targets × every coupon of the campaign."
     candidates = md.build_candidates(tables["campaigns"], tables["campaign_descriptions"], tables["coupons"])
     rows = candidates[candidates.campaign_id == campaign_id].reset_index(drop=True)
-    if rows.empty: raise ValueError(f"campaign {campaign_id} has no eligible rows (no targeted household or no coupon)")
+    if rows.empty:
+        raise ValueError(f"campaign {campaign_id} has no eligible rows (no targeted household or no coupon)")
     return rows
 
+
 def campaign_featurizer(tables, start, promo_weeks):
-    "A function building step 03's features (`build_features`, as in training) of candidate rows of a campaign starting at `start`."
-    before = {**tables, "transactions": md.history_before(tables["transactions"], start)}   # all the features may read; less to prepare per chunk
+    """A function building step 03's features (`build_features`, as in training) of candidate rows of a campaign
+    starting at `start`."""
+    before = {
+        **tables,
+        "transactions": md.history_before(tables["transactions"], start),
+    }  # all the features may read; less to prepare per chunk
     return lambda rows: md.build_features(rows, before, promo_weeks)
+
 
 def household_chunks(rows, chunk_households):
     "The rows in chunks of at most `chunk_households` households (all rows of a household in one chunk)."
     households = np.sort(rows.household_id.unique())
     for i in range(0, len(households), chunk_households):
-        yield rows[rows.household_id.isin(households[i:i + chunk_households])]
+        yield rows[rows.household_id.isin(households[i : i + chunk_households])]
 
 # %% ../notebooks/04_model_deployment.ipynb #6fbd34da
 def score_in_chunks(rows, featurize, predictors, chunk_households, say=quiet) -> tuple:
-    "Score `rows` chunk by chunk: (keys with the first predictor's `score`, per-chunk timings of the features and of every predictor)."
+    """Score `rows` chunk by chunk: (keys with the first predictor's `score`, per-chunk timings of the features and of
+    every predictor)."""
     parts, timings, done = [], [], 0
     for chunk in household_chunks(rows, chunk_households):
         started = time.perf_counter()
         features = featurize(chunk)
-        timing = {"households": chunk.household_id.nunique(), "rows": len(features), "features_s": time.perf_counter() - started}
+        timing = {
+            "households": chunk.household_id.nunique(),
+            "rows": len(features),
+            "features_s": time.perf_counter() - started,
+        }
         for i, (name, predict) in enumerate(predictors.items()):
             started = time.perf_counter()
             scores = predict(features)
             timing[f"{name}_s"] = time.perf_counter() - started
-            if i == 0: parts.append(features[md.KEYS].assign(score=scores))
-        timings.append(timing); del features
+            if i == 0:
+                parts.append(features[md.KEYS].assign(score=scores))
+        timings.append(timing)
+        del features
         done += len(chunk)
         say(f"scoring: {done:,} of {len(rows):,} rows ({len(timings)} chunks)")
     scored = pd.concat(parts, ignore_index=True).sort_values(md.KEYS, ignore_index=True)
@@ -293,35 +435,46 @@ def score_in_chunks(rows, featurize, predictors, chunk_households, say=quiet) ->
 
 # %% ../notebooks/04_model_deployment.ipynb #27c61125
 def _memory_mb(key) -> float:
-    with open("/proc/self/status") as f: return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key))
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key))
+
 
 def _measure_child(conn, fn):
     from threadpoolctl import threadpool_limits
+
     start = _memory_mb("VmRSS:")
-    with threadpool_limits(1): fn()          # OpenMP's thread pool does not survive a fork: one thread in the child
+    with threadpool_limits(1):
+        fn()  # OpenMP's thread pool does not survive a fork: one thread in the child
     conn.send(_memory_mb("VmHWM:") - start)
 
+
 def peak_memory_mb(fn, timeout_s=1800) -> float:
-    "Peak resident memory (MB) that calling `fn` adds, measured in a forked child process; NaN where /proc is unavailable."
-    if not Path("/proc/self/status").exists(): return float("nan")
+    """Peak resident memory (MB) that calling `fn` adds, measured in a forked child process; NaN where /proc is
+    unavailable."""
+    if not Path("/proc/self/status").exists():
+        return float("nan")
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_measure_child, args=(send, fn))
     child.start()
     try:
-        if not receive.poll(timeout_s): raise TimeoutError(f"memory measurement did not finish within {timeout_s} s")
+        if not receive.poll(timeout_s):
+            raise TimeoutError(f"memory measurement did not finish within {timeout_s} s")
         return float(receive.recv())
     finally:
         child.join(5)
-        if child.is_alive(): child.kill()
+        if child.is_alive():
+            child.kill()
 
 # %% ../notebooks/04_model_deployment.ipynb #825e893a
 def offers_per_household(charter) -> int:
     "The number of offers messaged per household: the charter's top_k within its contact cap."
     return min(charter["ml_problem"]["top_k"], charter["policies"]["contact_frequency_cap"]["max_offers_per_household"])
 
+
 def capped_households(campaigns, campaign_descriptions, campaign_id, max_campaigns, days=30) -> np.ndarray:
-    "Households targeted by `campaign_id` that other campaigns started in the `days` before it already reached `max_campaigns` times."
+    """Households targeted by `campaign_id` that other campaigns started in the `days` before it already reached
+    `max_campaigns` times."""
     d = campaign_descriptions.set_index("campaign_id").start_date
     start = d.loc[campaign_id]
     recent = d[(d < start) & (d >= start - pd.Timedelta(days=days)) & (d.index != campaign_id)].index
@@ -332,6 +485,7 @@ def capped_households(campaigns, campaign_descriptions, campaign_id, max_campaig
 # %% ../notebooks/04_model_deployment.ipynb #b312cd0a
 SEND_LIST_COLUMNS = ["household_id", "contact_key", "campaign_id", "coupon_upc", "score", "rank"]
 
+
 def build_send_list(scored, k, excluded, contacts) -> pd.DataFrame:
     "The top `k` offers of each household not `excluded`, ranked, with the household's contact pseudonym."
     eligible = scored[~scored.household_id.isin(excluded)].reset_index(drop=True)
@@ -339,42 +493,62 @@ def build_send_list(scored, k, excluded, contacts) -> pd.DataFrame:
     top = top.assign(rank=top.groupby(["household_id", "campaign_id"]).cumcount() + 1)
     out = top.merge(contacts[["household_id", "contact_key"]], on="household_id", how="left", validate="many_to_one")
     missing = out.contact_key.isna().sum()
-    if missing: raise ValueError(f"{missing} send-list rows have no contact pseudonym: contacts must cover every targeted household")
+    if missing:
+        raise ValueError(
+            f"{missing} send-list rows have no contact pseudonym: contacts must cover every targeted household"
+        )
     return out[SEND_LIST_COLUMNS].sort_values(["household_id", "rank"], ignore_index=True)
 
 # %% ../notebooks/04_model_deployment.ipynb #b5583285
 DELIVERY_COLUMNS = ["campaign_id", "household_id", "name", "email", "phone", "rank", "coupon_upc"]
 
+
 def build_delivery(send_list, raw_contacts) -> pd.DataFrame:
     "The send list with each household's raw contact details: the restricted file for the messaging system."
-    out = send_list.merge(raw_contacts[["household_id", "name", "email", "phone"]], on="household_id", how="left", validate="many_to_one")
+    out = send_list.merge(
+        raw_contacts[["household_id", "name", "email", "phone"]], on="household_id", how="left", validate="many_to_one"
+    )
     missing = out.email.isna().sum()
-    if missing: raise ValueError(f"{missing} send-list rows have no contact in the raw CRM extract")
+    if missing:
+        raise ValueError(f"{missing} send-list rows have no contact in the raw CRM extract")
     return out[DELIVERY_COLUMNS]
+
 
 def write_restricted(frame, path) -> Path:
     "Write `frame` as CSV readable and writable by its owner only."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as f: frame.to_csv(f, index=False)
+    with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as f:
+        frame.to_csv(f, index=False)
     return path
 
 # %% ../notebooks/04_model_deployment.ipynb #dda6d7a9
 def deployment_kpi_tables(processed, send_list, campaign_id, held_back, window_days=14) -> dict:
-    "The tables the KPI functions take for the target campaign's messages; an error if its window is not finished inside the data."
+    """The tables the KPI functions take for the target campaign's messages; an error if its window is not finished
+    inside the data."""
     days = processed["transactions"].transaction_timestamp
     campaign = processed["campaign_descriptions"][processed["campaign_descriptions"].campaign_id == campaign_id]
     if measurable_campaigns(campaign, days.min(), days.max(), window_days).empty:
-        raise ValueError(f"campaign {campaign_id}'s KPI window ({window_days} days, and the campaign itself) is not finished "
-                         f"inside the data ({days.min():%Y-%m-%d} to {days.max():%Y-%m-%d})")
+        raise ValueError(
+            f"campaign {campaign_id}'s KPI window ({window_days} days, and the campaign itself) is not finished "
+            f"inside the data ({days.min():%Y-%m-%d} to {days.max():%Y-%m-%d})"
+        )
     households = processed["households"][~processed["households"].household_id.isin(held_back)]
-    return dict(transactions=processed["transactions"], campaigns=send_list[["campaign_id", "household_id"]].drop_duplicates(),
-                campaign_descriptions=campaign, households=households, coupon_redemptions=processed["coupon_redemptions"],
-                offers=send_list[md.KEYS])
+    return dict(
+        transactions=processed["transactions"],
+        campaigns=send_list[["campaign_id", "household_id"]].drop_duplicates(),
+        campaign_descriptions=campaign,
+        households=households,
+        coupon_redemptions=processed["coupon_redemptions"],
+        offers=send_list[md.KEYS],
+    )
+
 
 def measure_blanket_precision(kpis, kpi_tables, campaigns, coupons, campaign_id) -> float:
-    "Offer precision had every targeted household of `campaign_id` been messaged every coupon of it (the blanket mailing)."
+    """Offer precision had every targeted household of `campaign_id` been messaged every coupon of it (the blanket
+    mailing)."""
     targeted = campaigns[campaigns.campaign_id == campaign_id]
     offer_precision = next(kpi for kpi in kpis if kpi["id"] == "offer_precision")
     return measure_kpi(offer_precision, {**kpi_tables, "offers": blanket_offers(targeted, coupons)}).value
@@ -383,18 +557,22 @@ def measure_blanket_precision(kpis, kpi_tables, campaigns, coupons, campaign_id)
 def free_port() -> int:
     "A TCP port free on 127.0.0.1 right now."
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 def split_payload(frame) -> bytes:
     "`frame` as an MLflow `dataframe_split` request body (exact floats, NaN as null)."
     values = frame.astype(object).where(frame.notna(), None).to_numpy().tolist()
     return json.dumps({"dataframe_split": {"columns": list(frame.columns), "data": values}}).encode()
 
+
 def post_json(url, body, timeout_s) -> dict:
     "POST `body` (JSON bytes) to `url`; returns the decoded answer or raises with the server's message."
     request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response: return json.loads(response.read())
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return json.loads(response.read())
     except urllib.error.HTTPError as err:
         raise RuntimeError(f"{url} answered {err.code}: {err.read().decode(errors='replace')[:500]}") from None
 
@@ -402,44 +580,75 @@ def post_json(url, body, timeout_s) -> dict:
 def start_server(model_uri, port, environ, log_path) -> subprocess.Popen:
     "Start `mlflow models serve` for `model_uri` on 127.0.0.1:`port` in its own process group, logging to `log_path`."
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    bin_dir = Path(sys.executable).parent                  # the CLI starts uvicorn by name: the environment's bin comes first
-    command = [str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port), "--env-manager", "local"]
+    bin_dir = Path(sys.executable).parent  # the CLI starts uvicorn by name: the environment's bin comes first
+    command = [
+        str(bin_dir / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "--env-manager",
+        "local",
+    ]
     env = {**environ, "PATH": f"{bin_dir}{os.pathsep}{environ.get('PATH', '')}"}
     with open(log_path, "w") as log:
         return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
+
 def _group_alive(pgid) -> bool:
-    try: os.killpg(pgid, 0)
-    except ProcessLookupError: return False
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
     return True
+
 
 def stop_server(process, timeout_s=15):
     "Stop the server's whole process group (the CLI and its uvicorn workers): SIGTERM, then SIGKILL after `timeout_s`."
     deadline = time.monotonic() + timeout_s
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        try: os.killpg(process.pid, sig)
-        except ProcessLookupError: pass
-        try: process.wait(max(deadline - time.monotonic(), 0.1))      # reap the CLI, then wait for the rest of its group
-        except subprocess.TimeoutExpired: pass
-        while _group_alive(process.pid) and time.monotonic() < deadline: time.sleep(0.1)
-        if not _group_alive(process.pid): return
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(max(deadline - time.monotonic(), 0.1))  # reap the CLI, then wait for the rest of its group
+        except subprocess.TimeoutExpired:
+            pass
+        while _group_alive(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not _group_alive(process.pid):
+            return
         deadline = time.monotonic() + timeout_s
     raise RuntimeError(f"the model server's process group {process.pid} survived SIGKILL")
+
 
 def wait_until_ready(url, process, timeout_s, log_path) -> float:
     "Poll `url`/ping until it answers, the server exits, or `timeout_s` passes; returns the seconds it took."
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
         if process.poll() is not None:
-            raise RuntimeError(f"the model server exited with {process.returncode}: {Path(log_path).read_text()[-2000:]}")
+            raise RuntimeError(
+                f"the model server exited with {process.returncode}: {Path(log_path).read_text()[-2000:]}"
+            )
         try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2): return time.monotonic() - started
-        except (urllib.error.URLError, ConnectionError, TimeoutError): time.sleep(0.5)
-    raise TimeoutError(f"the model server did not answer {url}/ping within {timeout_s} s: {Path(log_path).read_text()[-2000:]}")
+            with urllib.request.urlopen(f"{url}/ping", timeout=2):
+                return time.monotonic() - started
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.5)
+    raise TimeoutError(
+        f"the model server did not answer {url}/ping within {timeout_s} s: {Path(log_path).read_text()[-2000:]}"
+    )
+
 
 @contextmanager
 def serving(model_uri, environ, log_path, startup_timeout_s=180):
-    "Serve `model_uri` on a free loopback port for the `with` block; yields the base URL; the server is stopped whatever happens."
+    """Serve `model_uri` on a free loopback port for the `with` block; yields the base URL; the server is stopped
+    whatever happens."""
     port = free_port()
     process = start_server(model_uri, port, environ, log_path)
     try:
@@ -455,6 +664,7 @@ def invoke(url, features, timeout_s) -> np.ndarray:
     answer = post_json(f"{url}/invocations", split_payload(features[md.FEATURES]), timeout_s)
     return positive_scores(np.asarray(answer["predictions"]))
 
+
 def measure_latency(url, features, requests, timeout_s) -> np.ndarray:
     "Seconds per single-row request, for `requests` requests cycling over the rows of `features` (a bounded loop)."
     bodies = [split_payload(features[md.FEATURES].iloc[[i]]) for i in range(min(len(features), requests))]
@@ -467,9 +677,20 @@ def measure_latency(url, features, requests, timeout_s) -> np.ndarray:
 
 # %% ../notebooks/04_model_deployment.ipynb #a1d57dda
 def generate_dockerfile(model_uri, out_dir, environ, timeout_s=600) -> Path:
-    "Write a Dockerfile serving `model_uri` (and the model itself) to `out_dir` with MLflow's own tooling; returns the Dockerfile."
+    """Write a Dockerfile serving `model_uri` (and the model itself) to `out_dir` with MLflow's own tooling; returns the
+    Dockerfile."""
     mlflow_cli = Path(sys.executable).parent / "mlflow"
-    command = [str(mlflow_cli), "models", "generate-dockerfile", "-m", model_uri, "-d", str(out_dir), "--env-manager", "local"]
+    command = [
+        str(mlflow_cli),
+        "models",
+        "generate-dockerfile",
+        "-m",
+        model_uri,
+        "-d",
+        str(out_dir),
+        "--env-manager",
+        "local",
+    ]
     proc = subprocess.run(command, env=dict(environ), capture_output=True, text=True, timeout=timeout_s)
     dockerfile = Path(out_dir) / "Dockerfile"
     if proc.returncode != 0 or not dockerfile.exists():
@@ -481,93 +702,150 @@ def load_history(path) -> list:
     "The deployment record: one entry per gate decision, oldest first (empty when there is none yet)."
     return load_json(path) if Path(path).exists() else []
 
+
 def restore_champion(client, name, history, store_uri) -> dict:
-    "Make `@champion` what the record says when the registry lost it; returns what was done (nothing when the registry agrees)."
+    """Make `@champion` what the record says when the registry lost it; returns what was done (nothing when the registry
+    agrees)."""
     last = next((h for h in reversed(history) if h.get("champion_after")), None)
     current = champion_version(client, name)
-    if last is None or current is not None: return {"restored": False}
+    if last is None or current is not None:
+        return {"restored": False}
     pointer = {"run_id": last["champion_run_id"], "model_uri": last["champion_model_uri"]}
-    try: check_candidate_in_store(client, pointer, store_uri, pointer_path="models/deployments.json")
+    try:
+        check_candidate_in_store(client, pointer, store_uri, pointer_path="models/deployments.json")
     except RegistryStateError as err:
-        raise RegistryStateError(f"{err} The registry has no @champion although the deployment record names one; delete "
-                                 "models/deployments.json only if a deployment without comparison against that champion is intended.") from None
+        raise RegistryStateError(
+            f"{err} The registry has no @champion although the deployment record names one; delete "
+            "models/deployments.json only if a deployment without comparison against that champion is intended."
+        ) from None
     version = register_candidate(client, name, pointer, {"restored_from": "models/deployments.json"})
     promote(client, name, version.version)
     return {"restored": True, "version": str(version.version), "run_id": pointer["run_id"]}
 
 # %% ../notebooks/04_model_deployment.ipynb #52c5f534
 def _verdict(decision, aliases) -> str:
-    if not decision.passed: return "rejected"
+    if not decision.passed:
+        return "rejected"
     return "already champion" if aliases["champion_before"] == aliases["champion_after"] else "promoted"
+
 
 def history_entry(version, pointer, decision, aliases, champion) -> dict:
     "One entry of the deployment record."
-    return {"time": pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"), "candidate_version": str(version.version),
-            "candidate_run_id": pointer["run_id"], "decision": _verdict(decision, aliases), "reasons": decision.reasons,
-            "warnings": decision.warnings, **aliases, "champion_run_id": champion.run_id if champion else None,
-            "champion_model_uri": champion.source if champion else None}
+    return {
+        "time": pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"),
+        "candidate_version": str(version.version),
+        "candidate_run_id": pointer["run_id"],
+        "decision": _verdict(decision, aliases),
+        "reasons": decision.reasons,
+        "warnings": decision.warnings,
+        **aliases,
+        "champion_run_id": champion.run_id if champion else None,
+        "champion_model_uri": champion.source if champion else None,
+    }
+
 
 def champion_pointer(name, version, metrics, params) -> dict:
-    "`models/champion.json`: which registered version serves, its metrics on the gate campaigns, and the gate's settings (for step 05)."
-    return {"name": name, "version": str(version.version), "run_id": version.run_id, "model_uri": f"models:/{name}/{version.version}",
-            "alias_uri": f"models:/{name}@champion", "source": version.source,
-            "metrics": {f"gate_{k}": round(float(v), 6) for k, v in metrics.items() if k in (*GATE_METRICS, "lift_average_precision") and np.isfinite(v)},
-            "gate": {k: params[k] for k in ("regression_metrics", "regression_margin")}}
+    """`models/champion.json`: which registered version serves, its metrics on the gate campaigns, and the gate's
+    settings (for step 05)."""
+    return {
+        "name": name,
+        "version": str(version.version),
+        "run_id": version.run_id,
+        "model_uri": f"models:/{name}/{version.version}",
+        "alias_uri": f"models:/{name}@champion",
+        "source": version.source,
+        "metrics": {
+            f"gate_{k}": round(float(v), 6)
+            for k, v in metrics.items()
+            if k in (*GATE_METRICS, "lift_average_precision") and np.isfinite(v)
+        },
+        "gate": {k: params[k] for k in ("regression_metrics", "regression_margin")},
+    }
+
 
 def flat(prefix, values) -> dict:
     "Finite numbers of `values` rounded, under `prefix`."
-    return {f"{prefix}{k}": round(float(v), 6) for k, v in values.items()
-            if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and np.isfinite(v)}
+    return {
+        f"{prefix}{k}": round(float(v), 6)
+        for k, v in values.items()
+        if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and np.isfinite(v)
+    }
 
 # %% ../notebooks/04_model_deployment.ipynb #19d386b1
 def require_champion(deployment):
     "Raise `RegistryStateError` when, after the gate, there is no champion to score with (a first candidate rejected)."
     if deployment.champion is None:
-        raise RegistryStateError(f"model_deployment: the first candidate (version {deployment.version.version}) was rejected and there is "
-                                 f"no champion to score with: {'; '.join(deployment.decision.reasons)}")
+        raise RegistryStateError(
+            f"model_deployment: the first candidate (version {deployment.version.version}) was rejected and there is "
+            f"no champion to score with: {'; '.join(deployment.decision.reasons)}"
+        )
+
 
 def champion_metrics(deployment) -> dict:
-    "The gate metrics of the version that is champion now: the candidate's when it was promoted, else the old champion's."
+    """The gate metrics of the version that is champion now: the candidate's when it was promoted, else the old
+    champion's."""
     promoted = str(deployment.champion.version) == str(deployment.version.version)
     return deployment.candidate_metrics if promoted else deployment.champion_metrics
 
 # %% ../notebooks/04_model_deployment.ipynb #19d386b3
 def check_serving_parity(model_uri, scorer, rows, environ, log_path, serving_params) -> dict:
-    "Serve `model_uri` over REST on loopback and compare its answers for `rows` with batch scores of `scorer`; raises on a difference."
+    """Serve `model_uri` over REST on loopback and compare its answers for `rows` with batch scores of `scorer`; raises
+    on a difference."""
     batch = predict_scores(scorer, rows)
     with serving(model_uri, environ, log_path, serving_params["startup_timeout_s"]) as url:
         rest = invoke(url, rows, serving_params["request_timeout_s"])
     Path(log_path).unlink(missing_ok=True)
     differ = ~np.isclose(rest, batch, rtol=0, atol=1e-12)
-    if differ.any(): raise RuntimeError(f"REST and batch scores differ on {int(differ.sum())} of {len(rows)} rows")
+    if differ.any():
+        raise RuntimeError(f"REST and batch scores differ on {int(differ.sum())} of {len(rows)} rows")
     return {"rows": len(rows), "max_abs_difference": float(np.abs(rest - batch).max())}
+
 
 def write_dockerfile(model_uri, out_dir, environ) -> Path:
     "`generate_dockerfile` into a fresh `out_dir` (the previous champion's folder is removed first)."
     import shutil
+
     shutil.rmtree(out_dir, ignore_errors=True)
     return generate_dockerfile(model_uri, out_dir, environ)
 
 # %% ../notebooks/04_model_deployment.ipynb #19d386b6
 def deployment_metrics(deployment, enforced, kpis, blanket_precision, send_list, held_back) -> dict:
-    "Flat numbers for `metrics/deployment.json`: the gate's metrics and verdict, the champion, the campaign's KPIs, the send list."
-    return {**flat("gate.candidate.", deployment.candidate_metrics), **flat("gate.champion_before.", deployment.champion_metrics or {}),
-            "gate.passed": int(deployment.decision.passed), "gate.enforced_acceptance": int(enforced),
-            "champion.version": int(deployment.champion.version), **flat("kpi.", kpis), "kpi.blanket_offer_precision": round(blanket_precision, 6),
-            "send_list.rows": len(send_list), "send_list.households": int(send_list.household_id.nunique()),
-            "send_list.held_back_by_cap": int(len(held_back))}
+    """Flat numbers for `metrics/deployment.json`: the gate's metrics and verdict, the champion, the campaign's KPIs,
+    the send list."""
+    return {
+        **flat("gate.candidate.", deployment.candidate_metrics),
+        **flat("gate.champion_before.", deployment.champion_metrics or {}),
+        "gate.passed": int(deployment.decision.passed),
+        "gate.enforced_acceptance": int(enforced),
+        "champion.version": int(deployment.champion.version),
+        **flat("kpi.", kpis),
+        "kpi.blanket_offer_precision": round(blanket_precision, 6),
+        "send_list.rows": len(send_list),
+        "send_list.households": int(send_list.household_id.nunique()),
+        "send_list.held_back_by_cap": int(len(held_back)),
+    }
+
 
 def latest_kpis(charter, kpis) -> dict:
     "`metrics/latest_kpis.json`: each charter KPI of the campaign, by id."
     return {kpi["id"]: round(kpis[kpi["id"]], 6) for kpi in charter["kpis"]}
 
+
 def log_deployment_run(experiment_id, pointer, name, deployment, metrics):
     "An MLflow run of the stage: lineage from step 03, the versions involved, the gate's verdict and the flat metrics."
     import mlflow
+
     with mlflow.start_run(run_name="model_deployment", experiment_id=experiment_id):
-        mlflow.set_tags({**pointer.get("lineage", {}), "stage": "model_deployment", "registered_model": name,
-                         "candidate_version": deployment.version.version, "champion_version": deployment.champion.version,
-                         "gate": "passed" if deployment.decision.passed else "rejected"})
+        mlflow.set_tags(
+            {
+                **pointer.get("lineage", {}),
+                "stage": "model_deployment",
+                "registered_model": name,
+                "candidate_version": deployment.version.version,
+                "champion_version": deployment.champion.version,
+                "gate": "passed" if deployment.decision.passed else "rejected",
+            }
+        )
         mlflow.log_metrics(metrics)
 
 # %% ../notebooks/04_model_deployment.ipynb #19d386b9
@@ -576,11 +854,16 @@ def top_k_hits(rows, metrics, k) -> int:
     slots = int(rows.groupby(["household_id", "campaign_id"]).size().clip(upper=k).sum())
     return int(round(metrics["precision_at_k"] * slots))
 
+
 def gate_comparison(deployment, rows, k) -> pd.DataFrame:
-    "The gate's metrics of the candidate, the champion before it (if any) and the charter's rule, with their top-k redemptions."
+    """The gate's metrics of the candidate, the champion before it (if any) and the charter's rule, with their top-k
+    redemptions."""
     c = deployment.candidate_metrics
-    columns = {"candidate": c, **({"champion before": deployment.champion_metrics} if deployment.champion_metrics else {}),
-               "charter's rule": {m: c[f"rule_{m}"] for m in GATE_METRICS}}
+    columns = {
+        "candidate": c,
+        **({"champion before": deployment.champion_metrics} if deployment.champion_metrics else {}),
+        "charter's rule": {m: c[f"rule_{m}"] for m in GATE_METRICS},
+    }
     table = pd.DataFrame({n: {m: v[m] for m in GATE_METRICS} for n, v in columns.items()})
     table.loc[f"redeemed offers among each household's top {k}"] = [top_k_hits(rows, v, k) for v in columns.values()]
     return table
@@ -589,23 +872,34 @@ def gate_comparison(deployment, rows, k) -> pd.DataFrame:
 def deployment_summary(deployment, comparison, name, k) -> str:
     "The decision in one sentence and the key figures, as Markdown for a reader who does not code."
     hits, ap, rule = comparison.iloc[-1], comparison.loc["average_precision"], "charter's rule"
-    verdict = (f"**Version {deployment.version.version} was promoted: it now serves as `@champion`.**" if deployment.decision.passed
-               else f"**Version {deployment.version.version} was rejected; version {deployment.champion.version} stays `@champion`.**")
+    verdict = (
+        f"**Version {deployment.version.version} was promoted: it now serves as `@champion`.**"
+        if deployment.decision.passed
+        else f"**Version {deployment.version.version} was rejected; version {deployment.champion.version} stays "
+        "`@champion`.**"
+    )
     before = f", the champion before it's **{hits['champion before']:.0f}**" if "champion before" in hits else ""
-    lines = [f"- each household's top {k} offers, on the gate campaigns: the candidate's redeem **{hits['candidate']:.0f}**, the charter's "
-             f"rule's **{hits[rule]:.0f}**{before}",
-             f"- average precision: candidate **{ap['candidate']:.4f}**, rule **{ap[rule]:.4f}**"]
+    lines = [
+        f"- each household's top {k} offers, on the gate campaigns: the candidate's redeem "
+        f"**{hits['candidate']:.0f}**, the charter's "
+        f"rule's **{hits[rule]:.0f}**{before}",
+        f"- average precision: candidate **{ap['candidate']:.4f}**, rule **{ap[rule]:.4f}**",
+    ]
     lines += [f"- not met: {r}" for r in deployment.decision.reasons]
     return f"{verdict} Model `{name}`.\n\n" + "\n".join(lines)
+
 
 def plot_gate(comparison, k):
     "Bars of each model's redeemed offers among each household's top `k` on the gate campaigns."
     import matplotlib.pyplot as plt
+
     hits = comparison.iloc[-1]
     fig, ax = plt.subplots(figsize=(6, 2.2))
     ax.barh(list(hits.index), hits.values, color=["#3e7cb1" if n == "candidate" else "#b0bec5" for n in hits.index])
-    for y, v in enumerate(hits.values): ax.text(v, y, f" {v:.0f}", va="center")
-    ax.set_xlabel(f"redeemed offers among each household's top {k} (gate campaigns)"); ax.set_xlim(0, max(hits.max() * 1.2, 1))
+    for y, v in enumerate(hits.values):
+        ax.text(v, y, f" {v:.0f}", va="center")
+    ax.set_xlabel(f"redeemed offers among each household's top {k} (gate campaigns)")
+    ax.set_xlim(0, max(hits.max() * 1.2, 1))
     fig.tight_layout()
     return fig
 
@@ -614,41 +908,88 @@ def gate_notices(restored, enforced, decision) -> str:
     "HTML notices for a repaired registry and for charter thresholds that were not enforced ('' when neither applies)."
     out = ""
     if restored["restored"]:
-        out += (f"<p style='background:#fff3bf;border:2px solid #f59f00;padding:.6rem'><b>Registry repaired.</b> The registry had no "
-                f"<code>@champion</code> although the deployment record names version {restored['version']}; it was re-registered "
-                "from its run before the gate ran.</p>")
+        out += (
+            "<p style='background:#fff3bf;border:2px solid #f59f00;padding:.6rem'><b>Registry repaired.</b> The "
+            "registry had no "
+            f"<code>@champion</code> although the deployment record names version {restored['version']}; it was "
+            "re-registered "
+            "from its run before the gate ran.</p>"
+        )
     if not enforced:
-        out += ("<p style='background:#fde8e8;border:2px solid #d64545;padding:.6rem'><b>⚠ The charter's thresholds were NOT enforced.</b> "
-                "<code>shared.enforce_acceptance</code> is false (the smoke slice, too small to meet the charter): a candidate that misses "
-                "them can still be promoted. Only the no-regression check against the champion decided."
-                + "".join(f"<br>Missed: {w}" for w in decision.warnings) + "</p>")
+        out += (
+            "<p style='background:#fde8e8;border:2px solid #d64545;padding:.6rem'><b>⚠ The charter's thresholds were "
+            "NOT enforced.</b> "
+            "<code>shared.enforce_acceptance</code> is false (the smoke slice, too small to meet the charter): a "
+            "candidate that misses "
+            "them can still be promoted. Only the no-regression check against the champion decided."
+            + "".join(f"<br>Missed: {w}" for w in decision.warnings)
+            + "</p>"
+        )
     return out
+
 
 def registry_table(client, name) -> pd.DataFrame:
     "The registered versions of `name` with their aliases and the gate's tags."
     alias_of = {}
     for alias in ("champion", "previous"):
         version = champion_version(client, name) if alias == "champion" else _alias_version(client, name, alias)
-        if version is not None: alias_of.setdefault(str(version.version), []).append(alias)
-    rows = [dict(version=int(v.version), aliases=", ".join(alias_of.get(str(v.version), [])), candidate=v.tags.get("candidate", ""),
-                 gate=v.tags.get("gate", ""), reasons=v.tags.get("gate_reasons", ""), run=v.run_id[:8], git_commit=v.tags.get("git_commit", "")[:8])
-            for v in client.search_model_versions(f"name = '{name}'")]
+        if version is not None:
+            alias_of.setdefault(str(version.version), []).append(alias)
+    rows = [
+        dict(
+            version=int(v.version),
+            aliases=", ".join(alias_of.get(str(v.version), [])),
+            candidate=v.tags.get("candidate", ""),
+            gate=v.tags.get("gate", ""),
+            reasons=v.tags.get("gate_reasons", ""),
+            run=v.run_id[:8],
+            git_commit=v.tags.get("git_commit", "")[:8],
+        )
+        for v in client.search_model_versions(f"name = '{name}'")
+    ]
     return pd.DataFrame(rows).sort_values("version", ignore_index=True)
+
 
 def _alias_version(client, name, alias):
     from mlflow.exceptions import MlflowException
-    try: return client.get_model_version_by_alias(name, alias)
-    except MlflowException: return None
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
 
 # %% ../notebooks/04_model_deployment.ipynb #19d386bf
 def kpi_table(charter, kpis, baseline, blanket_precision) -> pd.DataFrame:
-    "The campaign's KPIs beside the comparison group, step 02's baseline, the target and the alert threshold, with a status."
+    """The campaign's KPIs beside the comparison group, step 02's baseline, the target and the alert threshold, with a
+    status."""
+
     def status(kpi):
         value = kpis[kpi["id"]]
-        return "on target" if value >= kpi["target"] else ("alert" if value < kpi["alert_threshold"] else "below target")
-    rows = [dict(kpi=k["id"], name=k["name"], campaign=kpis[k["id"]], comparison_group=kpis.get(f"{k['id']}_comparison", np.nan),
-                 baseline=baseline.get(k["id"], np.nan), target=k["target"], alert_threshold=k["alert_threshold"], status=status(k))
-            for k in charter["kpis"]]
-    blanket = dict(kpi="offer_precision (blanket)", name="Offer precision of every coupon of the campaign", campaign=blanket_precision,
-                   comparison_group=np.nan, baseline=baseline.get("offer_precision", np.nan), target=np.nan, alert_threshold=np.nan, status="")
+        return (
+            "on target" if value >= kpi["target"] else ("alert" if value < kpi["alert_threshold"] else "below target")
+        )
+
+    rows = [
+        dict(
+            kpi=k["id"],
+            name=k["name"],
+            campaign=kpis[k["id"]],
+            comparison_group=kpis.get(f"{k['id']}_comparison", np.nan),
+            baseline=baseline.get(k["id"], np.nan),
+            target=k["target"],
+            alert_threshold=k["alert_threshold"],
+            status=status(k),
+        )
+        for k in charter["kpis"]
+    ]
+    blanket = dict(
+        kpi="offer_precision (blanket)",
+        name="Offer precision of every coupon of the campaign",
+        campaign=blanket_precision,
+        comparison_group=np.nan,
+        baseline=baseline.get("offer_precision", np.nan),
+        target=np.nan,
+        alert_threshold=np.nan,
+        status="",
+    )
     return pd.DataFrame(rows + [blanket])

@@ -42,38 +42,54 @@ from .data_acquisition import UNKNOWN
 
 # %% ../notebooks/03_model_development.ipynb #2f337a1a
 SPEC = {
-    "min_history_days": int,           # campaigns starting fewer days after the first transaction are dropped
-    "train_before": str,               # campaigns starting before this date train the candidates
-    "production_from": str,            # [train_before, production_from) is held out for evaluation; from here on: production, never read
-    "purge_open_campaigns": bool,      # drop training campaigns still running at train_before (their labels lie in the held-out period)
-    "promo_weeks": int,                # promotion exposure: the last complete weeks before a campaign's start
-    "negative_sample_rate": (int, float),  # training keeps every redeemed row and this seeded share of the others (weighted back)
-    "search_iterations": int,          # random hyperparameter draws per model
-    "cv_folds": int,                   # cross-validation folds, grouped by campaign
+    "min_history_days": int,  # campaigns starting fewer days after the first transaction are dropped
+    "train_before": str,  # campaigns starting before this date train the candidates
+    # [train_before, production_from) is held out for evaluation; from here on: production, never read
+    "production_from": str,
+    # drop training campaigns still running at train_before (their labels lie in the held-out period)
+    "purge_open_campaigns": bool,
+    "promo_weeks": int,  # promotion exposure: the last complete weeks before a campaign's start
+    "negative_sample_rate": (
+        int,
+        float,
+    ),  # training keeps every redeemed row and this seeded share of the others (weighted back)
+    "search_iterations": int,  # random hyperparameter draws per model
+    "cv_folds": int,  # cross-validation folds, grouped by campaign
     "logistic_regression": {"C": [(int, float)]},
-    "gradient_boosting": {"learning_rate": [(int, float)], "max_iter": [int], "max_leaf_nodes": [int],
-                          "min_samples_leaf": [int], "l2_regularization": [(int, float)]},
-    "leakage_auc_max": (int, float),   # a single feature ranking the training label this well is taken as a copy of it
-    "importance_repeats": int,         # permutation importance: shuffles per feature
+    "gradient_boosting": {
+        "learning_rate": [(int, float)],
+        "max_iter": [int],
+        "max_leaf_nodes": [int],
+        "min_samples_leaf": [int],
+        "l2_regularization": [(int, float)],
+    },
+    "leakage_auc_max": (int, float),  # a single feature ranking the training label this well is taken as a copy of it
+    "importance_repeats": int,  # permutation importance: shuffles per feature
     "importance_max_samples": (int, float),  # permutation importance: share of held-out rows per shuffle
-    "reference_bins": int,             # quantile bins of the monitoring reference
-    "curve_points": int,               # points per ROC / precision-recall curve in plots/
+    "reference_bins": int,  # quantile bins of the monitoring reference
+    "curve_points": int,  # points per ROC / precision-recall curve in plots/
 }
+
 
 def check_params(params) -> dict:
     "Check the section's meaning beyond its types; returns it unchanged."
     validate_spec(params, SPEC, where="model_development")
     train_before, production_from = pd.Timestamp(params["train_before"]), pd.Timestamp(params["production_from"])
     if not train_before < production_from:
-        raise ValueError(f"model_development: train_before {params['train_before']} must precede production_from {params['production_from']}")
+        raise ValueError(
+            f"model_development: train_before {params['train_before']} must precede production_from "
+            f"{params['production_from']}"
+        )
     if params["cv_folds"] < 2 or params["search_iterations"] < 1:
         raise ValueError("model_development: cv_folds must be at least 2 and search_iterations at least 1")
     for key in ("negative_sample_rate", "importance_max_samples"):
-        if not 0 < params[key] <= 1: raise ValueError(f"model_development.{key} must lie in (0, 1], got {params[key]}")
+        if not 0 < params[key] <= 1:
+            raise ValueError(f"model_development.{key} must lie in (0, 1], got {params[key]}")
     return params
 
 # %% ../notebooks/03_model_development.ipynb #e5ec98a0
 KEYS = ["household_id", "campaign_id", "coupon_upc"]
+
 
 def build_candidates(campaigns, campaign_descriptions, coupons) -> pd.DataFrame:
     "Every (household, campaign, offer): each household a campaign targets, with each coupon of that campaign."
@@ -82,6 +98,7 @@ def build_candidates(campaigns, campaign_descriptions, coupons) -> pd.DataFrame:
     dates = campaign_descriptions[["campaign_id", "campaign_type", "start_date", "end_date"]]
     rows = targeted.merge(offers, on="campaign_id").merge(dates, on="campaign_id")
     return rows[[*KEYS, "campaign_type", "start_date", "end_date"]].sort_values(KEYS, ignore_index=True)
+
 
 def label_candidates(candidates, coupon_redemptions) -> pd.Series:
     "1 where the household redeemed that coupon of that campaign between the campaign's first and last day, else 0."
@@ -97,25 +114,43 @@ def history_before(transactions, start) -> pd.DataFrame:
     "Transactions strictly before `start`."
     return transactions[transactions.transaction_timestamp < pd.Timestamp(start)]
 
+
 def _days_between(later, earlier):
     return (later - earlier) / pd.Timedelta(days=1)
+
 
 def measure_rfm(history, start, observed_days) -> pd.DataFrame:
     "Per household: recency (days), frequency (baskets) and monetary value (spend), as totals and per observed week."
     g = history.groupby("household_id")
-    out = pd.DataFrame({"recency_days": _days_between(pd.Timestamp(start), g.transaction_timestamp.max()),
-                        "baskets": g.basket_id.nunique(), "spend": g.sales_value.sum(), "distinct_products": g.product_id.nunique()})
-    weeks = max(observed_days / 7, 1.0)   # the observed history: early campaigns have little of it
-    return out.assign(baskets_per_week=out.baskets / weeks, spend_per_week=out.spend / weeks, spend_per_basket=out.spend / out.baskets)
+    out = pd.DataFrame(
+        {
+            "recency_days": _days_between(pd.Timestamp(start), g.transaction_timestamp.max()),
+            "baskets": g.basket_id.nunique(),
+            "spend": g.sales_value.sum(),
+            "distinct_products": g.product_id.nunique(),
+        }
+    )
+    weeks = max(observed_days / 7, 1.0)  # the observed history: early campaigns have little of it
+    return out.assign(
+        baskets_per_week=out.baskets / weeks, spend_per_week=out.spend / weeks, spend_per_basket=out.spend / out.baskets
+    )
 
 # %% ../notebooks/03_model_development.ipynb #0f1ff0d6
 def measure_discount_sensitivity(history) -> pd.DataFrame:
-    "Per household: share of lines bought on a retail discount, share bought with a coupon, and the discount's share of full price."
-    lines = history.assign(on_discount=history.retail_disc > 0, with_coupon=(history.coupon_disc > 0) | (history.coupon_match_disc > 0))
+    """Per household: share of lines bought on a retail discount, share bought with a coupon, and the discount's share
+    of full price."""
+    lines = history.assign(
+        on_discount=history.retail_disc > 0, with_coupon=(history.coupon_disc > 0) | (history.coupon_match_disc > 0)
+    )
     g = lines.groupby("household_id")
     full_price = g.sales_value.sum() + g.retail_disc.sum()
-    return pd.DataFrame({"discount_line_share": g.on_discount.mean(), "coupon_line_share": g.with_coupon.mean(),
-                         "discount_value_share": (g.retail_disc.sum() / full_price.where(full_price > 0)).fillna(0.0)})
+    return pd.DataFrame(
+        {
+            "discount_line_share": g.on_discount.mean(),
+            "coupon_line_share": g.with_coupon.mean(),
+            "discount_value_share": (g.retail_disc.sum() / full_price.where(full_price > 0)).fillna(0.0),
+        }
+    )
 
 # %% ../notebooks/03_model_development.ipynb #f72638c0
 def measure_offer_purchases(history, offer_products, start) -> pd.DataFrame:
@@ -124,14 +159,20 @@ def measure_offer_purchases(history, offer_products, start) -> pd.DataFrame:
     keys = [lines.household_id, lines.coupon_upc]
     g = lines.groupby(keys)
     used_coupon = (lines.coupon_disc > 0) | (lines.coupon_match_disc > 0)
-    return pd.DataFrame({"offer_baskets": g.basket_id.nunique(), "offer_spend": g.sales_value.sum(),
-                         "offer_products_bought": g.product_id.nunique(),
-                         "offer_recency_days": _days_between(pd.Timestamp(start), g.transaction_timestamp.max()),
-                         "offer_coupon_lines": used_coupon.groupby(keys).sum()}).rename_axis(["household_id", "coupon_upc"])
+    return pd.DataFrame(
+        {
+            "offer_baskets": g.basket_id.nunique(),
+            "offer_spend": g.sales_value.sum(),
+            "offer_products_bought": g.product_id.nunique(),
+            "offer_recency_days": _days_between(pd.Timestamp(start), g.transaction_timestamp.max()),
+            "offer_coupon_lines": used_coupon.groupby(keys).sum(),
+        }
+    ).rename_axis(["household_id", "coupon_upc"])
 
 # %% ../notebooks/03_model_development.ipynb #55745e11
 def measure_affinity(history, offer_products, key) -> pd.Series:
-    "Per (household, coupon): share of the household's spend on the `key` values (e.g. categories) of the coupon's products."
+    """Per (household, coupon): share of the household's spend on the `key` values (e.g. categories) of the coupon's
+    products."""
     spend = history.groupby(["household_id", key]).sales_value.sum().rename("spend").reset_index()
     offer_keys = offer_products[["coupon_upc", key]].drop_duplicates()
     pairs = spend.merge(offer_keys, on=key).groupby(["household_id", "coupon_upc"]).spend.sum()
@@ -143,11 +184,18 @@ def measure_affinity(history, offer_products, key) -> pd.Series:
 def measure_offer_breadth(offer_products) -> pd.DataFrame:
     "Per coupon: how many products and product categories it covers."
     g = offer_products.groupby("coupon_upc")
-    return pd.DataFrame({"offer_n_products": g.product_id.nunique(), "offer_n_categories": g.product_category.nunique()})
+    return pd.DataFrame(
+        {"offer_n_products": g.product_id.nunique(), "offer_n_categories": g.product_category.nunique()}
+    )
+
 
 def measure_offer_popularity(history, offer_products) -> pd.Series:
     "Per coupon: share of the households in `history` that bought any of its products."
-    pairs = history[["household_id", "product_id"]].drop_duplicates().merge(offer_products[["coupon_upc", "product_id"]], on="product_id")
+    pairs = (
+        history[["household_id", "product_id"]]
+        .drop_duplicates()
+        .merge(offer_products[["coupon_upc", "product_id"]], on="product_id")
+    )
     buyers = pairs.groupby("coupon_upc").household_id.nunique()
     return (buyers / max(history.household_id.nunique(), 1)).rename("offer_buyer_share")
 
@@ -158,8 +206,14 @@ def measure_past_redemptions(coupon_redemptions, campaigns, campaign_description
     earlier = campaign_descriptions.campaign_id[campaign_descriptions.start_date < start]
     targeted = campaigns[campaigns.campaign_id.isin(earlier)].groupby("household_id").campaign_id.nunique()
     redeemed = coupon_redemptions[coupon_redemptions.redemption_date < start].groupby("household_id")
-    return pd.DataFrame({"past_campaigns": targeted, "past_redemptions": redeemed.size(),
-                         "past_redeemed_campaigns": redeemed.campaign_id.nunique()}).fillna(0)
+    return pd.DataFrame(
+        {
+            "past_campaigns": targeted,
+            "past_redemptions": redeemed.size(),
+            "past_redeemed_campaigns": redeemed.campaign_id.nunique(),
+        }
+    ).fillna(0)
+
 
 def measure_offer_redeemed_before(coupon_redemptions, start) -> pd.Series:
     "Per (household, coupon): 1 if the household redeemed this coupon, in any campaign, before `start`."
@@ -169,30 +223,52 @@ def measure_offer_redeemed_before(coupon_redemptions, start) -> pd.Series:
 # %% ../notebooks/03_model_development.ipynb #62447928
 def locate_home_stores(history) -> pd.Series:
     "Per household: the store of most of its baskets in `history` (ties: the lower store id)."
-    visits = history[["household_id", "store_id", "basket_id"]].drop_duplicates().groupby(["household_id", "store_id"]).size()
-    ranked = visits.rename("baskets").reset_index().sort_values(["household_id", "baskets", "store_id"], ascending=[True, False, True])
+    visits = (
+        history[["household_id", "store_id", "basket_id"]]
+        .drop_duplicates()
+        .groupby(["household_id", "store_id"])
+        .size()
+    )
+    ranked = (
+        visits.rename("baskets")
+        .reset_index()
+        .sort_values(["household_id", "baskets", "store_id"], ascending=[True, False, True])
+    )
     return ranked.drop_duplicates("household_id").set_index("household_id").store_id.rename("home_store_id")
+
 
 def complete_weeks(history, n_weeks) -> list:
     "The last `n_weeks` weeks that ended before the newest week in `history`."
-    if history.empty: return []
+    if history.empty:
+        return []
     last = int(history.week.max())
     return list(range(max(last - n_weeks, 0), last))
 
+
 def measure_promotion_exposure(promotions, offer_products, home_stores, weeks) -> pd.DataFrame:
-    "Per (household, coupon): share of the coupon's product-weeks on display / in the mailer at the household's home store."
+    """Per (household, coupon): share of the coupon's product-weeks on display / in the mailer at the household's home
+    store."""
     promo = promotions[promotions.week.isin(weeks) & promotions.product_id.isin(offer_products.product_id)]
     promo = promo.merge(offer_products[["coupon_upc", "product_id"]], on="product_id")
-    flags = pd.DataFrame({"store_id": promo.store_id, "coupon_upc": promo.coupon_upc,
-                          "display": promo.display_location.astype(str) != "0", "mailer": promo.mailer_location.astype(str) != "0"})
+    flags = pd.DataFrame(
+        {
+            "store_id": promo.store_id,
+            "coupon_upc": promo.coupon_upc,
+            "display": promo.display_location.astype(str) != "0",
+            "mailer": promo.mailer_location.astype(str) != "0",
+        }
+    )
     by_store = flags.groupby(["store_id", "coupon_upc"])[["display", "mailer"]].sum()
     slots = offer_products.groupby("coupon_upc").product_id.nunique() * max(len(weeks), 1)
     shares = by_store.div(slots.reindex(by_store.index.get_level_values("coupon_upc")).to_numpy(), axis=0).reset_index()
     pairs = home_stores.reset_index().merge(shares, left_on="home_store_id", right_on="store_id")
-    return pairs.set_index(["household_id", "coupon_upc"])[["display", "mailer"]].add_prefix("offer_").add_suffix("_share")
+    return (
+        pairs.set_index(["household_id", "coupon_upc"])[["display", "mailer"]].add_prefix("offer_").add_suffix("_share")
+    )
 
 # %% ../notebooks/03_model_development.ipynb #17147eb9
 DEMOGRAPHICS = ["age", "income", "home_ownership", "marital_status", "household_size", "household_comp", "kids_count"]
+
 
 def encode_demographics(demographics, household_ids) -> pd.DataFrame:
     "Demographic bands of `household_ids` as text; households or values not on record are 'Unknown'."
@@ -200,61 +276,145 @@ def encode_demographics(demographics, household_ids) -> pd.DataFrame:
     return demo.apply(lambda col: col.astype(object).where(col.notna(), UNKNOWN).astype(str))
 
 # %% ../notebooks/03_model_development.ipynb #2d1f7490
-NUMERIC = ["history_days", "campaign_days", "campaign_n_offers",
-           "recency_days", "baskets", "spend", "distinct_products", "baskets_per_week", "spend_per_week", "spend_per_basket",
-           "discount_line_share", "coupon_line_share", "discount_value_share",
-           "past_campaigns", "past_redemptions", "past_redeemed_campaigns",
-           "offer_n_products", "offer_n_categories", "offer_buyer_share",
-           "offer_baskets", "offer_spend", "offer_products_bought", "offer_recency_days", "offer_coupon_lines", "offer_redeemed_before",
-           "product_category_affinity", "manufacturer_id_affinity", "offer_display_share", "offer_mailer_share"]
+NUMERIC = [
+    "history_days",
+    "campaign_days",
+    "campaign_n_offers",
+    "recency_days",
+    "baskets",
+    "spend",
+    "distinct_products",
+    "baskets_per_week",
+    "spend_per_week",
+    "spend_per_basket",
+    "discount_line_share",
+    "coupon_line_share",
+    "discount_value_share",
+    "past_campaigns",
+    "past_redemptions",
+    "past_redeemed_campaigns",
+    "offer_n_products",
+    "offer_n_categories",
+    "offer_buyer_share",
+    "offer_baskets",
+    "offer_spend",
+    "offer_products_bought",
+    "offer_recency_days",
+    "offer_coupon_lines",
+    "offer_redeemed_before",
+    "product_category_affinity",
+    "manufacturer_id_affinity",
+    "offer_display_share",
+    "offer_mailer_share",
+]
 CATEGORICAL = ["campaign_type", *DEMOGRAPHICS]
 FEATURES = NUMERIC + CATEGORICAL
-FEATURE_KINDS = {   # what kind of quantity each feature is; monitoring judges drift by kind
-    "campaign": ["history_days", "campaign_days", "campaign_n_offers", "campaign_type"],   # one value per campaign
-    "cumulative": ["recency_days", "baskets", "spend", "distinct_products", "past_campaigns", "past_redemptions",
-                   "past_redeemed_campaigns", "offer_buyer_share", "offer_baskets", "offer_spend", "offer_products_bought",
-                   "offer_recency_days", "offer_coupon_lines", "offer_redeemed_before"],   # totals over the history: grow with it
-    "rate": ["baskets_per_week", "spend_per_week", "spend_per_basket", "discount_line_share", "coupon_line_share",
-             "discount_value_share", "product_category_affinity", "manufacturer_id_affinity"],   # per week, per basket, shares
+FEATURE_KINDS = {  # what kind of quantity each feature is; monitoring judges drift by kind
+    "campaign": ["history_days", "campaign_days", "campaign_n_offers", "campaign_type"],  # one value per campaign
+    "cumulative": [
+        "recency_days",
+        "baskets",
+        "spend",
+        "distinct_products",
+        "past_campaigns",
+        "past_redemptions",
+        "past_redeemed_campaigns",
+        "offer_buyer_share",
+        "offer_baskets",
+        "offer_spend",
+        "offer_products_bought",
+        "offer_recency_days",
+        "offer_coupon_lines",
+        "offer_redeemed_before",
+    ],  # totals over the history: grow with it
+    "rate": [
+        "baskets_per_week",
+        "spend_per_week",
+        "spend_per_basket",
+        "discount_line_share",
+        "coupon_line_share",
+        "discount_value_share",
+        "product_category_affinity",
+        "manufacturer_id_affinity",
+    ],  # per week, per basket, shares
     "offer": ["offer_n_products", "offer_n_categories"],
     "promotion": ["offer_display_share", "offer_mailer_share"],
     "demographic": DEMOGRAPHICS,
 }
-RULE_FEATURE = "offer_baskets"   # the charter's rule: the coupons whose products the household bought most often
-FEATURE_TABLES = ("transactions", "products", "campaigns", "campaign_descriptions", "coupons", "coupon_redemptions",
-                  "demographics", "promotions")
+RULE_FEATURE = "offer_baskets"  # the charter's rule: the coupons whose products the household bought most often
+FEATURE_TABLES = (
+    "transactions",
+    "products",
+    "campaigns",
+    "campaign_descriptions",
+    "coupons",
+    "coupon_redemptions",
+    "demographics",
+    "promotions",
+)
+
 
 def prepare_transactions(transactions, products) -> pd.DataFrame:
     "Transactions with each product's category and manufacturer: the columns the features need."
-    columns = ["household_id", "store_id", "basket_id", "product_id", "sales_value", "retail_disc", "coupon_disc",
-               "coupon_match_disc", "week", "transaction_timestamp"]
-    return transactions[columns].merge(products[["product_id", "product_category", "manufacturer_id"]], on="product_id", how="left")
+    columns = [
+        "household_id",
+        "store_id",
+        "basket_id",
+        "product_id",
+        "sales_value",
+        "retail_disc",
+        "coupon_disc",
+        "coupon_match_disc",
+        "week",
+        "transaction_timestamp",
+    ]
+    return transactions[columns].merge(
+        products[["product_id", "product_category", "manufacturer_id"]], on="product_id", how="left"
+    )
 
 # %% ../notebooks/03_model_development.ipynb #471ba94a
 def _campaign_offer_products(tables, campaign_id) -> pd.DataFrame:
     coupons = tables["coupons"]
     offers = coupons.loc[coupons.campaign_id == campaign_id, ["coupon_upc", "product_id"]].drop_duplicates()
-    return offers.merge(tables["products"][["product_id", "product_category", "manufacturer_id"]], on="product_id", how="left")
+    return offers.merge(
+        tables["products"][["product_id", "product_category", "manufacturer_id"]], on="product_id", how="left"
+    )
+
 
 def _household_features(mine, households, tables, start, observed_days) -> pd.DataFrame:
-    past = measure_past_redemptions(tables["coupon_redemptions"], tables["campaigns"], tables["campaign_descriptions"], start)
+    past = measure_past_redemptions(
+        tables["coupon_redemptions"], tables["campaigns"], tables["campaign_descriptions"], start
+    )
     return encode_demographics(tables["demographics"], households).join(
-        [measure_rfm(mine, start, observed_days), measure_discount_sensitivity(mine), past])
+        [measure_rfm(mine, start, observed_days), measure_discount_sensitivity(mine), past]
+    )
+
 
 def _pair_features(mine, history, offer_products, tables, start, promo_weeks) -> pd.DataFrame:
-    return pd.concat([measure_offer_purchases(mine, offer_products, start),
-                      measure_affinity(mine, offer_products, "product_category"), measure_affinity(mine, offer_products, "manufacturer_id"),
-                      measure_offer_redeemed_before(tables["coupon_redemptions"], start),
-                      measure_promotion_exposure(tables["promotions"], offer_products, locate_home_stores(mine),
-                                                 complete_weeks(history, promo_weeks))], axis=1)
+    return pd.concat(
+        [
+            measure_offer_purchases(mine, offer_products, start),
+            measure_affinity(mine, offer_products, "product_category"),
+            measure_affinity(mine, offer_products, "manufacturer_id"),
+            measure_offer_redeemed_before(tables["coupon_redemptions"], start),
+            measure_promotion_exposure(
+                tables["promotions"], offer_products, locate_home_stores(mine), complete_weeks(history, promo_weeks)
+            ),
+        ],
+        axis=1,
+    )
+
 
 def _fill_unseen(frame, observed_days) -> pd.DataFrame:
     "Never-seen households and never-bought offers: recency is the whole observed history; counts and shares are 0."
-    return frame.fillna({"recency_days": observed_days, "offer_recency_days": observed_days}).fillna({c: 0.0 for c in NUMERIC})
+    return frame.fillna({"recency_days": observed_days, "offer_recency_days": observed_days}).fillna(
+        {c: 0.0 for c in NUMERIC}
+    )
 
 # %% ../notebooks/03_model_development.ipynb #83bb65f5
 def campaign_features(rows, transactions, tables, promo_weeks=4) -> pd.DataFrame:
-    "Features of one campaign's candidate `rows` from prepared `transactions` and `tables`, all strictly before its start."
+    """Features of one campaign's candidate `rows` from prepared `transactions` and `tables`, all strictly before its
+    start."""
     start, campaign_id = rows.start_date.iloc[0], rows.campaign_id.iloc[0]
     history = history_before(transactions, start)
     observed_days = float(_days_between(start, history.transaction_timestamp.min())) if len(history) else 0.0
@@ -262,15 +422,24 @@ def campaign_features(rows, transactions, tables, promo_weeks=4) -> pd.DataFrame
     mine = history[history.household_id.isin(households)]
     offer_products = _campaign_offer_products(tables, campaign_id)
     offer = measure_offer_breadth(offer_products).join(measure_offer_popularity(history, offer_products))
-    out = (rows.join(_household_features(mine, households, tables, start, observed_days), on="household_id")
-               .join(offer, on="coupon_upc")
-               .join(_pair_features(mine, history, offer_products, tables, start, promo_weeks), on=["household_id", "coupon_upc"]))
-    out = out.assign(history_days=observed_days, campaign_days=_days_between(rows.end_date, rows.start_date),
-                     campaign_n_offers=float(rows.coupon_upc.nunique()))
+    out = (
+        rows.join(_household_features(mine, households, tables, start, observed_days), on="household_id")
+        .join(offer, on="coupon_upc")
+        .join(
+            _pair_features(mine, history, offer_products, tables, start, promo_weeks), on=["household_id", "coupon_upc"]
+        )
+    )
+    out = out.assign(
+        history_days=observed_days,
+        campaign_days=_days_between(rows.end_date, rows.start_date),
+        campaign_n_offers=float(rows.coupon_upc.nunique()),
+    )
     return _fill_unseen(out, observed_days)[[*KEYS, *FEATURES]]
 
+
 def build_features(candidates, tables, promo_weeks=4, say=quiet) -> pd.DataFrame:
-    "Point-in-time features of candidate rows (from `build_candidates`), each campaign from data strictly before its own start."
+    """Point-in-time features of candidate rows (from `build_candidates`), each campaign from data strictly before its
+    own start."""
     transactions = prepare_transactions(tables["transactions"], tables["products"])
     parts, campaigns = [], candidates.groupby("campaign_id", sort=True)
     for i, (campaign_id, rows) in enumerate(campaigns, 1):
@@ -282,7 +451,8 @@ def build_features(candidates, tables, promo_weeks=4, say=quiet) -> pd.DataFrame
 
 # %% ../notebooks/03_model_development.ipynb #83bb65f7
 def build_labelled_rows(tables, campaign_ids, promo_weeks=4, say=quiet) -> pd.DataFrame:
-    "The candidate rows of `campaign_ids` with their point-in-time features and their label (redeemed during the campaign)."
+    """The candidate rows of `campaign_ids` with their point-in-time features and their label (redeemed during the
+    campaign)."""
     candidates = build_candidates(tables["campaigns"], tables["campaign_descriptions"], tables["coupons"])
     candidates = candidates[candidates.campaign_id.isin(campaign_ids)].reset_index(drop=True)
     labels = candidates[KEYS].assign(label=label_candidates(candidates, tables["coupon_redemptions"]).to_numpy())
@@ -291,65 +461,96 @@ def build_labelled_rows(tables, campaign_ids, promo_weeks=4, say=quiet) -> pd.Da
 # %% ../notebooks/03_model_development.ipynb #9981b7f3
 def split_campaigns(campaign_descriptions, first_transaction, params) -> pd.DataFrame:
     "Each campaign's set — train, held_out, production or dropped — and why."
-    d = campaign_descriptions[["campaign_id", "campaign_type", "start_date", "end_date"]].sort_values(["start_date", "campaign_id"])
+    d = campaign_descriptions[["campaign_id", "campaign_type", "start_date", "end_date"]].sort_values(
+        ["start_date", "campaign_id"]
+    )
     train_before, production_from = pd.Timestamp(params["train_before"]), pd.Timestamp(params["production_from"])
     enough = d.start_date >= pd.Timestamp(first_transaction).normalize() + pd.Timedelta(days=params["min_history_days"])
     open_at_split = params["purge_open_campaigns"] & (d.end_date >= train_before)
     conditions = [d.start_date >= production_from, d.start_date >= train_before, ~enough, open_at_split]
     sets = ["production", "held_out", "dropped", "dropped"]
-    reasons = ["production period: never read here", "held out for evaluation and selection",
-               f"less than {params['min_history_days']} days of history", f"still running at {params['train_before']}"]
-    return d.assign(set=np.select(conditions, sets, "train"), reason=np.select(conditions, reasons, "training")).reset_index(drop=True)
+    reasons = [
+        "production period: never read here",
+        "held out for evaluation and selection",
+        f"less than {params['min_history_days']} days of history",
+        f"still running at {params['train_before']}",
+    ]
+    return d.assign(
+        set=np.select(conditions, sets, "train"), reason=np.select(conditions, reasons, "training")
+    ).reset_index(drop=True)
+
 
 def restrict_to_development(tables, split) -> dict:
     "The tables without any production campaign: their targeting, coupons, redemptions and descriptions are dropped."
     production = split.campaign_id[split.set == "production"]
     by_campaign = ("campaigns", "campaign_descriptions", "coupons", "coupon_redemptions")
-    return {name: frame[~frame.campaign_id.isin(production)] if name in by_campaign else frame for name, frame in tables.items()}
+    return {
+        name: frame[~frame.campaign_id.isin(production)] if name in by_campaign else frame
+        for name, frame in tables.items()
+    }
 
 # %% ../notebooks/03_model_development.ipynb #23bf2169
 class TrainingDataError(ValueError):
     "Training rows that a model must not be fitted on."
 
+
 def _single_feature_auc(values, label) -> float:
     "ROC-AUC of one column as a score, either direction (categories scored by their positive rate)."
     from sklearn.metrics import roc_auc_score
+
     score = values.map(label.groupby(values).mean()) if values.dtype == object else values
     auc = roc_auc_score(label, score.astype(float))
     return max(auc, 1 - auc)
 
+
 def check_training_data(frame, features, label="label", leakage_auc_max=0.99, where="training rows"):
-    "Raise `TrainingDataError` on a single-class target, non-finite numeric features, or a feature that copies the label."
+    """Raise `TrainingDataError` on a single-class target, non-finite numeric features, or a feature that copies the
+    label."""
     classes = sorted(frame[label].unique().tolist())
     if len(classes) < 2:
-        raise TrainingDataError(f"{where}: the target {label!r} has a single class {classes} in {len(frame)} rows; nothing to learn")
+        raise TrainingDataError(
+            f"{where}: the target {label!r} has a single class {classes} in {len(frame)} rows; nothing to learn"
+        )
     numeric = frame[features].select_dtypes("number")
     bad = [c for c in numeric if not np.isfinite(numeric[c].to_numpy()).all()]
-    if bad: raise TrainingDataError(f"{where}: NaN or infinite values in feature(s) {', '.join(bad)}")
+    if bad:
+        raise TrainingDataError(f"{where}: NaN or infinite values in feature(s) {', '.join(bad)}")
     leaks = {c: _single_feature_auc(frame[c], frame[label]) for c in features}
     copies = {c: round(a, 4) for c, a in leaks.items() if a >= leakage_auc_max}
-    if copies: raise TrainingDataError(f"{where}: feature(s) {copies} rank the label with ROC-AUC >= {leakage_auc_max}: "
-                                       "they copy the label (leakage); remove them")
+    if copies:
+        raise TrainingDataError(
+            f"{where}: feature(s) {copies} rank the label with ROC-AUC >= {leakage_auc_max}: "
+            "they copy the label (leakage); remove them"
+        )
 
 # %% ../notebooks/03_model_development.ipynb #0ea3fb3c
 CANDIDATES = ("rule_baseline", "logistic_regression", "gradient_boosting")
+
 
 def make_rule_baseline(seed) -> Pipeline:
     "The charter's rule as a model: log of past baskets with the offer's products, through a one-feature logistic fit."
     select = ColumnTransformer([("rule", FunctionTransformer(np.log1p), [RULE_FEATURE])])
     return Pipeline([("prep", select), ("model", LogisticRegression(random_state=seed))])
 
+
 def make_logistic_regression(seed) -> Pipeline:
     "Logistic regression on quantile-scaled numeric features and one-hot categories."
-    prep = ColumnTransformer([("num", QuantileTransformer(n_quantiles=200, subsample=100_000, random_state=seed), NUMERIC),
-                              ("cat", OneHotEncoder(handle_unknown="ignore", sparse_output=False), CATEGORICAL)])
+    prep = ColumnTransformer(
+        [
+            ("num", QuantileTransformer(n_quantiles=200, subsample=100_000, random_state=seed), NUMERIC),
+            ("cat", OneHotEncoder(handle_unknown="ignore", sparse_output=False), CATEGORICAL),
+        ]
+    )
     return Pipeline([("prep", prep), ("model", LogisticRegression(max_iter=2000, random_state=seed))])
+
 
 def make_gradient_boosting(seed) -> Pipeline:
     "Histogram gradient boosting with native categorical features."
     encode = OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=np.nan)
     prep = ColumnTransformer([("cat", encode, CATEGORICAL), ("num", "passthrough", NUMERIC)])
-    model = HistGradientBoostingClassifier(categorical_features=list(range(len(CATEGORICAL))), early_stopping=False, random_state=seed)
+    model = HistGradientBoostingClassifier(
+        categorical_features=list(range(len(CATEGORICAL))), early_stopping=False, random_state=seed
+    )
     return Pipeline([("prep", prep), ("model", model)])
 
 # %% ../notebooks/03_model_development.ipynb #6446d8ed
@@ -357,27 +558,47 @@ def search_grid(params, name) -> dict:
     "The hyperparameter grid of candidate `name` from the params section, keyed for its pipeline."
     return {f"model__{k}": v for k, v in params.get(name, {}).items()}
 
+
 def sample_training_rows(train, rate, seed) -> tuple:
-    "Every redeemed row and a seeded share `rate` of the others, with weights (1 / `rate` for those) that keep probabilities calibrated."
+    """Every redeemed row and a seeded share `rate` of the others, with weights (1 / `rate` for those) that keep
+    probabilities calibrated."""
     keep = (train.label == 1).to_numpy() | (np.random.default_rng(seed).random(len(train)) < rate)
     rows = train[keep].reset_index(drop=True)
     return rows, np.where(rows.label == 1, 1.0, 1.0 / rate)
 
+
 def _halving_search(model, grid, params, seed):
-    "A seeded successive-halving search: every draw is scored on a third of the rows, the best third go on with all of them."
+    """A seeded successive-halving search: every draw is scored on a third of the rows, the best third go on with all of
+    them."""
     from sklearn.experimental import enable_halving_search_cv  # noqa: F401
     from sklearn.model_selection import HalvingRandomSearchCV, StratifiedGroupKFold
+
     folds = StratifiedGroupKFold(n_splits=params["cv_folds"], shuffle=True, random_state=seed)
-    return HalvingRandomSearchCV(model, grid, n_candidates=params["search_iterations"], factor=3, min_resources="exhaust",
-                                 scoring="average_precision", cv=folds, random_state=seed, error_score="raise")
+    return HalvingRandomSearchCV(
+        model,
+        grid,
+        n_candidates=params["search_iterations"],
+        factor=3,
+        min_resources="exhaust",
+        scoring="average_precision",
+        cv=folds,
+        random_state=seed,
+        error_score="raise",
+    )
+
 
 def fit_candidate(name, train, params, seed):
-    "Fit candidate `name` on `train`, with a seeded search grouped by campaign when it has a grid; returns (model, search results)."
-    model = {"rule_baseline": make_rule_baseline, "logistic_regression": make_logistic_regression,
-             "gradient_boosting": make_gradient_boosting}[name](seed)
+    """Fit candidate `name` on `train`, with a seeded search grouped by campaign when it has a grid; returns (model,
+    search results)."""
+    model = {
+        "rule_baseline": make_rule_baseline,
+        "logistic_regression": make_logistic_regression,
+        "gradient_boosting": make_gradient_boosting,
+    }[name](seed)
     rows, weights = sample_training_rows(train, params.get("negative_sample_rate", 1.0), seed)
     grid = search_grid(params, name)
-    if not grid: return model.fit(rows[FEATURES], rows.label, model__sample_weight=weights), pd.DataFrame()
+    if not grid:
+        return model.fit(rows[FEATURES], rows.label, model__sample_weight=weights), pd.DataFrame()
     search = _halving_search(model, grid, params, seed)
     search.fit(rows[FEATURES], rows.label, groups=rows.campaign_id, model__sample_weight=weights)
     results = pd.DataFrame(search.cv_results_)
@@ -386,53 +607,74 @@ def fit_candidate(name, train, params, seed):
 # %% ../notebooks/03_model_development.ipynb #51b91c94
 METRICS = ("roc_auc", "average_precision", "precision_at_k", "brier")
 
+
 def top_k_offers(frame, scores, k) -> pd.DataFrame:
     "The `k` highest-scored offers of each (household, campaign); ties go to the lower coupon number."
     ranked = frame[KEYS].assign(score=np.asarray(scores), _row=np.arange(len(frame)))
-    ranked = ranked.sort_values(["household_id", "campaign_id", "score", "coupon_upc"], ascending=[True, True, False, True])
+    ranked = ranked.sort_values(
+        ["household_id", "campaign_id", "score", "coupon_upc"], ascending=[True, True, False, True]
+    )
     return frame.iloc[ranked.groupby(["household_id", "campaign_id"], sort=False).head(k)._row.to_numpy()]
+
 
 def precision_at_k(frame, scores, k, label="label") -> float:
     "Share of redeemed offers among each household's top `k` per campaign, pooled over households."
     return float(top_k_offers(frame, scores, k)[label].mean())
 
+
 def measure_metrics(frame, scores, k, label="label") -> dict:
     "ROC-AUC, average precision, precision@k and Brier score of `scores`; NaN where a metric needs both classes."
     from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+
     y, both = frame[label].to_numpy(), frame[label].nunique() == 2
-    return {"roc_auc": float(roc_auc_score(y, scores)) if both else float("nan"),
-            "average_precision": float(average_precision_score(y, scores)) if both else float("nan"),
-            "precision_at_k": precision_at_k(frame, scores, k, label), "brier": float(brier_score_loss(y, scores, pos_label=1)),
-            "rows": int(len(frame)), "positives": int(y.sum())}
+    return {
+        "roc_auc": float(roc_auc_score(y, scores)) if both else float("nan"),
+        "average_precision": float(average_precision_score(y, scores)) if both else float("nan"),
+        "precision_at_k": precision_at_k(frame, scores, k, label),
+        "brier": float(brier_score_loss(y, scores, pos_label=1)),
+        "rows": int(len(frame)),
+        "positives": int(y.sum()),
+    }
 
 # %% ../notebooks/03_model_development.ipynb #7c070c0e
 SLICES = ("campaign_type", "income", "age")
 
+
 def measure_slices(frame, scores, k, slices=SLICES) -> pd.DataFrame:
     "The metrics of `scores` within each value of each slice column."
     scores = pd.Series(np.asarray(scores), index=frame.index)
-    rows = [{"slice": col, "value": str(value), **measure_metrics(part, scores[part.index].to_numpy(), k)}
-            for col in slices for value, part in frame.groupby(col, sort=True, observed=True)]
+    rows = [
+        {"slice": col, "value": str(value), **measure_metrics(part, scores[part.index].to_numpy(), k)}
+        for col in slices
+        for value, part in frame.groupby(col, sort=True, observed=True)
+    ]
     return pd.DataFrame(rows, columns=["slice", "value", *METRICS, "rows", "positives"])
+
 
 def measure_lift(metrics, baseline) -> dict:
     "A candidate's average precision and precision@k divided by the baseline's."
-    return {f"lift_{m}": metrics[m] / baseline[m] if baseline[m] > 0 else float("nan") for m in ("average_precision", "precision_at_k")}
+    return {
+        f"lift_{m}": metrics[m] / baseline[m] if baseline[m] > 0 else float("nan")
+        for m in ("average_precision", "precision_at_k")
+    }
 
 # %% ../notebooks/03_model_development.ipynb #2bf54da4
 def measure_curves(labels, scores, points=101, bins=10) -> dict:
     "ROC and precision-recall curves on `points` grid points, and calibration on `bins` quantile bins."
     from sklearn.calibration import calibration_curve
     from sklearn.metrics import precision_recall_curve, roc_curve
+
     grid = np.linspace(0, 1, points)
     fpr, tpr, _ = roc_curve(labels, scores)
     precision, recall, _ = precision_recall_curve(labels, scores)
-    best = np.maximum.accumulate(precision)[::-1]                # interpolated precision: the best at this recall or beyond
-    at = np.clip(np.searchsorted(recall[::-1], grid, side="left"), 0, len(recall) - 1)   # recall falls along the curve
+    best = np.maximum.accumulate(precision)[::-1]  # interpolated precision: the best at this recall or beyond
+    at = np.clip(np.searchsorted(recall[::-1], grid, side="left"), 0, len(recall) - 1)  # recall falls along the curve
     observed, predicted = calibration_curve(labels, scores, n_bins=bins, strategy="quantile")
-    return {"roc": pd.DataFrame({"fpr": grid, "tpr": np.interp(grid, fpr, tpr)}),
-            "precision_recall": pd.DataFrame({"recall": grid, "precision": best[at]}),
-            "calibration": pd.DataFrame({"mean_predicted": predicted, "fraction_positive": observed})}
+    return {
+        "roc": pd.DataFrame({"fpr": grid, "tpr": np.interp(grid, fpr, tpr)}),
+        "precision_recall": pd.DataFrame({"recall": grid, "precision": best[at]}),
+        "calibration": pd.DataFrame({"mean_predicted": predicted, "fraction_positive": observed}),
+    }
 
 # %% ../notebooks/03_model_development.ipynb #1e453b3d
 def check_acceptance(metrics, baseline, acceptance) -> list:
@@ -440,10 +682,13 @@ def check_acceptance(metrics, baseline, acceptance) -> list:
     values = {**metrics, **measure_lift(metrics, baseline)}
     return [f"{m} {values[m]:.4f} < {minimum}" for m, minimum in acceptance.items() if not values[m] >= minimum]
 
+
 def select_candidate(held_out_metrics, acceptance, primary_metric, baseline="rule_baseline") -> dict:
-    "The selected model: the accepted one best on `primary_metric`, else the best one flagged not accepted; with every failure."
+    """The selected model: the accepted one best on `primary_metric`, else the best one flagged not accepted; with every
+    failure."""
     base = held_out_metrics[baseline]
-    if primary_metric not in base: raise ValueError(f"charter primary_metric {primary_metric!r} is none of {', '.join(METRICS)}")
+    if primary_metric not in base:
+        raise ValueError(f"charter primary_metric {primary_metric!r} is none of {', '.join(METRICS)}")
     failures = {n: check_acceptance(m, base, acceptance) for n, m in held_out_metrics.items() if n != baseline}
     accepted = [n for n, f in failures.items() if not f]
     pool = accepted or list(failures)
@@ -452,52 +697,86 @@ def select_candidate(held_out_metrics, acceptance, primary_metric, baseline="rul
 
 # %% ../notebooks/03_model_development.ipynb #23865c89
 def bin_shares(values, cuts) -> np.ndarray:
-    "Share of `values` in each bin of the cut points `cuts`: value v is in bin `searchsorted(cuts, v, side='right')`; NaN when empty."
+    """Share of `values` in each bin of the cut points `cuts`: value v is in bin `searchsorted(cuts, v, side='right')`;
+    NaN when empty."""
     values = np.asarray(values, dtype=float)
-    if not len(values): return np.full(len(cuts) + 1, np.nan)
-    return np.bincount(np.searchsorted(np.asarray(cuts, dtype=float), values, side="right"), minlength=len(cuts) + 1) / len(values)
+    if not len(values):
+        return np.full(len(cuts) + 1, np.nan)
+    return np.bincount(
+        np.searchsorted(np.asarray(cuts, dtype=float), values, side="right"), minlength=len(cuts) + 1
+    ) / len(values)
+
 
 def describe_numeric(values, bins=10) -> dict:
-    "Quantile cut points of `values`, the share in each bin (`bin_shares`, the one binning rule of reference and monitoring), statistics."
+    """Quantile cut points of `values`, the share in each bin (`bin_shares`, the one binning rule of reference and
+    monitoring), statistics."""
     values = np.asarray(values, dtype=float)
     cuts = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1]))
-    return {"kind": "numeric", "cuts": cuts.tolist(), "proportions": bin_shares(values, cuts).tolist(), "mean": float(values.mean()),
-            "std": float(values.std()), "min": float(values.min()), "max": float(values.max()), "rows": int(len(values))}
+    return {
+        "kind": "numeric",
+        "cuts": cuts.tolist(),
+        "proportions": bin_shares(values, cuts).tolist(),
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "min": float(values.min()),
+        "max": float(values.max()),
+        "rows": int(len(values)),
+    }
+
 
 def describe_categorical(values) -> dict:
     "Share of each category of `values`."
     shares = pd.Series(values).astype(str).value_counts(normalize=True).sort_index()
     return {"kind": "categorical", "proportions": {k: float(v) for k, v in shares.items()}, "rows": int(len(values))}
 
+
 def reference_statistics(frame, predictions, bins=10) -> dict:
     "The monitoring reference: every feature's distribution, and the predictions'."
     kind_of = {f: kind for kind, features in FEATURE_KINDS.items() for f in features}
-    features = {c: {**(describe_numeric(frame[c], bins) if c in NUMERIC else describe_categorical(frame[c])), "feature_kind": kind_of[c]}
-                for c in FEATURES}
+    features = {
+        c: {
+            **(describe_numeric(frame[c], bins) if c in NUMERIC else describe_categorical(frame[c])),
+            "feature_kind": kind_of[c],
+        }
+        for c in FEATURES
+    }
     return {"features": features, "prediction": describe_numeric(predictions, bins)}
 
 # %% ../notebooks/03_model_development.ipynb #2b7adedc
 @dataclass
 class Candidate:
     "A fitted candidate and everything measured about it."
+
     name: str
     model: object
     search: pd.DataFrame
-    scores: np.ndarray                  # held-out probabilities of redemption
+    scores: np.ndarray  # held-out probabilities of redemption
     metrics: dict
     slices: pd.DataFrame
     curves: dict
     fit_seconds: float
     hyperparameters: dict = field(default_factory=dict)
-    importance: pd.DataFrame = field(default_factory=pd.DataFrame)   # measured for the selected model only
+    importance: pd.DataFrame = field(default_factory=pd.DataFrame)  # measured for the selected model only
+
 
 def measure_importance(model, frame, params, seed) -> pd.DataFrame:
     "Permutation importance of each feature on `frame`: the mean drop in average precision when it is shuffled."
     from sklearn.inspection import permutation_importance
-    result = permutation_importance(model, frame[FEATURES], frame.label, scoring="average_precision", n_repeats=params["importance_repeats"],
-                                    max_samples=params["importance_max_samples"], random_state=seed, n_jobs=1)
-    return (pd.DataFrame({"feature": FEATURES, "importance": result.importances_mean, "std": result.importances_std})
-              .sort_values(["importance", "feature"], ascending=[False, True], ignore_index=True))
+
+    result = permutation_importance(
+        model,
+        frame[FEATURES],
+        frame.label,
+        scoring="average_precision",
+        n_repeats=params["importance_repeats"],
+        max_samples=params["importance_max_samples"],
+        random_state=seed,
+        n_jobs=1,
+    )
+    return pd.DataFrame(
+        {"feature": FEATURES, "importance": result.importances_mean, "std": result.importances_std}
+    ).sort_values(["importance", "feature"], ascending=[False, True], ignore_index=True)
+
 
 def develop_candidate(name, train, held_out, params, k, seed) -> Candidate:
     "Fit candidate `name` on `train` and measure it on `held_out`."
@@ -507,8 +786,18 @@ def develop_candidate(name, train, held_out, params, k, seed) -> Candidate:
     scores = model.predict_proba(held_out[FEATURES])[:, 1]
     best = search.loc[search.selected, "params"].iloc[0] if len(search) else {}
     chosen = {key.removeprefix("model__"): value for key, value in best.items()}
-    return Candidate(name, model, search, scores, measure_metrics(held_out, scores, k), measure_slices(held_out, scores, k),
-                     measure_curves(held_out.label, scores, params["curve_points"]), seconds, chosen)
+    return Candidate(
+        name,
+        model,
+        search,
+        scores,
+        measure_metrics(held_out, scores, k),
+        measure_slices(held_out, scores, k),
+        measure_curves(held_out.label, scores, params["curve_points"]),
+        seconds,
+        chosen,
+    )
+
 
 def with_importance(candidate, held_out, params, seed) -> Candidate:
     "`candidate` with its permutation importance on the held-out rows."
@@ -516,22 +805,32 @@ def with_importance(candidate, held_out, params, seed) -> Candidate:
 
 # %% ../notebooks/03_model_development.ipynb #deb755a2
 def flat_metrics(candidates, selection, counts) -> dict:
-    "Flat numbers for `metrics/model_development.json`: row counts, each candidate's held-out metrics and lift, the selection."
+    """Flat numbers for `metrics/model_development.json`: row counts, each candidate's held-out metrics and lift, the
+    selection."""
     base = candidates["rule_baseline"].metrics
     out = dict(counts)
     for name, c in candidates.items():
-        values = {**{m: c.metrics[m] for m in METRICS}, **(measure_lift(c.metrics, base) if name != "rule_baseline" else {})}
+        values = {
+            **{m: c.metrics[m] for m in METRICS},
+            **(measure_lift(c.metrics, base) if name != "rule_baseline" else {}),
+        }
         out |= {f"held_out.{name}.{m}": round(v, 6) for m, v in values.items() if np.isfinite(v)}
     selected = candidates[selection["name"]].metrics
     out |= {f"held_out.selected.{m}": round(selected[m], 6) for m in METRICS if np.isfinite(selected[m])}
     return out | {"selected.accepted": int(selection["accepted"])}
 
+
 def write_plots(candidates, folder) -> list:
-    "One CSV per candidate and chart (roc, precision_recall, calibration, importance, slices) under `folder`; returns the paths."
+    """One CSV per candidate and chart (roc, precision_recall, calibration, importance, slices) under `folder`; returns
+    the paths."""
     paths = []
     for name, c in candidates.items():
         slices = c.slices.assign(group=c.slices.slice + "=" + c.slices.value)[["group", *METRICS, "rows", "positives"]]
-        for chart, frame in {**c.curves, "slices": slices, **({"importance": c.importance} if len(c.importance) else {})}.items():
+        for chart, frame in {
+            **c.curves,
+            "slices": slices,
+            **({"importance": c.importance} if len(c.importance) else {}),
+        }.items():
             path = Path(folder) / chart / f"{name}.csv"
             path.parent.mkdir(parents=True, exist_ok=True)
             frame.round(6).to_csv(path, index=False)
@@ -541,41 +840,64 @@ def write_plots(candidates, folder) -> list:
 # %% ../notebooks/03_model_development.ipynb #fca4df2c
 def git_commit(root) -> str:
     "The commit checked out at `root`, or 'unknown' outside git."
-    try: return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError): return "unknown"
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
 
 def params_digest(*sections) -> str:
     "A content hash of parameter sections (canonical JSON)."
     return hashlib.sha256(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()
 
+
 def lineage_tags(commit, data_hashes, params_hash) -> dict:
     "MLflow tags tracing a run to its code, data and parameters."
-    return {"git_commit": commit, "params_sha256": params_hash, **{f"data_sha256.{name}": h for name, h in sorted(data_hashes.items())}}
+    return {
+        "git_commit": commit,
+        "params_sha256": params_hash,
+        **{f"data_sha256.{name}": h for name, h in sorted(data_hashes.items())},
+    }
 
 # %% ../notebooks/03_model_development.ipynb #d0f7eda6
-CURVE_AXES = {"roc": ("fpr", "tpr", "ROC"), "precision_recall": ("recall", "precision", "Precision-recall"),
-              "calibration": ("mean_predicted", "fraction_positive", "Calibration")}
+CURVE_AXES = {
+    "roc": ("fpr", "tpr", "ROC"),
+    "precision_recall": ("recall", "precision", "Precision-recall"),
+    "calibration": ("mean_predicted", "fraction_positive", "Calibration"),
+}
+
 
 def plot_curves(candidates, kind):
-    "A figure with one `kind` curve (roc, precision_recall, calibration) per candidate; the diagonal where it means chance or perfection."
+    """A figure with one `kind` curve (roc, precision_recall, calibration) per candidate; the diagonal where it means
+    chance or perfection."""
     import matplotlib.pyplot as plt
+
     x, y, title = CURVE_AXES[kind]
     fig, ax = plt.subplots(figsize=(5, 4))
-    for name, c in candidates.items(): ax.plot(c.curves[kind][x], c.curves[kind][y], marker="." if kind == "calibration" else None, label=name)
+    for name, c in candidates.items():
+        ax.plot(c.curves[kind][x], c.curves[kind][y], marker="." if kind == "calibration" else None, label=name)
     if kind != "precision_recall":
         edge = 1.0 if kind == "roc" else max(c.curves[kind][x].max() for c in candidates.values())
         ax.plot([0, edge], [0, edge], ":", color="grey")
-    ax.set_xlabel(x.replace("_", " ")); ax.set_ylabel(y.replace("_", " ")); ax.set_title(f"{title} (held-out campaigns)")
-    ax.legend(fontsize=8); fig.tight_layout()
+    ax.set_xlabel(x.replace("_", " "))
+    ax.set_ylabel(y.replace("_", " "))
+    ax.set_title(f"{title} (held-out campaigns)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
     return fig
+
 
 def plot_importance(candidate, top=15):
     "A bar chart of the candidate's `top` features by permutation importance."
     import matplotlib.pyplot as plt
+
     data = candidate.importance.head(top).iloc[::-1]
     fig, ax = plt.subplots(figsize=(6, 0.3 * len(data) + 1))
     ax.barh(data.feature, data.importance, xerr=data["std"], color="#3e7cb1")
-    ax.set_xlabel("drop in average precision when shuffled"); ax.set_title(f"Permutation importance: {candidate.name}")
+    ax.set_xlabel("drop in average precision when shuffled")
+    ax.set_title(f"Permutation importance: {candidate.name}")
     fig.tight_layout()
     return fig
 
@@ -583,66 +905,126 @@ def plot_importance(candidate, top=15):
 def model_requirements() -> list:
     "Pinned pip requirements of the logged models (what loading and serving them needs)."
     from importlib.metadata import version
+
     return [f"{p}=={version(p)}" for p in ("mlflow", "scikit-learn", "numpy", "pandas", "scipy", "skops")]
 
+
 # Types skops must be told to trust when loading the models: reviewed, all from scikit-learn's gradient boosting.
-SKOPS_TRUSTED_TYPES = ["functools.partial", "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
-                       "sklearn.utils.validation.check_array"]
+SKOPS_TRUSTED_TYPES = [
+    "functools.partial",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.utils.validation.check_array",
+]
+
 
 def log_candidate(c, selection, tags, input_example, requirements, experiment_id) -> dict:
-    "Log candidate `c` as an MLflow run (params, metrics, plots, model with signature and input example); returns its ids."
+    """Log candidate `c` as an MLflow run (params, metrics, plots, model with signature and input example); returns its
+    ids."""
     import matplotlib.pyplot as plt
     import mlflow
     from mlflow.models import infer_signature
-    verdict = "baseline" if c.name == "rule_baseline" else ("accepted" if not selection["failures"][c.name] else "rejected")
+
+    verdict = (
+        "baseline" if c.name == "rule_baseline" else ("accepted" if not selection["failures"][c.name] else "rejected")
+    )
     with mlflow.start_run(run_name=c.name, experiment_id=experiment_id, nested=True) as run:
-        mlflow.set_tags({**tags, "candidate": c.name, "acceptance": verdict, "selected": str(c.name == selection["name"]).lower()})
+        mlflow.set_tags(
+            {**tags, "candidate": c.name, "acceptance": verdict, "selected": str(c.name == selection["name"]).lower()}
+        )
         mlflow.log_params({"candidate": c.name, **c.hyperparameters, "fit_seconds": round(c.fit_seconds, 1)})
         mlflow.log_metrics({f"held_out_{m}": v for m, v in c.metrics.items() if np.isfinite(v)})
         for kind in ("roc", "precision_recall", "calibration"):
-            fig = plot_curves({c.name: c}, kind); mlflow.log_figure(fig, f"plots/{kind}.png"); plt.close(fig)
-        if len(c.importance): fig = plot_importance(c); mlflow.log_figure(fig, "plots/importance.png"); plt.close(fig)
+            fig = plot_curves({c.name: c}, kind)
+            mlflow.log_figure(fig, f"plots/{kind}.png")
+            plt.close(fig)
+        if len(c.importance):
+            fig = plot_importance(c)
+            mlflow.log_figure(fig, "plots/importance.png")
+            plt.close(fig)
         mlflow.log_table(c.slices, "metrics/slices.json")
-        if len(c.search): mlflow.log_table(c.search[["iter", "n_resources", "params", "mean_test_score", "std_test_score", "selected"]].astype({"params": str}), "search.json")
+        if len(c.search):
+            mlflow.log_table(
+                c.search[["iter", "n_resources", "params", "mean_test_score", "std_test_score", "selected"]].astype(
+                    {"params": str}
+                ),
+                "search.json",
+            )
         signature = infer_signature(input_example, c.model.predict_proba(input_example))
-        info = mlflow.sklearn.log_model(c.model, name="model", signature=signature, input_example=input_example,
-                                        pyfunc_predict_fn="predict_proba", pip_requirements=requirements,
-                                        skops_trusted_types=SKOPS_TRUSTED_TYPES)
+        info = mlflow.sklearn.log_model(
+            c.model,
+            name="model",
+            signature=signature,
+            input_example=input_example,
+            pyfunc_predict_fn="predict_proba",
+            pip_requirements=requirements,
+            skops_trusted_types=SKOPS_TRUSTED_TYPES,
+        )
     return {"run_id": run.info.run_id, "model_uri": info.model_uri, "run_model_uri": f"runs:/{run.info.run_id}/model"}
+
 
 def log_development(candidates, selection, tags, run_params, input_example, experiment_id) -> dict:
     "One parent MLflow run for the stage with a nested run per candidate; returns each candidate's run and model ids."
     import mlflow
+
     with mlflow.start_run(run_name="model_development", experiment_id=experiment_id):
-        mlflow.set_tags({**tags, "stage": "model_development", "selected": selection["name"], "accepted": str(selection["accepted"]).lower()})
+        mlflow.set_tags(
+            {
+                **tags,
+                "stage": "model_development",
+                "selected": selection["name"],
+                "accepted": str(selection["accepted"]).lower(),
+            }
+        )
         mlflow.log_params(run_params)
         requirements = model_requirements()
-        return {n: log_candidate(c, selection, tags, input_example, requirements, experiment_id) for n, c in candidates.items()}
+        return {
+            n: log_candidate(c, selection, tags, input_example, requirements, experiment_id)
+            for n, c in candidates.items()
+        }
 
 # %% ../notebooks/03_model_development.ipynb #82ab3951
 class AcceptanceError(RuntimeError):
     "No candidate meets the charter's acceptance thresholds."
 
+
 def enforce_acceptance(selection, enforce=True):
     "Raise `AcceptanceError`, naming every candidate's failures, when `enforce` is on and nothing was accepted."
     if enforce and not selection["accepted"]:
         reasons = "; ".join(f"{n}: {', '.join(f)}" for n, f in selection["failures"].items())
-        raise AcceptanceError(f"model_development: no candidate meets the charter's acceptance thresholds on the held-out campaigns: {reasons}")
+        raise AcceptanceError(
+            "model_development: no candidate meets the charter's acceptance thresholds on the held-out campaigns: "
+            f"{reasons}"
+        )
+
 
 def candidate_pointer(selection, runs, candidates, experiment_id, tags, campaigns, settings) -> dict:
-    "The small DVC output steps 04 and 05 read: which run and model, its metrics, whether the charter accepted it, and `settings`."
+    """The small DVC output steps 04 and 05 read: which run and model, its metrics, whether the charter accepted it, and
+    `settings`."""
     name = selection["name"]
-    return {"name": name, "accepted": selection["accepted"], "failures": selection["failures"][name],
-            "primary_metric": selection["primary_metric"], "experiment_id": experiment_id, **runs[name],
-            "held_out_metrics": {m: candidates[name].metrics[m] for m in (*METRICS, "rows", "positives")},
-            "baseline_metrics": {m: candidates["rule_baseline"].metrics[m] for m in METRICS},
-            "score": "predict_proba(features)[:, 1]: the pyfunc model returns both class columns; column 1 is the probability of redemption",
-            "feature_columns": FEATURES, "categorical_columns": CATEGORICAL, "keys": KEYS,
-            **{f"{name}_campaigns": ids for name, ids in campaigns.items()}, "lineage": tags, "settings": settings}
+    return {
+        "name": name,
+        "accepted": selection["accepted"],
+        "failures": selection["failures"][name],
+        "primary_metric": selection["primary_metric"],
+        "experiment_id": experiment_id,
+        **runs[name],
+        "held_out_metrics": {m: candidates[name].metrics[m] for m in (*METRICS, "rows", "positives")},
+        "baseline_metrics": {m: candidates["rule_baseline"].metrics[m] for m in METRICS},
+        "score": "predict_proba(features)[:, 1]: the pyfunc model returns both class columns; column 1 is the "
+        "probability of redemption",
+        "feature_columns": FEATURES,
+        "categorical_columns": CATEGORICAL,
+        "keys": KEYS,
+        **{f"{name}_campaigns": ids for name, ids in campaigns.items()},
+        "lineage": tags,
+        "settings": settings,
+    }
+
 
 def development_settings(pointer) -> dict:
     "The settings step 03 ran with (its params section), from its candidate pointer, checked as step 03 checks them."
-    if "settings" not in pointer: raise ValueError("the candidate pointer has no settings: re-run model_development")
+    if "settings" not in pointer:
+        raise ValueError("the candidate pointer has no settings: re-run model_development")
     return check_params(pointer["settings"])
 
 # %% ../notebooks/03_model_development.ipynb #0b1c2d31
@@ -650,10 +1032,14 @@ def campaign_ids(split, *sets) -> list:
     "The campaigns of `split` (from `split_campaigns`) in any of `sets`, sorted."
     return sorted(split.campaign_id[split.set.isin(sets)].tolist())
 
+
 def development_rows(tables, split, promo_weeks=4, say=quiet) -> pd.DataFrame:
     "Labelled rows with features of the training and held-out campaigns, each marked with its `set`."
-    rows = build_labelled_rows(restrict_to_development(tables, split), campaign_ids(split, "train", "held_out"), promo_weeks, say)
+    rows = build_labelled_rows(
+        restrict_to_development(tables, split), campaign_ids(split, "train", "held_out"), promo_weeks, say
+    )
     return rows.assign(set=rows.campaign_id.map(split.set_index("campaign_id").set))
+
 
 def development_sets(rows, leakage_auc_max=0.99) -> tuple:
     "The training and the held-out rows, each checked by `check_training_data` before any model sees them."
@@ -668,103 +1054,179 @@ def develop_candidates(train, held_out, params, k, seed, say=quiet) -> dict:
     developed = {}
     for name in CANDIDATES:
         developed[name] = develop_candidate(name, train, held_out, params, k, seed)
-        say(f"{name}: fitted in {developed[name].fit_seconds:.0f} s, held-out AP {developed[name].metrics['average_precision']:.4f}")
+        say(
+            f"{name}: fitted in {developed[name].fit_seconds:.0f} s, held-out AP "
+            f"{developed[name].metrics['average_precision']:.4f}"
+        )
     return developed
 
 # %% ../notebooks/03_model_development.ipynb #0b1c2d35
 def input_hashes(root, tables, folder="data/processed") -> dict:
     "Content hashes of the delivered `tables` the stage reads and of the charter: the data part of the lineage."
-    paths = {name: Path(root) / folder / f"{name}.parquet" for name in tables} | {"charter": Path(root) / "data/charter.json"}
+    paths = {name: Path(root) / folder / f"{name}.parquet" for name in tables} | {
+        "charter": Path(root) / "data/charter.json"
+    }
     return {name: file_sha256(path) for name, path in paths.items()}
+
 
 def run_parameters(shared, params, ml) -> dict:
     "The flat parameters of the parent MLflow run: seed, the charter's top-k and primary metric, the section's scalars."
-    return {"seed": shared["seed"], "top_k": ml["top_k"], "primary_metric": ml["primary_metric"],
-            **{k: v for k, v in params.items() if not isinstance(v, dict)}}
+    return {
+        "seed": shared["seed"],
+        "top_k": ml["top_k"],
+        "primary_metric": ml["primary_metric"],
+        **{k: v for k, v in params.items() if not isinstance(v, dict)},
+    }
+
 
 def row_counts(train, held_out) -> dict:
     "Rows, redeemed rows and campaigns of the training and held-out sets, as flat metrics."
     sets = {"train": train, "held_out": held_out}
-    return ({f"rows.{n}": len(f) for n, f in sets.items()} | {f"positives.{n}": int(f.label.sum()) for n, f in sets.items()}
-            | {f"campaigns.{n}": int(f.campaign_id.nunique()) for n, f in sets.items()})
+    return (
+        {f"rows.{n}": len(f) for n, f in sets.items()}
+        | {f"positives.{n}": int(f.label.sum()) for n, f in sets.items()}
+        | {f"campaigns.{n}": int(f.campaign_id.nunique()) for n, f in sets.items()}
+    )
 
 # %% ../notebooks/03_model_development.ipynb #0b1c2d37
 def campaign_lists(train, held_out) -> dict:
     "The campaigns each set holds: what step 04 must never gate on."
-    return {"train": sorted(train.campaign_id.unique().tolist()), "held_out": sorted(held_out.campaign_id.unique().tolist())}
+    return {
+        "train": sorted(train.campaign_id.unique().tolist()),
+        "held_out": sorted(held_out.campaign_id.unique().tolist()),
+    }
+
 
 def reference_document(selection, runs, train, model, bins) -> dict:
-    "`models/reference_stats.json`: the selected model's run and the training rows' feature and prediction distributions."
+    """`models/reference_stats.json`: the selected model's run and the training rows' feature and prediction
+    distributions."""
     reference = reference_statistics(train, model.predict_proba(train[FEATURES])[:, 1], bins)
-    return {"model": selection["name"], "run_id": runs[selection["name"]]["run_id"], "rows": "training rows", **reference}
+    return {
+        "model": selection["name"],
+        "run_id": runs[selection["name"]]["run_id"],
+        "rows": "training rows",
+        **reference,
+    }
 
 # %% ../notebooks/03_model_development.ipynb #0b1c2d3a
-def _pct(x): return f"{100 * x:.2f}%"
+def _pct(x):
+    return f"{100 * x:.2f}%"
+
 
 def development_summary(selection, developed, k) -> str:
     "The decision in one sentence and the key held-out figures, as Markdown for a reader who does not code."
     chosen, rule = developed[selection["name"]].metrics, developed["rule_baseline"].metrics
-    verdict = ("meets the charter and goes to the deployment gate" if selection["accepted"]
-               else "does **not** meet the charter: no model goes forward from this run")
-    return (f"**{selection['name'].replace('_', ' ').capitalize()} {verdict}.** On campaigns it never saw, a household's top {k} "
-            f"offers chosen by the model are redeemed {_pct(chosen['precision_at_k'])} of the time, against "
-            f"{_pct(rule['precision_at_k'])} for the charter's rule (offer what the household bought most often).\n\n"
-            f"- held-out rows: **{chosen['rows']:,}** household × offer, **{chosen['positives']:,}** redeemed\n"
-            f"- ranking quality (ROC-AUC): **{chosen['roc_auc']:.3f}**; average precision **{chosen['average_precision']:.4f}** "
-            f"(rule {rule['average_precision']:.4f})\n"
-            + "".join(f"- not met: {f}\n" for f in selection["failures"][selection["name"]]))
+    verdict = (
+        "meets the charter and goes to the deployment gate"
+        if selection["accepted"]
+        else "does **not** meet the charter: no model goes forward from this run"
+    )
+    return (
+        f"**{selection['name'].replace('_', ' ').capitalize()} {verdict}.** On campaigns it never saw, a household's "
+        f"top {k} "
+        f"offers chosen by the model are redeemed {_pct(chosen['precision_at_k'])} of the time, against "
+        f"{_pct(rule['precision_at_k'])} for the charter's rule (offer what the household bought most often).\n\n"
+        f"- held-out rows: **{chosen['rows']:,}** household × offer, **{chosen['positives']:,}** redeemed\n"
+        f"- ranking quality (ROC-AUC): **{chosen['roc_auc']:.3f}**; average precision "
+        f"**{chosen['average_precision']:.4f}** "
+        f"(rule {rule['average_precision']:.4f})\n"
+        + "".join(f"- not met: {f}\n" for f in selection["failures"][selection["name"]])
+    )
+
 
 def plot_top_k(developed, k):
-    "A bar chart of each candidate's held-out precision@k: the share of each household's top `k` offers that it redeemed."
+    """A bar chart of each candidate's held-out precision@k: the share of each household's top `k` offers that it
+    redeemed."""
     import matplotlib.pyplot as plt
+
     names, values = list(developed), [100 * c.metrics["precision_at_k"] for c in developed.values()]
     fig, ax = plt.subplots(figsize=(6, 2.4))
     ax.barh(names, values, color=["#b0bec5" if n == "rule_baseline" else "#3e7cb1" for n in names])
-    for y, v in enumerate(values): ax.text(v, y, f" {v:.2f}%", va="center")
-    ax.set_xlabel(f"redeemed offers among each household's top {k} (%)"); ax.set_xlim(0, max(values) * 1.25 or 1)
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:.2f}%", va="center")
+    ax.set_xlabel(f"redeemed offers among each household's top {k} (%)")
+    ax.set_xlim(0, max(values) * 1.25 or 1)
     fig.tight_layout()
     return fig
 
 # %% ../notebooks/03_model_development.ipynb #0b1c2d3c
 def model_card(selection, ml, params, train, held_out, enforced=True) -> str:
     "The model card as Markdown: verdict, intended use, data and the charter's acceptance thresholds."
-    verdict = ("**Accepted.**" if selection["accepted"] else "**NOT ACCEPTED — no candidate meets the charter.**"
-               + ("" if enforced else " This run has `enforce_acceptance: false` (the smoke slice of a few households): "
-                  "it is a pipeline check, not a model to deploy."))
+    verdict = (
+        "**Accepted.**"
+        if selection["accepted"]
+        else "**NOT ACCEPTED — no candidate meets the charter.**"
+        + (
+            ""
+            if enforced
+            else " This run has `enforce_acceptance: false` (the smoke slice of a few households): "
+            "it is a pipeline check, not a model to deploy."
+        )
+    )
     thresholds = ", ".join(f"{m.replace('_', ' ')} ≥ {v}" for m, v in ml["acceptance"].items())
-    return f"""### Offer ranking model: `{selection['name']}`
+    return f"""### Offer ranking model: `{selection["name"]}`
 
-{verdict} Selected by the charter's primary metric, **{ml['primary_metric'].replace('_', ' ')}**, on the held-out campaigns.
+{verdict} Selected by the charter's primary metric, **{ml["primary_metric"].replace("_", " ")}**, on the held-out
+campaigns.
 
-**Intended use.** {ml['task']} Each targeted household is messaged its top {ml['top_k']} offers of a campaign (the charter's
-contact cap). Scores are probabilities of redemption during the campaign; they rank offers within a household and campaign.
-Not for decisions about individuals beyond choosing which offers to show, nor for campaigns outside the data's product range.
+**Intended use.** {ml["task"]} Each targeted household is messaged its top {ml["top_k"]} offers of a campaign (the
+charter's
+contact cap). Scores are probabilities of redemption during the campaign; they rank offers within a household and
+campaign.
+Not for decisions about individuals beyond choosing which offers to show, nor for campaigns outside the data's product
+range.
 
-**Data.** *The Complete Journey* (84.51°/dunnhumby) as delivered by step 02. One row per targeted household × campaign × coupon.
-Training: {len(train):,} rows ({int(train.label.sum())} redeemed) from {train.campaign_id.nunique()} campaigns starting before
-{params['train_before']}; held out: {len(held_out):,} rows ({int(held_out.label.sum())} redeemed) from {held_out.campaign_id.nunique()}
-campaigns starting {params['train_before']} – {params['production_from']}. Campaigns from {params['production_from']} on are the
+**Data.** *The Complete Journey* (84.51°/dunnhumby) as delivered by step 02. One row per targeted household × campaign
+× coupon.
+Training: {len(train):,} rows ({int(train.label.sum())} redeemed) from {train.campaign_id.nunique()} campaigns starting
+before
+{params["train_before"]}; held out: {len(held_out):,} rows ({int(held_out.label.sum())} redeemed) from
+{held_out.campaign_id.nunique()}
+campaigns starting {params["train_before"]} – {params["production_from"]}. Campaigns from {params["production_from"]}
+on are the
 production period: never read here. Features use only data from before each campaign's start.
 
 **Acceptance (charter).** {thresholds} (lifts: the model divided by the rule baseline on the same rows)."""
 
+
 def candidate_table(developed, selection) -> pd.DataFrame:
     "Held-out metrics, lift over the rule, fit time and verdict of every candidate."
     rule = developed["rule_baseline"].metrics
-    def verdict(n): return "yardstick" if n == "rule_baseline" else "; ".join(selection["failures"][n]) or "accepted"
-    table = pd.DataFrame({n: {**c.metrics, **(measure_lift(c.metrics, rule) if n != "rule_baseline" else {}),
-                              "fit_seconds": c.fit_seconds, "verdict": verdict(n)} for n, c in developed.items()}).T
+
+    def verdict(n):
+        return "yardstick" if n == "rule_baseline" else "; ".join(selection["failures"][n]) or "accepted"
+
+    table = pd.DataFrame(
+        {
+            n: {
+                **c.metrics,
+                **(measure_lift(c.metrics, rule) if n != "rule_baseline" else {}),
+                "fit_seconds": c.fit_seconds,
+                "verdict": verdict(n),
+            }
+            for n, c in developed.items()
+        }
+    ).T
     return table.rename_axis("candidate (held-out campaigns)")
 
 # %% ../notebooks/03_model_development.ipynb #0b1c2d3e
 def slice_table(developed, name) -> pd.DataFrame:
     "Held-out metrics of candidate `name` and of the rule baseline within each slice value."
-    return developed[name].slices.merge(developed["rule_baseline"].slices, on=["slice", "value", "rows", "positives"],
-                                        suffixes=("", " (rule)"))
+    return developed[name].slices.merge(
+        developed["rule_baseline"].slices, on=["slice", "value", "rows", "positives"], suffixes=("", " (rule)")
+    )
+
 
 def run_facts(selection, runs, tags, rows, peak_mb) -> pd.DataFrame:
     "How this run was made: rows, the selected run and model, the code and parameters, peak memory."
-    return pd.Series({"development rows (train + held out)": f"{len(rows):,} ({int(rows.label.sum()):,} redeemed)",
-                      "selected MLflow run": runs[selection["name"]]["run_id"], "model URI": runs[selection["name"]]["model_uri"],
-                      "git commit": tags["git_commit"], "params hash": tags["params_sha256"][:16],
-                      "peak memory of the stage (kernel RSS)": f"{peak_mb:,.0f} MB"}, name="value").to_frame()
+    return pd.Series(
+        {
+            "development rows (train + held out)": f"{len(rows):,} ({int(rows.label.sum()):,} redeemed)",
+            "selected MLflow run": runs[selection["name"]]["run_id"],
+            "model URI": runs[selection["name"]]["model_uri"],
+            "git commit": tags["git_commit"],
+            "params hash": tags["params_sha256"][:16],
+            "peak memory of the stage (kernel RSS)": f"{peak_mb:,.0f} MB",
+        },
+        name="value",
+    ).to_frame()

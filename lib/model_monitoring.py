@@ -29,33 +29,58 @@ import pandas as pd
 from .core import ParamsError, load_json, quiet, save_json, validate_spec
 from .data_acquisition import PROCESSED_CONTRACTS, UNKNOWN, score_contract
 from .kpis import kpi_window, measurable_campaigns, measure_kpi
-from .model_development import (FEATURE_KINDS, FEATURES, bin_shares, build_labelled_rows, measure_metrics, reference_statistics,
-                                   top_k_offers)
+from lib.model_development import (
+    FEATURE_KINDS,
+    FEATURES,
+    bin_shares,
+    build_labelled_rows,
+    measure_metrics,
+    reference_statistics,
+    top_k_offers,
+)
 
 # %% ../notebooks/05_model_monitoring.ipynb #e0e0d3b7
 SCENARIOS = ("none", "schema_change", "demographic_shift", "online_shift", "quality_degradation")
 SEVERITIES = ("info", "warning", "critical")
-REMEDIATIONS = ("pipeline", "retrain", "business")   # in order of precedence: a broken pipeline explains everything after it
+REMEDIATIONS = (
+    "pipeline",
+    "retrain",
+    "business",
+)  # in order of precedence: a broken pipeline explains everything after it
 OPS = ("above", "below")
 
-RULE_SPEC = {"metric": str, "op": str, "threshold": (int, float, str), "severity": str, "remediation": str,
-             "action": str}                           # the recommended action, shown with every alert of the rule
+RULE_SPEC = {
+    "metric": str,
+    "op": str,
+    "threshold": (int, float, str),
+    "severity": str,
+    "remediation": str,
+    "action": str,
+}  # the recommended action, shown with every alert of the rule
 SPEC = {
-    "scenario": str,                  # failure drill injected into the replay: none | schema_change | demographic_shift | online_shift | quality_degradation
-    "auto_retrain": bool,             # a retrain alert trains a challenger up to that batch and sends it through the step-04 gate
-    "incremental": bool,              # reuse stored batch results whose inputs are unchanged; false = full replay
-    "replay_until": str,              # "" = every production batch; else batches starting on or before this date
-    "min_households": int,            # fewer targeted households: insufficient data, no drift verdict
-    "min_rows": int,                  # fewer candidate rows: insufficient data
-    "min_positives": int,             # fewer redeemed offers: no performance verdict
-    "min_reference_households": int,  # a campaign type with fewer training households has no reference of its own: drift not judged
-    "psi_epsilon": (int, float),      # floor of a bin's share in PSI (an empty bin would be infinite)
-    "psi_drifted": (int, float),      # a feature with PSI above this counts as drifted
-    "drift_exclude": [str],           # kinds of feature (step 03's FEATURE_KINDS) left out of the drift summary; still shown
+    # failure drill injected into the replay: none | schema_change | demographic_shift | online_shift |
+    # quality_degradation
+    "scenario": str,
+    "auto_retrain": bool,  # a retrain alert trains a challenger up to that batch and sends it through the step-04 gate
+    "incremental": bool,  # reuse stored batch results whose inputs are unchanged; false = full replay
+    "replay_until": str,  # "" = every production batch; else batches starting on or before this date
+    "min_households": int,  # fewer targeted households: insufficient data, no drift verdict
+    "min_rows": int,  # fewer candidate rows: insufficient data
+    "min_positives": int,  # fewer redeemed offers: no performance verdict
+    # a campaign type with fewer training households has no reference of its own: drift not judged
+    "min_reference_households": int,
+    "psi_epsilon": (int, float),  # floor of a bin's share in PSI (an empty bin would be infinite)
+    "psi_drifted": (int, float),  # a feature with PSI above this counts as drifted
+    "drift_exclude": [str],  # kinds of feature (step 03's FEATURE_KINDS) left out of the drift summary; still shown
     "rules": [RULE_SPEC],
     "drills": {
         "schema_change": {"table": str, "rename": dict, "drop": [str]},
-        "quality_degradation": {"tables": [str], "column": str, "null_share": (int, float), "duplicate_share": (int, float)},
+        "quality_degradation": {
+            "tables": [str],
+            "column": str,
+            "null_share": (int, float),
+            "duplicate_share": (int, float),
+        },
         "demographic_shift": {"column": str, "bands": [str], "weight": (int, float)},
         "online_shift": {"from_date": str, "keep_share": (int, float)},
     },
@@ -63,70 +88,135 @@ SPEC = {
 }
 
 # %% ../notebooks/05_model_monitoring.ipynb #23611d67
-BATCH_METRICS = ("schema_violations", "contract_failures", "quality_score", "null_share", "duplicate_share",
-                 "households", "rows", "max_feature_psi", "mean_feature_psi", "max_feature_js", "drifted_feature_share",
-                 "prediction_psi", "prediction_js", "mean_score", "roc_auc", "average_precision", "precision_at_k",
-                 "ap_lift", "positives", "model_age_days")
+BATCH_METRICS = (
+    "schema_violations",
+    "contract_failures",
+    "quality_score",
+    "null_share",
+    "duplicate_share",
+    "households",
+    "rows",
+    "max_feature_psi",
+    "mean_feature_psi",
+    "max_feature_js",
+    "drifted_feature_share",
+    "prediction_psi",
+    "prediction_js",
+    "mean_score",
+    "roc_auc",
+    "average_precision",
+    "precision_at_k",
+    "ap_lift",
+    "positives",
+    "model_age_days",
+)
+
 
 def _check(ok, message):
-    if not ok: raise ParamsError(f"model_monitoring.{message}")
+    if not ok:
+        raise ParamsError(f"model_monitoring.{message}")
+
 
 def _check_rule(i, rule, metrics):
-    _check(rule["metric"] in metrics, f"rules[{i}].metric: unknown metric {rule['metric']!r}; known: {', '.join(metrics)}")
+    _check(
+        rule["metric"] in metrics, f"rules[{i}].metric: unknown metric {rule['metric']!r}; known: {', '.join(metrics)}"
+    )
     _check(rule["op"] in OPS, f"rules[{i}].op must be above or below, got {rule['op']!r}")
-    _check(rule["severity"] in SEVERITIES, f"rules[{i}].severity must be one of {', '.join(SEVERITIES)}, got {rule['severity']!r}")
-    _check(rule["remediation"] in REMEDIATIONS, f"rules[{i}].remediation must be one of {', '.join(REMEDIATIONS)}, got {rule['remediation']!r}")
-    _check(not isinstance(rule["threshold"], str) or rule["threshold"] == "charter", f"rules[{i}].threshold must be a number or 'charter', got {rule['threshold']!r}")
+    _check(
+        rule["severity"] in SEVERITIES,
+        f"rules[{i}].severity must be one of {', '.join(SEVERITIES)}, got {rule['severity']!r}",
+    )
+    _check(
+        rule["remediation"] in REMEDIATIONS,
+        f"rules[{i}].remediation must be one of {', '.join(REMEDIATIONS)}, got {rule['remediation']!r}",
+    )
+    _check(
+        not isinstance(rule["threshold"], str) or rule["threshold"] == "charter",
+        f"rules[{i}].threshold must be a number or 'charter', got {rule['threshold']!r}",
+    )
+
 
 def check_params(params, kpi_ids=()) -> dict:
-    "Check the section's meaning beyond its types (`kpi_ids`: the charter's KPIs, also valid rule metrics); returns it unchanged."
+    """Check the section's meaning beyond its types (`kpi_ids`: the charter's KPIs, also valid rule metrics); returns it
+    unchanged."""
     validate_spec(params, SPEC, where="model_monitoring")
-    _check(params["scenario"] in SCENARIOS, f"scenario must be one of {', '.join(SCENARIOS)}, got {params['scenario']!r}")
+    _check(
+        params["scenario"] in SCENARIOS, f"scenario must be one of {', '.join(SCENARIOS)}, got {params['scenario']!r}"
+    )
     unknown = [k for k in params["drift_exclude"] if k not in FEATURE_KINDS]
     _check(not unknown, f"drift_exclude: unknown kind(s) of feature {unknown}; known: {', '.join(FEATURE_KINDS)}")
-    for i, rule in enumerate(params["rules"]): _check_rule(i, rule, (*BATCH_METRICS, *kpi_ids))
+    for i, rule in enumerate(params["rules"]):
+        _check_rule(i, rule, (*BATCH_METRICS, *kpi_ids))
     drills = params["drills"]
-    for key in ("null_share", "duplicate_share"): _check(0 <= drills["quality_degradation"][key] <= 1, f"drills.quality_degradation.{key} must lie in [0, 1]")
+    for key in ("null_share", "duplicate_share"):
+        _check(0 <= drills["quality_degradation"][key] <= 1, f"drills.quality_degradation.{key} must lie in [0, 1]")
     _check(0 <= drills["online_shift"]["keep_share"] <= 1, "drills.online_shift.keep_share must lie in [0, 1]")
-    for key, value in (("replay_until", params["replay_until"]), ("drills.online_shift.from_date", drills["online_shift"]["from_date"])):
+    for key, value in (
+        ("replay_until", params["replay_until"]),
+        ("drills.online_shift.from_date", drills["online_shift"]["from_date"]),
+    ):
         if value:
-            try: pd.Timestamp(value)
-            except ValueError: _check(False, f"{key}: {value!r} is not a date")
-    _check(min(params["min_households"], params["min_rows"], params["min_positives"]) >= 1, "min_households, min_rows and min_positives must be at least 1")
+            try:
+                pd.Timestamp(value)
+            except ValueError:
+                _check(False, f"{key}: {value!r} is not a date")
+    _check(
+        min(params["min_households"], params["min_rows"], params["min_positives"]) >= 1,
+        "min_households, min_rows and min_positives must be at least 1",
+    )
     return params
 
 # %% ../notebooks/05_model_monitoring.ipynb #e26a2a94
 def plan_batches(campaign_descriptions, production_from, as_of, until="") -> pd.DataFrame:
-    "The production batches in arrival order: one per campaign starting from `production_from` (up to `until`), with whether it has ended by `as_of`."
+    """The production batches in arrival order: one per campaign starting from `production_from` (up to `until`), with
+    whether it has ended by `as_of`."""
     d = campaign_descriptions[["campaign_id", "campaign_type", "start_date", "end_date"]]
     last = pd.Timestamp(until) if until else pd.Timestamp(as_of)
     d = d[(d.start_date >= pd.Timestamp(production_from)) & (d.start_date <= min(last, pd.Timestamp(as_of)))]
     d = d.sort_values(["start_date", "campaign_id"]).reset_index(drop=True)
-    return d.assign(batch=[f"campaign {c}" for c in d.campaign_id], labelled=d.end_date.dt.normalize() <= pd.Timestamp(as_of).normalize())
+    return d.assign(
+        batch=[f"campaign {c}" for c in d.campaign_id],
+        labelled=d.end_date.dt.normalize() <= pd.Timestamp(as_of).normalize(),
+    )
 
 # %% ../notebooks/05_model_monitoring.ipynb #809cd440
 BATCH_TABLES = ("campaign_descriptions", "campaigns", "coupons", "coupon_redemptions", "transactions", "demographics")
+
 
 def window_end(start, end, window_days=14) -> pd.Timestamp:
     "The first day after a campaign's window: the later of its end and `window_days` after its start."
     start, end = pd.Timestamp(start).normalize(), pd.Timestamp(end).normalize()
     return max(end, start + pd.Timedelta(days=window_days)) + pd.Timedelta(days=1)
 
+
 def slice_batch(tables, campaign_id, window_days=14) -> dict:
     "The batch of campaign `campaign_id`: its rows of each table of `BATCH_TABLES` and the transactions of its window."
-    def of_campaign(name): return tables[name][tables[name].campaign_id == campaign_id].reset_index(drop=True)
+
+    def of_campaign(name):
+        return tables[name][tables[name].campaign_id == campaign_id].reset_index(drop=True)
+
     description, targeted = of_campaign("campaign_descriptions"), of_campaign("campaigns")
-    start, stop = description.start_date.iloc[0].normalize(), window_end(description.start_date.iloc[0], description.end_date.iloc[0], window_days)
+    start, stop = (
+        description.start_date.iloc[0].normalize(),
+        window_end(description.start_date.iloc[0], description.end_date.iloc[0], window_days),
+    )
     when = tables["transactions"].transaction_timestamp
-    return {"campaign_descriptions": description, "campaigns": targeted, "coupons": of_campaign("coupons"),
-            "coupon_redemptions": of_campaign("coupon_redemptions"),
-            "transactions": tables["transactions"][(when >= start) & (when < stop)].reset_index(drop=True),
-            "demographics": tables["demographics"][tables["demographics"].household_id.isin(targeted.household_id)].reset_index(drop=True)}
+    return {
+        "campaign_descriptions": description,
+        "campaigns": targeted,
+        "coupons": of_campaign("coupons"),
+        "coupon_redemptions": of_campaign("coupon_redemptions"),
+        "transactions": tables["transactions"][(when >= start) & (when < stop)].reset_index(drop=True),
+        "demographics": tables["demographics"][
+            tables["demographics"].household_id.isin(targeted.household_id)
+        ].reset_index(drop=True),
+    }
 
 # %% ../notebooks/05_model_monitoring.ipynb #90fcdda9
 def rename_columns(batch, table, rename, drop=()) -> dict:
     "The batch with columns of `table` renamed and dropped: a source that changed its schema."
     return {**batch, table: batch[table].rename(columns=rename).drop(columns=list(drop))}
+
 
 def _with_nulls(frame, column, share, rng) -> pd.DataFrame:
     "`frame` with `share` of the values of `column` set missing (integers become nullable integers)."
@@ -135,18 +225,24 @@ def _with_nulls(frame, column, share, rng) -> pd.DataFrame:
     values.iloc[rows] = pd.NA
     return frame.assign(**{column: values})
 
+
 def _with_duplicates(frame, share, rng) -> pd.DataFrame:
     "`frame` with `share` of its rows appended again."
     rows = rng.choice(len(frame), int(np.ceil(share * len(frame))), replace=True) if len(frame) else []
     return pd.concat([frame, frame.iloc[rows]], ignore_index=True)
 
+
 def degrade_quality(batch, tables, column, null_share, duplicate_share, rng) -> dict:
     "The batch with nulls in `column` and duplicate rows injected into each of `tables`."
-    return {**batch, **{t: _with_duplicates(_with_nulls(batch[t], column, null_share, rng), duplicate_share, rng) for t in tables}}
+    return {
+        **batch,
+        **{t: _with_duplicates(_with_nulls(batch[t], column, null_share, rng), duplicate_share, rng) for t in tables},
+    }
 
 # %% ../notebooks/05_model_monitoring.ipynb #b6bda60e
 def shift_demographics(batch, households, demographics, column, bands, weight, rng) -> dict:
-    "The batch targeting households with a recorded `column` (as many as before, at most all of them), `weight` times likelier in `bands`."
+    """The batch targeting households with a recorded `column` (as many as before, at most all of them), `weight` times
+    likelier in `bands`."""
     known = demographics.household_id[demographics[column].astype(str) != UNKNOWN]
     pool = np.sort(households.household_id[households.household_id.isin(known)].unique())
     tilted = demographics.household_id[demographics[column].astype(str).isin(bands)]
@@ -154,140 +250,248 @@ def shift_demographics(batch, households, demographics, column, bands, weight, r
     n = min(batch["campaigns"].household_id.nunique(), len(pool))
     chosen = np.sort(rng.choice(pool, n, replace=False, p=weights / weights.sum())) if n else pool[:0]
     campaign_id = batch["campaign_descriptions"].campaign_id.iloc[0]
-    targeted = pd.DataFrame({"campaign_id": np.full(n, campaign_id, dtype=batch["campaigns"].campaign_id.dtype), "household_id": chosen.astype(batch["campaigns"].household_id.dtype)})
-    def mine(frame): return frame[frame.household_id.isin(chosen)].reset_index(drop=True)
-    return {**batch, "campaigns": targeted, "demographics": mine(demographics), "coupon_redemptions": mine(batch["coupon_redemptions"])}
+    targeted = pd.DataFrame(
+        {
+            "campaign_id": np.full(n, campaign_id, dtype=batch["campaigns"].campaign_id.dtype),
+            "household_id": chosen.astype(batch["campaigns"].household_id.dtype),
+        }
+    )
+
+    def mine(frame):
+        return frame[frame.household_id.isin(chosen)].reset_index(drop=True)
+
+    return {
+        **batch,
+        "campaigns": targeted,
+        "demographics": mine(demographics),
+        "coupon_redemptions": mine(batch["coupon_redemptions"]),
+    }
+
 
 def shift_online(batch, from_date, keep_share, rng) -> dict:
-    "The batch with store baskets and redemptions from `from_date` on thinned to `keep_share`; nothing before it changes."
+    """The batch with store baskets and redemptions from `from_date` on thinned to `keep_share`; nothing before it
+    changes."""
     tx, red, start = batch["transactions"], batch["coupon_redemptions"], pd.Timestamp(from_date)
     after = tx.transaction_timestamp >= start
     baskets = np.sort(tx.basket_id[after].unique())
     kept = baskets[rng.random(len(baskets)) < keep_share]
     keep_redemption = (red.redemption_date < start).to_numpy() | (rng.random(len(red)) < keep_share)
-    return {**batch, "transactions": tx[~after | tx.basket_id.isin(kept)].reset_index(drop=True),
-            "coupon_redemptions": red[keep_redemption].reset_index(drop=True)}
+    return {
+        **batch,
+        "transactions": tx[~after | tx.basket_id.isin(kept)].reset_index(drop=True),
+        "coupon_redemptions": red[keep_redemption].reset_index(drop=True),
+    }
 
 # %% ../notebooks/05_model_monitoring.ipynb #cb465830
 def inject_scenario(batch, scenario, drills, tables, rng) -> dict:
-    "The batch as failure drill `scenario` changes it (`tables`: the whole delivered tables, for drills that draw from them)."
-    if scenario == "none": return batch
+    """The batch as failure drill `scenario` changes it (`tables`: the whole delivered tables, for drills that draw from
+    them)."""
+    if scenario == "none":
+        return batch
     d = drills[scenario]
-    if scenario == "schema_change": return rename_columns(batch, d["table"], d["rename"], d["drop"])
-    if scenario == "quality_degradation": return degrade_quality(batch, d["tables"], d["column"], d["null_share"], d["duplicate_share"], rng)
-    if scenario == "demographic_shift": return shift_demographics(batch, tables["households"], tables["demographics"], d["column"], d["bands"], d["weight"], rng)
-    if scenario == "online_shift": return shift_online(batch, d["from_date"], d["keep_share"], rng)
+    if scenario == "schema_change":
+        return rename_columns(batch, d["table"], d["rename"], d["drop"])
+    if scenario == "quality_degradation":
+        return degrade_quality(batch, d["tables"], d["column"], d["null_share"], d["duplicate_share"], rng)
+    if scenario == "demographic_shift":
+        return shift_demographics(
+            batch, tables["households"], tables["demographics"], d["column"], d["bands"], d["weight"], rng
+        )
+    if scenario == "online_shift":
+        return shift_online(batch, d["from_date"], d["keep_share"], rng)
     raise ValueError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
 
 # %% ../notebooks/05_model_monitoring.ipynb #40a4ce75
 SCHEMA_RULES = ("required_column", "unexpected_column", "dtype")
+
 
 def check_batch(batch, contracts=None) -> pd.DataFrame:
     "The contract scorecard of every table of the batch (default: the delivered contracts of step 02)."
     contracts = PROCESSED_CONTRACTS if contracts is None else contracts
     return pd.concat([score_contract(t, f, contracts) for t, f in batch.items()], ignore_index=True)
 
+
 def _worst_share(quality, rule) -> float:
     part = quality[quality.rule == rule]
     return float((part.failed / part.checked.clip(lower=1)).max()) if len(part) else 0.0
 
+
 def summarize_checks(scorecard) -> dict:
-    "Schema violations, failed quality rules, the quality score (mean pass rate) and the worst null and duplicate shares."
+    """Schema violations, failed quality rules, the quality score (mean pass rate) and the worst null and duplicate
+    shares."""
     schema = scorecard[scorecard.rule.isin(SCHEMA_RULES)]
-    quality = scorecard[~scorecard.rule.isin((*SCHEMA_RULES, "non_empty"))]   # an empty batch is insufficient data, not bad data
-    return {"schema_violations": int((~schema.passed).sum()), "contract_failures": int((~quality.passed).sum()),
-            "quality_score": float(quality.pass_rate.mean()) if len(quality) else 1.0,
-            "null_share": _worst_share(quality, "not_null"), "duplicate_share": _worst_share(quality, "distinct_rows")}
+    quality = scorecard[
+        ~scorecard.rule.isin((*SCHEMA_RULES, "non_empty"))
+    ]  # an empty batch is insufficient data, not bad data
+    return {
+        "schema_violations": int((~schema.passed).sum()),
+        "contract_failures": int((~quality.passed).sum()),
+        "quality_score": float(quality.pass_rate.mean()) if len(quality) else 1.0,
+        "null_share": _worst_share(quality, "not_null"),
+        "duplicate_share": _worst_share(quality, "distinct_rows"),
+    }
 
 # %% ../notebooks/05_model_monitoring.ipynb #b665d083
 def assess_sufficiency(households, rows, min_households, min_rows) -> str:
     "Why a batch is too small to judge ('' when it is not)."
-    reasons = [f"{households} targeted household(s) < {min_households}" if households < min_households else "",
-               f"{rows} candidate row(s) < {min_rows}" if rows < min_rows else ""]
+    reasons = [
+        f"{households} targeted household(s) < {min_households}" if households < min_households else "",
+        f"{rows} candidate row(s) < {min_rows}" if rows < min_rows else "",
+    ]
     return "; ".join(r for r in reasons if r)
 
 # %% ../notebooks/05_model_monitoring.ipynb #4e65752f
 def category_shares(values, categories) -> np.ndarray:
     "Share of each of `categories` among `values`, plus a last share for categories not among them; NaN when empty."
     counts = pd.Series(values, dtype=object).astype(str).value_counts()
-    if not counts.sum(): return np.full(len(categories) + 1, np.nan)
+    if not counts.sum():
+        return np.full(len(categories) + 1, np.nan)
     known = counts.reindex(list(categories), fill_value=0).to_numpy()
     return np.append(known, counts.sum() - known.sum()) / counts.sum()
 
+
 def psi(expected, actual, epsilon=1e-4) -> float:
     "Population stability index of shares `actual` against `expected`."
-    e, a = np.clip(np.asarray(expected, dtype=float), epsilon, None), np.clip(np.asarray(actual, dtype=float), epsilon, None)
+    e, a = (
+        np.clip(np.asarray(expected, dtype=float), epsilon, None),
+        np.clip(np.asarray(actual, dtype=float), epsilon, None),
+    )
     return float(np.sum((a - e) * np.log(a / e)))
+
 
 def js_distance(expected, actual) -> float:
     "Jensen–Shannon distance (base 2, in [0, 1]) between two share vectors."
     from scipy.spatial.distance import jensenshannon
-    return float(np.nan_to_num(jensenshannon(np.asarray(expected, dtype=float), np.asarray(actual, dtype=float), base=2)))
+
+    return float(
+        np.nan_to_num(jensenshannon(np.asarray(expected, dtype=float), np.asarray(actual, dtype=float), base=2))
+    )
 
 # %% ../notebooks/05_model_monitoring.ipynb #67b9e9c3
 def _expected_actual(spec, values) -> tuple:
     "Reference and batch shares of one feature, on the reference's bins."
-    if spec["kind"] == "numeric": return np.asarray(spec["proportions"], dtype=float), bin_shares(values, spec["cuts"])
+    if spec["kind"] == "numeric":
+        return np.asarray(spec["proportions"], dtype=float), bin_shares(values, spec["cuts"])
     categories = list(spec["proportions"])
     return np.append([spec["proportions"][c] for c in categories], 0.0), category_shares(values, categories)
+
 
 def measure_drift(frame, reference_features, epsilon=1e-4) -> pd.DataFrame:
     "PSI and Jensen–Shannon distance of every reference feature in `frame` against the reference."
     rows = []
     for name, spec in reference_features.items():
-        if name not in frame: continue
+        if name not in frame:
+            continue
         expected, actual = _expected_actual(spec, frame[name])
-        rows.append({"feature": name, "kind": spec["kind"], "feature_kind": spec.get("feature_kind", ""),
-                     "psi": psi(expected, actual, epsilon), "js": js_distance(expected, actual)})
+        rows.append(
+            {
+                "feature": name,
+                "kind": spec["kind"],
+                "feature_kind": spec.get("feature_kind", ""),
+                "psi": psi(expected, actual, epsilon),
+                "js": js_distance(expected, actual),
+            }
+        )
     return pd.DataFrame(rows, columns=["feature", "kind", "feature_kind", "psi", "js"])
 
+
 def summarize_drift(drift, exclude=(), psi_drifted=0.25) -> dict:
-    "The drift of a batch in a few numbers — largest and mean PSI, largest JS distance, share drifted — over features of kinds not in `exclude`."
+    """The drift of a batch in a few numbers — largest and mean PSI, largest JS distance, share drifted — over features
+    of kinds not in `exclude`."""
     judged = drift[~drift.feature_kind.isin(exclude)]
-    if not len(judged): return {"max_feature_psi": np.nan, "mean_feature_psi": np.nan, "max_feature_js": np.nan, "drifted_feature_share": np.nan}
-    return {"max_feature_psi": float(judged.psi.max()), "mean_feature_psi": float(judged.psi.mean()),
-            "max_feature_js": float(judged.js.max()), "drifted_feature_share": float((judged.psi > psi_drifted).mean())}
+    if not len(judged):
+        return {
+            "max_feature_psi": np.nan,
+            "mean_feature_psi": np.nan,
+            "max_feature_js": np.nan,
+            "drifted_feature_share": np.nan,
+        }
+    return {
+        "max_feature_psi": float(judged.psi.max()),
+        "mean_feature_psi": float(judged.psi.mean()),
+        "max_feature_js": float(judged.js.max()),
+        "drifted_feature_share": float((judged.psi > psi_drifted).mean()),
+    }
 
 # %% ../notebooks/05_model_monitoring.ipynb #be0da25c
 def reference_by_type(training, predictions, bins, min_households) -> dict:
-    "Step 03's reference statistics of the training rows of each campaign type with at least `min_households` households."
+    """Step 03's reference statistics of the training rows of each campaign type with at least `min_households`
+    households."""
     predictions = pd.Series(np.asarray(predictions, dtype=float), index=training.index)
-    return {str(t): {**reference_statistics(rows, predictions[rows.index], bins), "rows": int(len(rows)), "households": int(rows.household_id.nunique())}
-            for t, rows in training.groupby("campaign_type") if rows.household_id.nunique() >= min_households}
+    return {
+        str(t): {
+            **reference_statistics(rows, predictions[rows.index], bins),
+            "rows": int(len(rows)),
+            "households": int(rows.household_id.nunique()),
+        }
+        for t, rows in training.groupby("campaign_type")
+        if rows.household_id.nunique() >= min_households
+    }
 
 # %% ../notebooks/05_model_monitoring.ipynb #3d636d78
 def overlay_batch(tables, batch) -> dict:
-    "The delivered tables with the batch's own description, targeting, coupons and redemptions in place of its campaign's rows."
+    """The delivered tables with the batch's own description, targeting, coupons and redemptions in place of its
+    campaign's rows."""
     campaign_id = batch["campaign_descriptions"].campaign_id.iloc[0]
     out = dict(tables)
     for name in ("campaign_descriptions", "campaigns", "coupons", "coupon_redemptions"):
         out[name] = pd.concat([tables[name][tables[name].campaign_id != campaign_id], batch[name]], ignore_index=True)
     return out
 
+
 def batch_rows(tables, batch, promo_weeks=4) -> pd.DataFrame:
     "The batch's labelled rows with features: step 03's `build_labelled_rows` on the tables overlaid with the batch."
-    return build_labelled_rows(overlay_batch(tables, batch), batch["campaign_descriptions"].campaign_id.tolist(), promo_weeks)
+    return build_labelled_rows(
+        overlay_batch(tables, batch), batch["campaign_descriptions"].campaign_id.tolist(), promo_weeks
+    )
 
 # %% ../notebooks/05_model_monitoring.ipynb #4c66cab8
 def measure_performance(frame, scores, k, min_positives) -> dict:
-    "ROC-AUC, average precision, precision@k and AP lift over the base rate; NaN (insufficient) below `min_positives` redeemed offers."
+    """ROC-AUC, average precision, precision@k and AP lift over the base rate; NaN (insufficient) below `min_positives`
+    redeemed offers."""
     positives = int(frame.label.sum()) if len(frame) else 0
-    out = {"positives": positives, "roc_auc": np.nan, "average_precision": np.nan, "precision_at_k": np.nan, "ap_lift": np.nan}
-    if positives < min_positives or positives == len(frame): return out
+    out = {
+        "positives": positives,
+        "roc_auc": np.nan,
+        "average_precision": np.nan,
+        "precision_at_k": np.nan,
+        "ap_lift": np.nan,
+    }
+    if positives < min_positives or positives == len(frame):
+        return out
     m = measure_metrics(frame, scores, k)
-    return {**out, **{key: m[key] for key in ("roc_auc", "average_precision", "precision_at_k")}, "ap_lift": m["average_precision"] / (positives / len(frame))}
+    return {
+        **out,
+        **{key: m[key] for key in ("roc_auc", "average_precision", "precision_at_k")},
+        "ap_lift": m["average_precision"] / (positives / len(frame)),
+    }
 
 # %% ../notebooks/05_model_monitoring.ipynb #f088beb5
 def measure_batch_kpis(kpis, batch, households, messaged, as_of) -> dict:
-    "Each charter KPI for the batch's campaign; NaN while its window is still open at `as_of` or when nothing was measured."
-    tables = {"transactions": batch["transactions"], "campaigns": batch["campaigns"], "households": households,
-              "coupon_redemptions": batch["coupon_redemptions"], "offers": messaged}
+    """Each charter KPI for the batch's campaign; NaN while its window is still open at `as_of` or when nothing was
+    measured."""
+    tables = {
+        "transactions": batch["transactions"],
+        "campaigns": batch["campaigns"],
+        "households": households,
+        "coupon_redemptions": batch["coupon_redemptions"],
+        "offers": messaged,
+    }
     description, out = batch["campaign_descriptions"], {}
     for kpi in kpis:
-        measurable = measurable_campaigns(description, description.start_date.min(), as_of, kpi.get("params", {}).get("window_days", 0))
-        try: out[kpi["id"]] = float(measure_kpi(kpi, {**tables, "campaign_descriptions": measurable}).value) if len(measurable) else np.nan
-        except ValueError: out[kpi["id"]] = np.nan    # zero households or offers: undefined, not zero
+        measurable = measurable_campaigns(
+            description, description.start_date.min(), as_of, kpi.get("params", {}).get("window_days", 0)
+        )
+        try:
+            out[kpi["id"]] = (
+                float(measure_kpi(kpi, {**tables, "campaign_descriptions": measurable}).value)
+                if len(measurable)
+                else np.nan
+            )
+        except ValueError:
+            out[kpi["id"]] = np.nan  # zero households or offers: undefined, not zero
     return out
+
 
 def model_age_days(trained_until, batch_start) -> float:
     "Days from the end of the model's training data to the batch's start."
@@ -297,38 +501,60 @@ def model_age_days(trained_until, batch_start) -> float:
 @dataclass
 class Monitor:
     "What every batch of a replay shares."
-    tables: dict              # the delivered tables of step 02
-    reference: dict           # campaign type → step 03's reference statistics of its training rows: {"features": {...}, "prediction": {...}}
-    score: object             # features frame → probabilities of redemption (the deployed model)
-    model: dict               # the deployed model: name, version, run_id, trained_until
-    kpis: list                # the charter's KPIs
-    top_k: int                # offers messaged per household
-    as_of: pd.Timestamp       # the data end: what is known about each batch
-    settings: dict            # the model_monitoring params section
+
+    tables: dict  # the delivered tables of step 02
+    reference: dict  # campaign type → step 03's reference statistics of its training rows (features, prediction)
+    score: object  # features frame → probabilities of redemption (the deployed model)
+    model: dict  # the deployed model: name, version, run_id, trained_until
+    kpis: list  # the charter's KPIs
+    top_k: int  # offers messaged per household
+    as_of: pd.Timestamp  # the data end: what is known about each batch
+    settings: dict  # the model_monitoring params section
     promo_weeks: int = 4
     seed: int = 42
     window_days: int = 14
 
+
 def drilled_batch(m: Monitor, campaign_id) -> dict:
-    "The batch of `campaign_id` as the replay sees it: its slice of the tables, with the scenario's drill injected (seeded per campaign)."
+    """The batch of `campaign_id` as the replay sees it: its slice of the tables, with the scenario's drill injected
+    (seeded per campaign)."""
     batch = slice_batch(m.tables, campaign_id, m.window_days)
-    return inject_scenario(batch, m.settings["scenario"], m.settings["drills"], m.tables, np.random.default_rng([m.seed, int(campaign_id)]))
+    return inject_scenario(
+        batch, m.settings["scenario"], m.settings["drills"], m.tables, np.random.default_rng([m.seed, int(campaign_id)])
+    )
+
 
 def _nan_to_none(obj):
-    if isinstance(obj, dict): return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)): return [_nan_to_none(v) for v in obj]
-    if isinstance(obj, (float, np.floating)) and not np.isfinite(obj): return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    if isinstance(obj, (float, np.floating)) and not np.isfinite(obj):
+        return None
     return obj
+
 
 def _plain(obj):
     "`obj` as JSON would give it back (floats, lists, None for NaN), so stored and fresh results compare equal."
     return json.loads(json.dumps(_nan_to_none(obj), default=str))
 
+
 def _batch_result(row, status, reason, metrics, drift=None, seconds=None) -> dict:
-    return _plain({"batch": row.batch, "campaign_id": int(row.campaign_id), "campaign_type": row.campaign_type,
-                   "start_date": str(pd.Timestamp(row.start_date).date()), "end_date": str(pd.Timestamp(row.end_date).date()),
-                   "labelled": bool(row.labelled), "status": status, "reason": reason, "metrics": metrics,
-                   "drift": [] if drift is None else drift.round(6).to_dict("records"), "seconds": seconds or {}})
+    return _plain(
+        {
+            "batch": row.batch,
+            "campaign_id": int(row.campaign_id),
+            "campaign_type": row.campaign_type,
+            "start_date": str(pd.Timestamp(row.start_date).date()),
+            "end_date": str(pd.Timestamp(row.end_date).date()),
+            "labelled": bool(row.labelled),
+            "status": status,
+            "reason": reason,
+            "metrics": metrics,
+            "drift": [] if drift is None else drift.round(6).to_dict("records"),
+            "seconds": seconds or {},
+        }
+    )
 
 # %% ../notebooks/05_model_monitoring.ipynb #95883939
 def _measure_scored(m, batch, features, scores, seconds) -> tuple:
@@ -337,60 +563,99 @@ def _measure_scored(m, batch, features, scores, seconds) -> tuple:
     reference = m.reference.get(str(batch["campaign_descriptions"].campaign_type.iloc[0]))
     feature_drift = None
     if reference:
-        drift = measure_drift(features.assign(prediction=scores), {**reference["features"], "prediction": reference["prediction"]}, m.settings["psi_epsilon"])
+        drift = measure_drift(
+            features.assign(prediction=scores),
+            {**reference["features"], "prediction": reference["prediction"]},
+            m.settings["psi_epsilon"],
+        )
         feature_drift, prediction = drift[drift.feature != "prediction"], drift[drift.feature == "prediction"].iloc[0]
-        metrics |= {**summarize_drift(feature_drift, m.settings["drift_exclude"], m.settings["psi_drifted"]),
-                    "prediction_psi": float(prediction.psi), "prediction_js": float(prediction.js)}
+        metrics |= {
+            **summarize_drift(feature_drift, m.settings["drift_exclude"], m.settings["psi_drifted"]),
+            "prediction_psi": float(prediction.psi),
+            "prediction_js": float(prediction.js),
+        }
     seconds["drift"] = time.perf_counter() - started
-    ended = batch["campaign_descriptions"].end_date.iloc[0].normalize() <= m.as_of.normalize()   # labels exist once the campaign is over
-    metrics |= measure_performance(features if ended else features.iloc[:0], scores if ended else scores[:0], m.top_k, m.settings["min_positives"])
+    ended = (
+        batch["campaign_descriptions"].end_date.iloc[0].normalize() <= m.as_of.normalize()
+    )  # labels exist once the campaign is over
+    metrics |= measure_performance(
+        features if ended else features.iloc[:0], scores if ended else scores[:0], m.top_k, m.settings["min_positives"]
+    )
     messaged = top_k_offers(features, scores, m.top_k)
     metrics |= measure_batch_kpis(m.kpis, batch, m.tables["households"], messaged, m.as_of)
     return metrics, feature_drift
+
 
 def monitor_batch(row, m: Monitor) -> tuple:
     "The result of batch `row` (a row of `plan_batches`), and its scored rows (for profiles)."
     started, seconds = time.perf_counter(), {}
     batch = drilled_batch(m, row.campaign_id)
-    metrics = {**summarize_checks(check_batch(batch)), "households": int(batch["campaigns"].household_id.nunique()),
-               "model_age_days": model_age_days(m.model["trained_until"], row.start_date)}
+    metrics = {
+        **summarize_checks(check_batch(batch)),
+        "households": int(batch["campaigns"].household_id.nunique()),
+        "model_age_days": model_age_days(m.model["trained_until"], row.start_date),
+    }
     seconds["checks"] = time.perf_counter() - started
     if metrics["schema_violations"] or metrics["contract_failures"]:
-        reason = f"{metrics['schema_violations']} schema violation(s), {metrics['contract_failures']} failed quality rule(s): not scored"
+        violations, failures = metrics["schema_violations"], metrics["contract_failures"]
+        reason = f"{violations} schema violation(s), {failures} failed quality rule(s): not scored"
         return _batch_result(row, "blocked", reason, metrics, seconds=seconds), None
     features = batch_rows(m.tables, batch, m.promo_weeks)
     metrics["rows"] = int(len(features))
     seconds["features"] = time.perf_counter() - started - seconds["checks"]
-    reason = assess_sufficiency(metrics["households"], metrics["rows"], m.settings["min_households"], m.settings["min_rows"])
-    if reason: return _batch_result(row, "insufficient_data", reason, metrics, seconds=seconds), None
+    reason = assess_sufficiency(
+        metrics["households"], metrics["rows"], m.settings["min_households"], m.settings["min_rows"]
+    )
+    if reason:
+        return _batch_result(row, "insufficient_data", reason, metrics, seconds=seconds), None
     scores = np.asarray(m.score(features[FEATURES]), dtype=float)
     more, drift = _measure_scored(m, batch, features, scores, seconds)
     seconds["total"] = time.perf_counter() - started
     return _batch_result(row, "ok", "", {**metrics, **more}, drift, seconds), features.assign(prediction=scores)
 
 # %% ../notebooks/05_model_monitoring.ipynb #12d8c683
-RESULT_SETTINGS = ("scenario", "min_households", "min_rows", "min_positives", "min_reference_households", "psi_epsilon", "psi_drifted", "drift_exclude", "drills")
+RESULT_SETTINGS = (
+    "scenario",
+    "min_households",
+    "min_rows",
+    "min_positives",
+    "min_reference_households",
+    "psi_epsilon",
+    "psi_drifted",
+    "drift_exclude",
+    "drills",
+)
+
 
 def batch_fingerprint(row, inputs) -> str:
     "A content hash of batch `row` (campaign, dates, whether labelled) and the `inputs` its result depends on."
-    key = {"campaign_id": int(row.campaign_id), "start_date": str(row.start_date), "end_date": str(row.end_date),
-           "labelled": bool(row.labelled), **inputs}
+    key = {
+        "campaign_id": int(row.campaign_id),
+        "start_date": str(row.start_date),
+        "end_date": str(row.end_date),
+        "labelled": bool(row.labelled),
+        **inputs,
+    }
     return hashlib.sha256(json.dumps(_plain(key), sort_keys=True).encode()).hexdigest()
+
 
 def state_path(state_dir, campaign_id) -> Path:
     "Where the result of a campaign's batch is kept."
     return Path(state_dir) / f"campaign_{int(campaign_id):03d}.json"
 
+
 def stored_result(state_dir, row, fingerprint):
     "The stored result of batch `row` if its fingerprint matches, else None."
     path = state_path(state_dir, row.campaign_id)
-    if not path.exists(): return None
+    if not path.exists():
+        return None
     result = load_json(path)
     return result if result.get("fingerprint") == fingerprint else None
 
 # %% ../notebooks/05_model_monitoring.ipynb #7bc527c5
 def replay(plan, monitor_fn, state_dir, inputs, incremental=True, on_result=None, say=quiet) -> tuple:
-    "Results of every batch of `plan` in order, computing (with `monitor_fn(row)`) only those not stored with the same fingerprint; and the batches computed."
+    """Results of every batch of `plan` in order, computing (with `monitor_fn(row)`) only those not stored with the same
+    fingerprint; and the batches computed."""
     results, computed = [], []
     for i, row in enumerate(plan.itertuples(index=False), 1):
         fingerprint = batch_fingerprint(row, inputs)
@@ -399,66 +664,129 @@ def replay(plan, monitor_fn, state_dir, inputs, incremental=True, on_result=None
             result, scored = monitor_fn(row)
             result = {**result, "fingerprint": fingerprint}
             save_json(result, state_path(state_dir, row.campaign_id))
-            if on_result: on_result(result, scored)
+            if on_result:
+                on_result(result, scored)
             computed.append(row.batch)
         results.append(result)
-        say(f"replay: {row.batch} ({i}/{len(plan)}) {result['status']}{'' if row.batch in computed else ', stored result reused'}")
+        say(
+            f"replay: {row.batch} ({i}/{len(plan)}) "
+            f"{result['status']}{'' if row.batch in computed else ', stored result reused'}"
+        )
     return results, computed
 
 # %% ../notebooks/05_model_monitoring.ipynb #ab487de6
 def resolve_threshold(rule, charter) -> float:
     "The rule's threshold: its number, or the charter's alert threshold (KPIs) or acceptance minimum (model metrics)."
-    if not isinstance(rule["threshold"], str): return float(rule["threshold"])
+    if not isinstance(rule["threshold"], str):
+        return float(rule["threshold"])
     kpis = {k["id"]: k for k in charter["kpis"]}
-    if rule["metric"] in kpis: return float(kpis[rule["metric"]]["alert_threshold"])
-    if rule["metric"] in charter["ml_problem"]["acceptance"]: return float(charter["ml_problem"]["acceptance"][rule["metric"]])
+    if rule["metric"] in kpis:
+        return float(kpis[rule["metric"]]["alert_threshold"])
+    if rule["metric"] in charter["ml_problem"]["acceptance"]:
+        return float(charter["ml_problem"]["acceptance"][rule["metric"]])
     raise ParamsError(f"model_monitoring.rules: the charter has no threshold for {rule['metric']!r}; give a number")
+
 
 def _breaches(value, op, threshold) -> bool:
     return value > threshold if op == "above" else value < threshold
 
+
 def _alert(result, rule, value, threshold) -> dict:
     sign = ">" if rule["op"] == "above" else "<"
-    return {"batch": result["batch"], "campaign_id": result["campaign_id"], "start_date": result["start_date"], "metric": rule["metric"],
-            "value": round(float(value), 6), "threshold": threshold, "op": rule["op"], "severity": rule["severity"],
-            "remediation": rule["remediation"], "action": rule["action"],
-            "message": f"{rule['metric']} = {value:.4g} {sign} {threshold:g}. {rule['action']}"}
+    return {
+        "batch": result["batch"],
+        "campaign_id": result["campaign_id"],
+        "start_date": result["start_date"],
+        "metric": rule["metric"],
+        "value": round(float(value), 6),
+        "threshold": threshold,
+        "op": rule["op"],
+        "severity": rule["severity"],
+        "remediation": rule["remediation"],
+        "action": rule["action"],
+        "message": f"{rule['metric']} = {value:.4g} {sign} {threshold:g}. {rule['action']}",
+    }
 
 # %% ../notebooks/05_model_monitoring.ipynb #2f9ff11d
 def _notice(result, metric, action, message) -> dict:
-    return {"batch": result["batch"], "campaign_id": result["campaign_id"], "start_date": result["start_date"], "metric": metric,
-            "value": None, "threshold": None, "op": None, "severity": "info", "remediation": "none", "action": action, "message": message}
+    return {
+        "batch": result["batch"],
+        "campaign_id": result["campaign_id"],
+        "start_date": result["start_date"],
+        "metric": metric,
+        "value": None,
+        "threshold": None,
+        "op": None,
+        "severity": "info",
+        "remediation": "none",
+        "action": action,
+        "message": message,
+    }
+
 
 def status_notice(result) -> list:
-    "`info` notices for what a batch could not be judged on: insufficient data, no reference for its campaign type (never 'no drift')."
+    """`info` notices for what a batch could not be judged on: insufficient data, no reference for its campaign type
+    (never 'no drift')."""
     if result["status"] == "insufficient_data":
-        return [_notice(result, "status", "Wait for a larger batch; nothing is judged on this one.",
-                        f"Insufficient data: {result['reason']}. Drift, performance and KPIs not judged.")]
+        return [
+            _notice(
+                result,
+                "status",
+                "Wait for a larger batch; nothing is judged on this one.",
+                f"Insufficient data: {result['reason']}. Drift, performance and KPIs not judged.",
+            )
+        ]
     if result["status"] == "ok" and result["metrics"].get("max_feature_psi") is None:
-        return [_notice(result, "reference", "Retrain with more campaigns of this type, so that it gets a reference.",
-                        f"No drift reference: the training data holds too few households of {result.get('campaign_type', 'this')} campaigns. Drift not judged; quality, performance and KPIs are.")]
+        return [
+            _notice(
+                result,
+                "reference",
+                "Retrain with more campaigns of this type, so that it gets a reference.",
+                "No drift reference: the training data holds too few households of "
+                f"{result.get('campaign_type', 'this')} campaigns. Drift not judged; quality, performance and KPIs"
+                " are.",
+            )
+        ]
     return []
 
+
 def explain_alerts(alerts) -> list:
-    "Alerts of a later remediation class in a batch that has a warning or worse of an earlier class, lowered to `info` and marked as explained."
+    """Alerts of a later remediation class in a batch that has a warning or worse of an earlier class, lowered to `info`
+    and marked as explained."""
     raised = {(a["batch"], a["remediation"]) for a in alerts if a["severity"] != "info"}
     out = []
     for a in alerts:
-        earlier = [r for r in REMEDIATIONS[: REMEDIATIONS.index(a["remediation"])]] if a["remediation"] in REMEDIATIONS else []
+        earlier = (
+            [r for r in REMEDIATIONS[: REMEDIATIONS.index(a["remediation"])]]
+            if a["remediation"] in REMEDIATIONS
+            else []
+        )
         cause = next((r for r in earlier if (a["batch"], r) in raised), None)
-        out.append({**a, "severity": "info", "explained_by": cause, "message": f"{a['message']} (explained by the {cause} alert of this batch)"}
-                   if cause and a["severity"] != "info" else a)
+        out.append(
+            {
+                **a,
+                "severity": "info",
+                "explained_by": cause,
+                "message": f"{a['message']} (explained by the {cause} alert of this batch)",
+            }
+            if cause and a["severity"] != "info"
+            else a
+        )
     return out
 
+
 def evaluate_rules(results, rules, charter) -> list:
-    "Every alert the `rules` raise on the batch `results`, notices for batches not judged, later classes explained by earlier ones."
+    """Every alert the `rules` raise on the batch `results`, notices for batches not judged, later classes explained by
+    earlier ones."""
     alerts = []
     for result in results:
         for rule in rules:
             value = result["metrics"].get(rule["metric"])
-            if value is None or not np.isfinite(value): continue
+            if value is None or not np.isfinite(value):
+                continue
             threshold = resolve_threshold(rule, charter)
-            if _breaches(value, rule["op"], threshold): alerts.append(_alert(result, rule, value, threshold))
+            if _breaches(value, rule["op"], threshold):
+                alerts.append(_alert(result, rule, value, threshold))
         alerts += status_notice(result)
     return explain_alerts(alerts)
 
@@ -467,95 +795,159 @@ def diagnose(result, alerts) -> str:
     "The remediation a batch calls for (pipeline, retrain, business), else its status: healthy, insufficient data."
     raised = {a["remediation"] for a in alerts if a["batch"] == result["batch"] and a["severity"] != "info"}
     found = [r for r in REMEDIATIONS if r in raised]
-    if found: return found[0]
+    if found:
+        return found[0]
     return {"ok": "healthy", "insufficient_data": "insufficient data", "blocked": "pipeline"}[result["status"]]
 
 # %% ../notebooks/05_model_monitoring.ipynb #d43fa512
-TIMELINE_METRICS = ("households", "rows", "schema_violations", "quality_score", "null_share", "duplicate_share", "max_feature_psi",
-                    "mean_feature_psi", "drifted_feature_share", "prediction_psi", "mean_score", "roc_auc", "average_precision",
-                    "precision_at_k", "ap_lift", "positives", "model_age_days")
+TIMELINE_METRICS = (
+    "households",
+    "rows",
+    "schema_violations",
+    "quality_score",
+    "null_share",
+    "duplicate_share",
+    "max_feature_psi",
+    "mean_feature_psi",
+    "drifted_feature_share",
+    "prediction_psi",
+    "mean_score",
+    "roc_auc",
+    "average_precision",
+    "precision_at_k",
+    "ap_lift",
+    "positives",
+    "model_age_days",
+)
+
 
 def build_timeline(results, alerts, kpi_ids) -> pd.DataFrame:
-    "One row per batch: its dates, status, diagnosis, the timeline metrics and KPIs, and its count of alerts at warning or above."
+    """One row per batch: its dates, status, diagnosis, the timeline metrics and KPIs, and its count of alerts at
+    warning or above."""
     rows = []
     for r in results:
         raised = [a for a in alerts if a["batch"] == r["batch"] and a["severity"] != "info"]
-        rows.append({"batch": r["batch"], "campaign_id": r["campaign_id"], "start_date": r["start_date"], "status": r["status"],
-                     "diagnosis": diagnose(r, alerts), "alerts": len(raised),
-                     **{k: r["metrics"].get(k) for k in (*TIMELINE_METRICS, *kpi_ids)}})
-    return pd.DataFrame(rows, columns=["batch", "campaign_id", "start_date", "status", "diagnosis", "alerts", *TIMELINE_METRICS, *kpi_ids])
+        rows.append(
+            {
+                "batch": r["batch"],
+                "campaign_id": r["campaign_id"],
+                "start_date": r["start_date"],
+                "status": r["status"],
+                "diagnosis": diagnose(r, alerts),
+                "alerts": len(raised),
+                **{k: r["metrics"].get(k) for k in (*TIMELINE_METRICS, *kpi_ids)},
+            }
+        )
+    return pd.DataFrame(
+        rows,
+        columns=["batch", "campaign_id", "start_date", "status", "diagnosis", "alerts", *TIMELINE_METRICS, *kpi_ids],
+    )
+
 
 def _finite(values) -> list:
     return [float(v) for v in values if v is not None and np.isfinite(v)]
 
+
 def flat_metrics(results, alerts, kpi_ids) -> dict:
-    "Flat numbers for `metrics/monitoring.json`: batch counts by status, alerts by severity and class, worst drift, the latest KPIs (no timings: the same inputs give the same file)."
+    """Flat numbers for `metrics/monitoring.json`: batch counts by status, alerts by severity and class, worst drift,
+    the latest KPIs (no timings: the same inputs give the same file)."""
     ok = [r for r in results if r["status"] == "ok"]
     raised = [a for a in alerts if a["severity"] != "info"]
-    out = {"batches": len(results), **{f"batches_{s}": sum(r["status"] == s for r in results) for s in ("ok", "blocked", "insufficient_data")},
-           **{f"alerts_{s}": sum(a["severity"] == s for a in alerts) for s in SEVERITIES},
-           **{f"alerts_{c}": sum(a["remediation"] == c for a in raised) for c in REMEDIATIONS}}
+    out = {
+        "batches": len(results),
+        **{f"batches_{s}": sum(r["status"] == s for r in results) for s in ("ok", "blocked", "insufficient_data")},
+        **{f"alerts_{s}": sum(a["severity"] == s for a in alerts) for s in SEVERITIES},
+        **{f"alerts_{c}": sum(a["remediation"] == c for a in raised) for c in REMEDIATIONS},
+    }
     for key in ("max_feature_psi", "prediction_psi", "drifted_feature_share"):
         values = _finite(r["metrics"].get(key) for r in ok)
-        if values: out[f"worst_{key}"] = round(max(values), 6)
+        if values:
+            out[f"worst_{key}"] = round(max(values), 6)
     for key in (*kpi_ids, "roc_auc", "model_age_days"):
         values = _finite(r["metrics"].get(key) for r in results)
-        if values: out[f"latest_{key}"] = round(values[-1], 6)
+        if values:
+            out[f"latest_{key}"] = round(values[-1], 6)
     return out
 
 # %% ../notebooks/05_model_monitoring.ipynb #5ad7c934
 def _sample(frame, rows, seed) -> pd.DataFrame:
     return frame.sample(n=rows, random_state=seed) if rows and len(frame) > rows else frame
 
+
 def compare_profiles(reference, current, path, titles, minimal=True, sample_rows=0, seed=42) -> Path:
     "An HTML ydata-profiling comparison of `reference` and `current` (their common columns) at `path`."
     from ydata_profiling import ProfileReport
+
     columns = [c for c in reference.columns if c in current.columns]
-    reports = [ProfileReport(_sample(f[columns], sample_rows, seed).reset_index(drop=True), title=t, minimal=minimal, progress_bar=False)
-               for f, t in zip((reference, current), titles, strict=True) if len(f)]
+    reports = [
+        ProfileReport(
+            _sample(f[columns], sample_rows, seed).reset_index(drop=True), title=t, minimal=minimal, progress_bar=False
+        )
+        for f, t in zip((reference, current), titles, strict=True)
+        if len(f)
+    ]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    (reports[0].compare(reports[1]) if len(reports) == 2 else reports[0]).to_file(path)   # nothing to compare with: the reference alone
+    (reports[0].compare(reports[1]) if len(reports) == 2 else reports[0]).to_file(
+        path
+    )  # nothing to compare with: the reference alone
     return Path(path)
 
 # %% ../notebooks/05_model_monitoring.ipynb #ac058e96
 def deployed_model(root) -> dict:
     "The pointer of the model in production: step 04's champion if there is one, else step 03's candidate."
     champion, candidate = Path(root) / "models/champion.json", Path(root) / "models/candidate.json"
-    if champion.exists(): return {**load_json(champion), "pointer": "champion"}
-    if candidate.exists(): return {**load_json(candidate), "pointer": "candidate"}
-    raise FileNotFoundError("no model to monitor: neither models/champion.json (step 04) nor models/candidate.json (step 03) exists")
+    if champion.exists():
+        return {**load_json(champion), "pointer": "champion"}
+    if candidate.exists():
+        return {**load_json(candidate), "pointer": "candidate"}
+    raise FileNotFoundError(
+        "no model to monitor: neither models/champion.json (step 04) nor models/candidate.json (step 03) exists"
+    )
+
 
 def model_identity(pointer) -> dict:
     "What identifies the deployed model in a batch fingerprint."
     return {k: pointer.get(k) for k in ("pointer", "name", "version", "run_id", "model_uri")}
 
+
 def scoring_uri(pointer) -> str:
-    "The URI batches are scored with: `models:/<name>@champion` once step 04 deployed a champion, else the candidate's model."
+    """The URI batches are scored with: `models:/<name>@champion` once step 04 deployed a champion, else the candidate's
+    model."""
     return pointer.get("alias_uri") or pointer["model_uri"]
+
 
 def load_scorer(model_uri):
     "A function from a features frame to probabilities of redemption, from the MLflow model at `model_uri`."
     import mlflow
+
     model = mlflow.pyfunc.load_model(model_uri)
+
     def score(features):
         out = np.asarray(model.predict(features))
         return out[:, 1] if out.ndim == 2 else out
+
     return score
 
 # %% ../notebooks/05_model_monitoring.ipynb #250c32d6
-PANELS = {"Drift: share of judged features drifted, prediction PSI": ["drifted_feature_share", "prediction_psi"],
-          "Data quality": ["quality_score", "null_share", "duplicate_share", "schema_violations"],
-          "Model performance (labelled batches)": ["roc_auc", "average_precision", "precision_at_k"]}
+PANELS = {
+    "Drift: share of judged features drifted, prediction PSI": ["drifted_feature_share", "prediction_psi"],
+    "Data quality": ["quality_score", "null_share", "duplicate_share", "schema_violations"],
+    "Model performance (labelled batches)": ["roc_auc", "average_precision", "precision_at_k"],
+}
+
 
 def rule_thresholds(rules, charter) -> dict:
     "Metric → the thresholds its rules alert past, with their severity."
     out = {}
-    for rule in rules: out.setdefault(rule["metric"], []).append((resolve_threshold(rule, charter), rule["severity"]))
+    for rule in rules:
+        out.setdefault(rule["metric"], []).append((resolve_threshold(rule, charter), rule["severity"]))
     return out
+
 
 def plot_timeline(timeline, alerts, rules, charter):
     "Drift, quality, performance and KPI timelines per batch, with rule thresholds (dashed) and alerts (red rings)."
     import matplotlib.pyplot as plt
+
     panels = {**PANELS, "KPIs": [k["id"] for k in charter["kpis"]]}
     thresholds, x = rule_thresholds(rules, charter), np.arange(len(timeline))
     raised = {(a["batch"], a["metric"]) for a in alerts if a["severity"] != "info"}
@@ -563,13 +955,17 @@ def plot_timeline(timeline, alerts, rules, charter):
     for ax, (title, metrics) in zip(axes, panels.items(), strict=True):
         for metric in metrics:
             values = pd.to_numeric(timeline[metric], errors="coerce")
-            line, = ax.plot(x, values, marker="o", label=metric)
+            (line,) = ax.plot(x, values, marker="o", label=metric)
             for threshold, severity in thresholds.get(metric, []):
                 ax.axhline(threshold, color=line.get_color(), ls="--" if severity != "info" else ":", lw=1)
             hits = [j for j, b in enumerate(timeline.batch) if (b, metric) in raised]
             ax.scatter(x[hits], values.iloc[hits], s=160, facecolors="none", edgecolors="#d64545", lw=2, zorder=5)
-        ax.set_title(title); ax.legend(fontsize=8, loc="best"); ax.grid(alpha=0.3)
-    axes[-1].set_xticks(x, [f"{b}\n{d}" for b, d in zip(timeline.batch, timeline.start_date, strict=True)], rotation=0, fontsize=8)
+        ax.set_title(title)
+        ax.legend(fontsize=8, loc="best")
+        ax.grid(alpha=0.3)
+    axes[-1].set_xticks(
+        x, [f"{b}\n{d}" for b, d in zip(timeline.batch, timeline.start_date, strict=True)], rotation=0, fontsize=8
+    )
     fig.tight_layout()
     return fig
 
@@ -577,6 +973,7 @@ def plot_timeline(timeline, alerts, rules, charter):
 def retrain_trigger(results, alerts):
     "The first batch whose diagnosis is retrain, or None."
     return next((r for r in results if diagnose(r, alerts) == "retrain"), None)
+
 
 def training_campaigns(campaign_descriptions, before, first_transaction, min_history_days) -> list:
     "Campaigns with enough history before them that ended before `before`: what a challenger may learn from."
@@ -586,120 +983,241 @@ def training_campaigns(campaign_descriptions, before, first_transaction, min_his
 
 # %% ../notebooks/05_model_monitoring.ipynb #9bd921f9
 def gate_challenger(frame, challenger_scores, champion_scores, charter, gate) -> dict:
-    "Step 04's gate on the labelled `frame`: the challenger against the charter and against the champion; returns metrics and the decision."
+    """Step 04's gate on the labelled `frame`: the challenger against the charter and against the champion; returns
+    metrics and the decision."""
     from lib.model_deployment import GATE_METRICS, decide, gate_metrics, offers_per_household
+
     k = offers_per_household(charter)
     challenger, champion = gate_metrics(frame, challenger_scores, k), gate_metrics(frame, champion_scores, k)
-    decision = decide(challenger, champion, charter["ml_problem"]["acceptance"], gate["regression_metrics"],
-                      gate["regression_margin"], gate["enforce_acceptance"], charter["ml_problem"]["primary_metric"])
-    return {"passed": decision.passed, "reasons": decision.reasons, "warnings": decision.warnings,
-            "challenger": {m: challenger[m] for m in GATE_METRICS},
-            "champion": {m: champion[m] for m in GATE_METRICS}}
+    decision = decide(
+        challenger,
+        champion,
+        charter["ml_problem"]["acceptance"],
+        gate["regression_metrics"],
+        gate["regression_margin"],
+        gate["enforce_acceptance"],
+        charter["ml_problem"]["primary_metric"],
+    )
+    return {
+        "passed": decision.passed,
+        "reasons": decision.reasons,
+        "warnings": decision.warnings,
+        "challenger": {m: challenger[m] for m in GATE_METRICS},
+        "champion": {m: champion[m] for m in GATE_METRICS},
+    }
+
 
 def register_challenger(client, name, model, example, tags, experiment_id) -> tuple:
     "Log the challenger as an MLflow run and register it as a version of `name`; returns (version, pointer)."
     import mlflow
     from mlflow.models import infer_signature
+
     from lib.model_deployment import register_candidate
     from lib.model_development import SKOPS_TRUSTED_TYPES, model_requirements
+
     with mlflow.start_run(run_name="monitoring_challenger", experiment_id=experiment_id) as run:
         mlflow.set_tags(tags)
-        info = mlflow.sklearn.log_model(model, name="model", signature=infer_signature(example, model.predict_proba(example)),
-                                        input_example=example, pyfunc_predict_fn="predict_proba", pip_requirements=model_requirements(),
-                                        skops_trusted_types=SKOPS_TRUSTED_TYPES)
+        info = mlflow.sklearn.log_model(
+            model,
+            name="model",
+            signature=infer_signature(example, model.predict_proba(example)),
+            input_example=example,
+            pyfunc_predict_fn="predict_proba",
+            pip_requirements=model_requirements(),
+            skops_trusted_types=SKOPS_TRUSTED_TYPES,
+        )
     pointer = {"run_id": run.info.run_id, "model_uri": info.model_uri}
     return register_candidate(client, name, pointer, tags), pointer
 
 # %% ../notebooks/05_model_monitoring.ipynb #f3488ebb
 def register_verdict(client, name, model, frame, verdict, tags, experiment_id) -> dict:
-    "Register the challenger and move `@champion` to it if the gate passed it, else tag it rejected; returns its version and aliases."
+    """Register the challenger and move `@champion` to it if the gate passed it, else tag it rejected; returns its
+    version and aliases."""
     from lib.model_deployment import promote, reject
+
     version, pointer = register_challenger(client, name, model, frame[FEATURES].head(5), tags, experiment_id)
-    aliases = promote(client, name, version.version) if verdict["passed"] else reject(client, name, version.version, verdict["reasons"])
+    aliases = (
+        promote(client, name, version.version)
+        if verdict["passed"]
+        else reject(client, name, version.version, verdict["reasons"])
+    )
     return {"version": version.version, "run_id": pointer["run_id"], "aliases": aliases}
 
-def close_the_loop(trigger, m: Monitor, family, development, gate, charter, client=None, experiment_id=None, tags=None) -> dict:
-    "Train a challenger of model `family` (with step 03's `development` settings) on campaigns ended before the `trigger` batch, "
-    "gate it against the champion on that batch (`gate`: step 04's settings), and with a `client` register it and move or keep `@champion`."
+
+def close_the_loop(
+    trigger, m: Monitor, family, development, gate, charter, client=None, experiment_id=None, tags=None
+) -> dict:
+    "Train a challenger of model `family` (with step 03's `development` settings) on campaigns ended before the"
+    "`trigger` batch,"
+    "gate it against the champion on that batch (`gate`: step 04's settings), and with a `client` register it and move "
+    "or keep `@champion`."
     from lib.model_development import fit_candidate
+
     cds = m.tables["campaign_descriptions"]
     first_day = m.tables["transactions"].transaction_timestamp.min()
     campaigns = training_campaigns(cds, trigger["start_date"], first_day, development["min_history_days"])
-    out = {"trigger": trigger["batch"], "train_campaigns": campaigns, "decision": "deferred", "reasons": [], "version": None}
-    if not plan_batches(cds[cds.campaign_id == trigger["campaign_id"]], trigger["start_date"], m.as_of).labelled.iloc[0]:
+    out = {
+        "trigger": trigger["batch"],
+        "train_campaigns": campaigns,
+        "decision": "deferred",
+        "reasons": [],
+        "version": None,
+    }
+    if not plan_batches(cds[cds.campaign_id == trigger["campaign_id"]], trigger["start_date"], m.as_of).labelled.iloc[
+        0
+    ]:
         return {**out, "reasons": [f"{trigger['batch']} has no labels yet: the gate waits for them"]}
     train = build_labelled_rows(m.tables, campaigns, m.promo_weeks)
     model, _ = fit_candidate(family, train, development, m.seed)
     frame = batch_rows(m.tables, drilled_batch(m, trigger["campaign_id"]), m.promo_weeks)
-    verdict = gate_challenger(frame, model.predict_proba(frame[FEATURES])[:, 1], np.asarray(m.score(frame[FEATURES])), charter, gate)
-    out |= {**verdict, "train_rows": int(len(train)), "gate_rows": int(len(frame)), "decision": "promoted" if verdict["passed"] else "rejected"}
-    if client is None: return out
+    verdict = gate_challenger(
+        frame, model.predict_proba(frame[FEATURES])[:, 1], np.asarray(m.score(frame[FEATURES])), charter, gate
+    )
+    out |= {
+        **verdict,
+        "train_rows": int(len(train)),
+        "gate_rows": int(len(frame)),
+        "decision": "promoted" if verdict["passed"] else "rejected",
+    }
+    if client is None:
+        return out
     tags = {**(tags or {}), "trigger": trigger["batch"], "gate": out["decision"]}
     return out | register_verdict(client, gate["registered_model"], model, frame, verdict, tags, experiment_id)
 
-def retrain_on_trigger(enabled, trigger, m: Monitor, family, development, gate, charter, client=None, experiment_id=None, tags=None) -> dict:
-    "What the closed loop did: nothing unless `enabled` and a batch called for retraining, else `close_the_loop` on that batch."
+
+def retrain_on_trigger(
+    enabled, trigger, m: Monitor, family, development, gate, charter, client=None, experiment_id=None, tags=None
+) -> dict:
+    "What the closed loop did: nothing unless `enabled` and a batch called for retraining, else `close_the_loop` on"
+    "that batch."
     out = {"enabled": enabled, "trigger": trigger["batch"] if trigger else None, "decision": "none"}
-    if not (enabled and trigger): return out
+    if not (enabled and trigger):
+        return out
     return out | close_the_loop(trigger, m, family, development, gate, charter, client, experiment_id, tags)
 
 # %% ../notebooks/05_model_monitoring.ipynb #ff26c141
 def build_monitor(tables, training, score, deployed, charter, params, settings, seed) -> Monitor:
-    "The replay's shared state: the drift reference per campaign type from step 03's training rows, scored by the deployed model."
-    references = reference_by_type(training, score(training[FEATURES]), settings["reference_bins"], params["min_reference_households"])
-    return Monitor(tables, references, score, {**deployed, "trained_until": settings["train_before"]}, charter["kpis"],
-                   charter["ml_problem"]["top_k"], tables["transactions"].transaction_timestamp.max().normalize(), params,
-                   settings["promo_weeks"], seed, kpi_window(charter["kpis"]))
+    """The replay's shared state: the drift reference per campaign type from step 03's training rows, scored by the
+    deployed model."""
+    references = reference_by_type(
+        training, score(training[FEATURES]), settings["reference_bins"], params["min_reference_households"]
+    )
+    return Monitor(
+        tables,
+        references,
+        score,
+        {**deployed, "trained_until": settings["train_before"]},
+        charter["kpis"],
+        charter["ml_problem"]["top_k"],
+        tables["transactions"].transaction_timestamp.max().normalize(),
+        params,
+        settings["promo_weeks"],
+        seed,
+        kpi_window(charter["kpis"]),
+    )
+
 
 def replay_inputs(root, deployed, m: Monitor, tables) -> dict:
-    "Everything a batch result depends on besides the batch: data, model, reference, code, settings — hashed into its fingerprint."
+    """Everything a batch result depends on besides the batch: data, model, reference, code, settings — hashed into its
+    fingerprint."""
     from lib.core import file_sha256
-    return {"data": {n: file_sha256(Path(root) / "data/processed" / f"{n}.parquet") for n in tables},
-            "model": model_identity(deployed), "reference": file_sha256(Path(root) / "data/features/development.parquet"),
-            "code": {name: file_sha256(Path(root) / f"lib/{name}.py") for name in ("model_monitoring", "model_development", "data_acquisition", "kpis")},
-            "settings": {k: m.settings[k] for k in RESULT_SETTINGS}, "kpis": m.kpis, "top_k": m.top_k, "promo_weeks": m.promo_weeks,
-            "seed": m.seed, "as_of": str(m.as_of.date()), "trained_until": m.model["trained_until"]}
+
+    return {
+        "data": {n: file_sha256(Path(root) / "data/processed" / f"{n}.parquet") for n in tables},
+        "model": model_identity(deployed),
+        "reference": file_sha256(Path(root) / "data/features/development.parquet"),
+        "code": {
+            name: file_sha256(Path(root) / f"lib/{name}.py")
+            for name in ("model_monitoring", "model_development", "data_acquisition", "kpis")
+        },
+        "settings": {k: m.settings[k] for k in RESULT_SETTINGS},
+        "kpis": m.kpis,
+        "top_k": m.top_k,
+        "promo_weeks": m.promo_weeks,
+        "seed": m.seed,
+        "as_of": str(m.as_of.date()),
+        "trained_until": m.model["trained_until"],
+    }
 
 # %% ../notebooks/05_model_monitoring.ipynb #ff26c143
 def profile_sampler(state_dir, rows, seed):
-    "A replay callback keeping a seeded sample of at most `rows` rows of each scored batch next to its result, for the profile comparison."
+    """A replay callback keeping a seeded sample of at most `rows` rows of each scored batch next to its result, for the
+    profile comparison."""
+
     def keep(result, scored):
-        if scored is not None: _sample(scored, rows, seed).to_parquet(state_path(state_dir, result["campaign_id"]).with_suffix(".parquet"), index=False)
+        if scored is not None:
+            _sample(scored, rows, seed).to_parquet(
+                state_path(state_dir, result["campaign_id"]).with_suffix(".parquet"), index=False
+            )
+
     return keep
+
 
 def latest_scored(results, state_dir):
     "The result and kept sample of the latest batch that was scored, or (None, None)."
-    scored = [r for r in results if r["status"] == "ok" and state_path(state_dir, r["campaign_id"]).with_suffix(".parquet").exists()]
-    if not scored: return None, None
+    scored = [
+        r
+        for r in results
+        if r["status"] == "ok" and state_path(state_dir, r["campaign_id"]).with_suffix(".parquet").exists()
+    ]
+    if not scored:
+        return None, None
     return scored[-1], pd.read_parquet(state_path(state_dir, scored[-1]["campaign_id"]).with_suffix(".parquet"))
 
+
 def gate_settings(deployed, enforce_acceptance) -> dict:
-    "Step 04's gate settings for the closed loop, from its champion pointer: the registered model, regression metrics and margin."
+    """Step 04's gate settings for the closed loop, from its champion pointer: the registered model, regression metrics
+    and margin."""
     return {"registered_model": deployed["name"], **deployed["gate"], "enforce_acceptance": enforce_acceptance}
 
 # %% ../notebooks/05_model_monitoring.ipynb #ff26c146
-DIAGNOSIS_COLOURS = {"healthy": "#2f9e44", "insufficient data": "#adb5bd", "pipeline": "#d64545", "retrain": "#f59f00", "business": "#7048e8"}
+DIAGNOSIS_COLOURS = {
+    "healthy": "#2f9e44",
+    "insufficient data": "#adb5bd",
+    "pipeline": "#d64545",
+    "retrain": "#f59f00",
+    "business": "#7048e8",
+}
+
 
 def monitoring_summary(timeline, alerts, scenario) -> str:
     "The state of production in one sentence and a few figures, as Markdown for a reader who does not code."
     raised = [a for a in alerts if a["severity"] != "info"]
     calls = [d for d in REMEDIATIONS if d in set(timeline.diagnosis)]
-    verdict = ("**Every replayed campaign is healthy: no alert.**" if not raised else
-               f"**{len(raised)} alert(s); the batches call for: {', '.join(calls) or 'no remediation'}.**")
+    verdict = (
+        "**Every replayed campaign is healthy: no alert.**"
+        if not raised
+        else f"**{len(raised)} alert(s); the batches call for: {', '.join(calls) or 'no remediation'}.**"
+    )
     drill = "" if scenario == "none" else f" (failure drill `{scenario}` injected into every batch)"
     counts = timeline.diagnosis.value_counts()
-    return (f"{verdict}{drill}\n\n- batches replayed: **{len(timeline)}** — "
-            + ", ".join(f"{n} {d}" for d, n in counts.items())
-            + f"\n- latest batch: **{timeline.batch.iloc[-1]}** ({timeline.diagnosis.iloc[-1]})" if len(timeline) else verdict + drill)
+    return (
+        f"{verdict}{drill}\n\n- batches replayed: **{len(timeline)}** — "
+        + ", ".join(f"{n} {d}" for d, n in counts.items())
+        + f"\n- latest batch: **{timeline.batch.iloc[-1]}** ({timeline.diagnosis.iloc[-1]})"
+        if len(timeline)
+        else verdict + drill
+    )
+
 
 def plot_diagnoses(timeline):
     "One marker per batch, coloured by its diagnosis."
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(timeline)), 1.6))
-    ax.scatter(range(len(timeline)), [0] * len(timeline), s=300, c=[DIAGNOSIS_COLOURS.get(d, "#868e96") for d in timeline.diagnosis])
-    for x, d in enumerate(timeline.diagnosis): ax.annotate(d, (x, 0), xytext=(0, -22), textcoords="offset points", ha="center", fontsize=8)
-    ax.set_xticks(range(len(timeline)), timeline.batch, fontsize=8); ax.set_yticks([]); ax.set_ylim(-1, 1)
-    for side in ("left", "right", "top"): ax.spines[side].set_visible(False)
+    ax.scatter(
+        range(len(timeline)),
+        [0] * len(timeline),
+        s=300,
+        c=[DIAGNOSIS_COLOURS.get(d, "#868e96") for d in timeline.diagnosis],
+    )
+    for x, d in enumerate(timeline.diagnosis):
+        ax.annotate(d, (x, 0), xytext=(0, -22), textcoords="offset points", ha="center", fontsize=8)
+    ax.set_xticks(range(len(timeline)), timeline.batch, fontsize=8)
+    ax.set_yticks([])
+    ax.set_ylim(-1, 1)
+    for side in ("left", "right", "top"):
+        ax.spines[side].set_visible(False)
     fig.tight_layout()
     return fig
 
@@ -707,24 +1225,44 @@ def plot_diagnoses(timeline):
 def drift_table(results, excluded_kinds) -> pd.DataFrame:
     "PSI of every feature (rows) in every batch that measured drift (columns); features of an excluded kind are marked."
     rows = [{"batch": r["batch"], **d} for r in results for d in r["drift"]]
-    if not rows: return pd.DataFrame()
+    if not rows:
+        return pd.DataFrame()
     frame = pd.DataFrame(rows)
     heat = frame.pivot(index="feature", columns="batch", values="psi")[[r["batch"] for r in results if r["drift"]]]
     excluded = set(frame.feature[frame.feature_kind.isin(excluded_kinds)])
     return heat.rename(index=lambda f: f"{f} (excluded)" if f in excluded else f)
 
+
 def rules_table(rules, charter) -> pd.DataFrame:
     "The alert rules in force, thresholds from the charter resolved and marked."
-    return pd.DataFrame([{**r, "threshold": f"{resolve_threshold(r, charter):g}" + (" (charter)" if r["threshold"] == "charter" else "")}
-                         for r in rules])
+    return pd.DataFrame(
+        [
+            {
+                **r,
+                "threshold": f"{resolve_threshold(r, charter):g}"
+                + (" (charter)" if r["threshold"] == "charter" else ""),
+            }
+            for r in rules
+        ]
+    )
+
 
 def retraining_summary(retraining) -> str:
     "What the closed loop did, as Markdown."
     if not retraining["enabled"]:
-        return "`auto_retrain` is off. " + (f"The first retrain diagnosis was **{retraining['trigger']}**: with it on, a challenger would be "
-                                            "trained and gated there." if retraining["trigger"] else "No batch called for retraining.")
-    if not retraining["trigger"]: return "`auto_retrain` is on; no batch called for retraining."
-    return (f"**{retraining['trigger']}** called for retraining. A challenger was trained on campaigns {retraining['train_campaigns']} (those ended "
-            f"before the batch) and sent through step 04's gate on the batch's labelled rows. **Decision: {retraining['decision']}**"
-            + (f" — {'; '.join(retraining['reasons'])}" if retraining["reasons"] else "")
-            + (f" (registered version {retraining['version']})" if retraining.get("version") else ""))
+        return "`auto_retrain` is off. " + (
+            f"The first retrain diagnosis was **{retraining['trigger']}**: with it on, a challenger would be "
+            "trained and gated there."
+            if retraining["trigger"]
+            else "No batch called for retraining."
+        )
+    if not retraining["trigger"]:
+        return "`auto_retrain` is on; no batch called for retraining."
+    return (
+        f"**{retraining['trigger']}** called for retraining. A challenger was trained on campaigns "
+        f"{retraining['train_campaigns']} (those ended "
+        "before the batch) and sent through step 04's gate on the batch's labelled rows. **Decision: "
+        f"{retraining['decision']}**"
+        + (f" — {'; '.join(retraining['reasons'])}" if retraining["reasons"] else "")
+        + (f" (registered version {retraining['version']})" if retraining.get("version") else "")
+    )

@@ -20,13 +20,24 @@ def stage_status(stage, root) -> dict:
     "Status of `stage` from its executed notebook: `ok`, `failed` or `not run`, with run time and report links."
     root = Path(root)
     executed = sorted((root / "reports/executed").glob(f"[0-9][0-9]_{stage}.ipynb"))
-    row = {"stage": stage, "title": stage.replace("_", " ").capitalize(), "status": "not run", "seconds": None, "finished": None, "page": None}
-    if not executed: return row
+    row = {
+        "stage": stage,
+        "title": stage.replace("_", " ").capitalize(),
+        "status": "not run",
+        "seconds": None,
+        "finished": None,
+        "page": None,
+    }
+    if not executed:
+        return row
     meta = json.loads(executed[0].read_text(encoding="utf-8")).get("metadata", {}).get("papermill", {})
     page = root / "reports/html" / f"{executed[0].stem}.html"
-    row.update(status="failed" if meta.get("exception") else "ok", seconds=meta.get("duration"),
-               finished=(meta.get("end_time") or "")[:19].replace("T", " ") or None,
-               page=page.relative_to(root / "reports").as_posix() if page.exists() else None)
+    row.update(
+        status="failed" if meta.get("exception") else "ok",
+        seconds=meta.get("duration"),
+        finished=(meta.get("end_time") or "")[:19].replace("T", " ") or None,
+        page=page.relative_to(root / "reports").as_posix() if page.exists() else None,
+    )
     return row
 
 # %% ../notebooks/06_reports.ipynb #9486675a
@@ -34,51 +45,84 @@ def read_metrics(path) -> dict:
     "A flat metrics JSON file, or an empty dict when the step that writes it has not run."
     return load_json(path) if Path(path).exists() else {}
 
+
 def _tile_state(kpi, latest):
     "`good` at or past target, `alert` past the alert threshold, `watch` in between, `unknown` without a value."
-    if latest is None: return "unknown"
+    if latest is None:
+        return "unknown"
     sign = 1 if kpi["direction"] == "higher" else -1
-    if sign * (latest - kpi["target"]) >= 0: return "good"
+    if sign * (latest - kpi["target"]) >= 0:
+        return "good"
     return "alert" if sign * (latest - kpi["alert_threshold"]) < 0 else "watch"
+
 
 def kpi_tiles(charter, baseline: dict, latest: dict) -> list:
     "One tile per charter KPI: name, unit, target, alert threshold, baseline and latest value, state."
-    return [{"id": k["id"], "name": k["name"], "unit": k["unit"], "direction": k["direction"], "target": k["target"], "alert_threshold": k["alert_threshold"],
-             "baseline": baseline.get(k["id"]), "latest": latest.get(k["id"]), "state": _tile_state(k, latest.get(k["id"]))}
-            for k in charter["kpis"]]
+    return [
+        {
+            "id": k["id"],
+            "name": k["name"],
+            "unit": k["unit"],
+            "direction": k["direction"],
+            "target": k["target"],
+            "alert_threshold": k["alert_threshold"],
+            "baseline": baseline.get(k["id"]),
+            "latest": latest.get(k["id"]),
+            "state": _tile_state(k, latest.get(k["id"])),
+        }
+        for k in charter["kpis"]
+    ]
+
 
 def format_kpi(value, unit) -> str:
     "A KPI value as people read it: a share in percent, a difference of shares in percentage points."
-    if value is None: return "—"
-    if unit.startswith("share") and "difference" in unit: return f"{100 * value:+.1f} pts"
-    if unit.startswith("share"): return f"{100 * value:.3g}%"
+    if value is None:
+        return "—"
+    if unit.startswith("share") and "difference" in unit:
+        return f"{100 * value:+.1f} pts"
+    if unit.startswith("share"):
+        return f"{100 * value:.3g}%"
     return f"{value:.3g}"
 
 # %% ../notebooks/06_reports.ipynb #a4b2c79b
 def list_documents(reports_dir) -> list:
     "Every HTML document under `reports_dir` except the portal itself, as paths relative to it."
     reports_dir = Path(reports_dir)
-    return sorted(p.relative_to(reports_dir).as_posix() for p in reports_dir.rglob("*.html") if p != reports_dir / "index.html")
+    return sorted(
+        p.relative_to(reports_dir).as_posix() for p in reports_dir.rglob("*.html") if p != reports_dir / "index.html"
+    )
+
 
 def _document_title(relative) -> str:
     "A readable title from a document's path: `html/03_model_development.html` -> `03 · Model development`."
     stem = Path(relative).stem
     number, _, name = stem.partition("_")
-    return f"{number} · {name.replace('_', ' ').capitalize()}" if number.isdigit() else stem.replace("_", " ").capitalize()
+    return (
+        f"{number} · {name.replace('_', ' ').capitalize()}" if number.isdigit() else stem.replace("_", " ").capitalize()
+    )
+
 
 def group_documents(reports_dir, documents) -> dict:
     "Documents by kind — step reports, data profiles — each with its title and size in KB."
     groups = {"Step reports": [], "Data profiles": []}
     for d in documents:
         kind = "Step reports" if d.startswith("html/") else "Data profiles"
-        groups[kind].append({"path": d, "title": _document_title(d), "folder": Path(d).parent.name,
-                             "kb": round((Path(reports_dir) / d).stat().st_size / 1024)})
+        groups[kind].append(
+            {
+                "path": d,
+                "title": _document_title(d),
+                "folder": Path(d).parent.name,
+                "kb": round((Path(reports_dir) / d).stat().st_size / 1024),
+            }
+        )
     return {kind: docs for kind, docs in groups.items() if docs}
+
 
 def local_links(page_html: str) -> list:
     "The `href` and `src` targets of a page that are local files (no scheme, not in-page anchors)."
     targets = re.findall(r"""(?:href|src)\s*=\s*["']([^"']+)["']""", page_html)
     return [t for t in targets if not urlparse(t).scheme and not t.startswith("#")]
+
 
 def broken_links(page_path) -> list:
     "Local links of the HTML page at `page_path` that resolve to no file."
@@ -86,86 +130,151 @@ def broken_links(page_path) -> list:
     links = local_links(page_path.read_text(encoding="utf-8"))
     return [t for t in links if not (page_path.parent / unquote(urlparse(t).path)).exists()]
 
+
 def check_links(page_path):
     "Raise `FileNotFoundError` naming every local link of the page at `page_path` that resolves to no file."
     broken = broken_links(page_path)
-    if broken: raise FileNotFoundError(f"broken links in {Path(page_path).name}: {', '.join(broken)}")
+    if broken:
+        raise FileNotFoundError(f"broken links in {Path(page_path).name}: {', '.join(broken)}")
 
 # %% ../notebooks/06_reports.ipynb #24aceeb3
 PORTAL_CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;max-width:1150px;margin:2rem auto;padding:0 1rem;color:#1f2933}
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;max-width:1150px;margin:2rem auto;padding:0 1rem;
+color:#1f2933}
 h1{margin-bottom:.2rem}.sub,.note{color:#52606d}.sub{margin-top:0}section{margin:2rem 0}
 .tiles{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:1rem}
 .tile{border:1px solid #d2d6dc;border-left:6px solid #9aa5b1;border-radius:6px;padding:.8rem 1rem}
 .tile.good{border-left-color:#2f9e44}.tile.watch{border-left-color:#f59f00}.tile.alert{border-left-color:#e03131}
-.tile .value{font-size:1.9rem;font-weight:600}.tile .meta{color:#52606d;font-size:.85rem}.tile .state{font-size:.8rem;font-weight:600;text-transform:uppercase}
-table{border-collapse:collapse;width:100%;font-size:.92rem}th,td{border-bottom:1px solid #e4e7eb;padding:.45rem .6rem;text-align:left}
+.tile .value{font-size:1.9rem;font-weight:600}.tile .meta{color:#52606d;font-size:.85rem}.tile
+.state{font-size:.8rem;font-weight:600;text-transform:uppercase}
+table{border-collapse:collapse;width:100%;font-size:.92rem}
+th,td{border-bottom:1px solid #e4e7eb;padding:.45rem .6rem;text-align:left}
 .badge{padding:.1rem .5rem;border-radius:1rem;font-size:.8rem;background:#e4e7eb}.badge.ok{background:#d3f9d8}
 .badge.failed,.badge.critical{background:#ffe3e3}.badge.warning{background:#fff3bf}
 .docs{columns:2;padding-left:1.2rem}.docs li{margin:.15rem 0}.kb{color:#7b8794;font-size:.8rem}
 """
 
+
 def _fmt(value, digits=3):
     return "—" if value is None else (f"{value:.{digits}g}" if isinstance(value, float) else html.escape(str(value)))
+
 
 def _link(target, text):
     return html.escape(text) if target is None else f'<a href="{html.escape(target)}">{html.escape(text)}</a>'
 
 # %% ../notebooks/06_reports.ipynb #a0ff1b66
 def _steps_section(steps):
-    rows = "".join(f"<tr><td>{_link(s['page'], s['title'])}</td><td><span class=\"badge {s['status'].replace(' ', '-')}\">{s['status']}</span></td>"
-                   f"<td>{_fmt(s['seconds'])} s</td><td>{_fmt(s['finished'])}</td></tr>" for s in steps)
-    return f"<section><h2>Pipeline steps</h2><table><tr><th>Step</th><th>Status</th><th>Run time</th><th>Finished (UTC)</th></tr>{rows}</table></section>"
+    rows = "".join(
+        f'<tr><td>{_link(s["page"], s["title"])}</td><td><span class="badge '
+        f'{s["status"].replace(" ", "-")}">{s["status"]}</span></td>'
+        f"<td>{_fmt(s['seconds'])} s</td><td>{_fmt(s['finished'])}</td></tr>"
+        for s in steps
+    )
+    header = "<tr><th>Step</th><th>Status</th><th>Run time</th><th>Finished (UTC)</th></tr>"
+    return f"<section><h2>Pipeline steps</h2><table>{header}{rows}</table></section>"
 
-TILE_STATES = {"good": "on target", "watch": "below target", "alert": "past the alert threshold", "unknown": "not measured yet"}
+
+TILE_STATES = {
+    "good": "on target",
+    "watch": "below target",
+    "alert": "past the alert threshold",
+    "unknown": "not measured yet",
+}
+
 
 def _tile(t):
     shown, unit = (t["latest"] if t["latest"] is not None else t["baseline"]), t["unit"]
     better, worse = ("≥", "below") if t["direction"] == "higher" else ("≤", "above")
-    return (f"<div class=\"tile {t['state']}\"><div>{html.escape(t['name'])}</div><div class=\"value\">{format_kpi(shown, unit)}</div>"
-            f"<div class=\"state\">{TILE_STATES[t['state']]}</div>"
-            f"<div class=\"meta\">target {better} {format_kpi(t['target'], unit)} · alert {worse} {format_kpi(t['alert_threshold'], unit)}</div>"
-            f"<div class=\"meta\">baseline {format_kpi(t['baseline'], unit)} → latest {format_kpi(t['latest'], unit)}</div></div>")
+    return (
+        f'<div class="tile {t["state"]}"><div>{html.escape(t["name"])}</div><div '
+        f'class="value">{format_kpi(shown, unit)}</div>'
+        f'<div class="state">{TILE_STATES[t["state"]]}</div>'
+        f'<div class="meta">target {better} {format_kpi(t["target"], unit)} · alert {worse} '
+        f"{format_kpi(t['alert_threshold'], unit)}</div>"
+        f'<div class="meta">baseline {format_kpi(t["baseline"], unit)} → latest '
+        f"{format_kpi(t['latest'], unit)}</div></div>"
+    )
+
 
 def _tiles_section(tiles):
-    return (f"<section><h2>Business KPIs</h2><div class=\"tiles\">{''.join(_tile(t) for t in tiles)}</div>"
-            "<p class=\"note\">Baseline: every campaign's blanket mailing, measured on the historical data (step 02). "
-            "Latest: the households messaged in the campaign scored by the champion (step 04).</p></section>")
+    return (
+        f'<section><h2>Business KPIs</h2><div class="tiles">{"".join(_tile(t) for t in tiles)}</div>'
+        '<p class="note">Baseline: every campaign\'s blanket mailing, measured on the historical data (step 02). '
+        "Latest: the households messaged in the campaign scored by the champion (step 04).</p></section>"
+    )
 
 # %% ../notebooks/06_reports.ipynb #8e76b811
-CHAMPION_METRICS = {"gate_roc_auc": "ROC-AUC", "gate_average_precision": "Average precision",
-                    "gate_precision_at_k": "Precision of each household's top offers", "gate_lift_average_precision": "Average precision ÷ the charter's rule's"}
+CHAMPION_METRICS = {
+    "gate_roc_auc": "ROC-AUC",
+    "gate_average_precision": "Average precision",
+    "gate_precision_at_k": "Precision of each household's top offers",
+    "gate_lift_average_precision": "Average precision ÷ the charter's rule's",
+}
+
 
 def _champion_section(champion):
-    if not champion: return "<section><h2>Champion model</h2><p>No model has been deployed yet.</p></section>"
-    metrics = "".join(f"<tr><td>{html.escape(CHAMPION_METRICS.get(k, k))}</td><td>{_fmt(v)}</td></tr>" for k, v in champion.get("metrics", {}).items())
-    return (f"<section><h2>Champion model</h2><p><b>{html.escape(str(champion.get('name', '')))}</b> version {_fmt(champion.get('version'))} "
-            f"(<code>{html.escape(str(champion.get('alias_uri', '')))}</code>), measured on the gate campaigns it never saw in training.</p>"
-            f"<table>{metrics}</table></section>")
+    if not champion:
+        return "<section><h2>Champion model</h2><p>No model has been deployed yet.</p></section>"
+    metrics = "".join(
+        f"<tr><td>{html.escape(CHAMPION_METRICS.get(k, k))}</td><td>{_fmt(v)}</td></tr>"
+        for k, v in champion.get("metrics", {}).items()
+    )
+    return (
+        f"<section><h2>Champion model</h2><p><b>{html.escape(str(champion.get('name', '')))}</b> version "
+        f"{_fmt(champion.get('version'))} "
+        f"(<code>{html.escape(str(champion.get('alias_uri', '')))}</code>), measured on the gate campaigns it never "
+        "saw in training.</p>"
+        f"<table>{metrics}</table></section>"
+    )
+
 
 def _alerts_summary(alerts, monitoring):
     serious = sum(a.get("severity") in ("warning", "critical") for a in alerts)
     batches = f" over {monitoring['batches']:.0f} monitored batches" if monitoring.get("batches") else ""
     return f"{serious} alert(s) at warning or above{batches}." if serious else f"No alert at warning or above{batches}."
 
+
 def _alerts_section(alerts, monitoring=None):
     summary = f"<p><b>{_alerts_summary(alerts, monitoring or {})}</b></p>"
-    if not alerts: return f"<section><h2>Latest alerts</h2>{summary}</section>"
-    rows = "".join(f"<tr><td><span class=\"badge {html.escape(a.get('severity', ''))}\">{html.escape(a.get('severity', ''))}</span></td><td>{html.escape(a.get('remediation', ''))}</td>"
-                   f"<td>{html.escape(str(a.get('batch', '')))}</td><td>{html.escape(a.get('message', ''))}</td><td>{html.escape(a.get('action', ''))}</td></tr>" for a in alerts)
-    return (f"<section><h2>Latest alerts</h2>{summary}<table><tr><th>Severity</th><th>Remediation</th><th>Batch</th><th>What</th>"
-            f"<th>Recommended action</th></tr>{rows}</table></section>")
+    if not alerts:
+        return f"<section><h2>Latest alerts</h2>{summary}</section>"
+    rows = "".join(
+        '<tr><td><span class="badge '
+        f'{html.escape(a.get("severity", ""))}">{html.escape(a.get("severity", ""))}</span></td>'
+        f"<td>{html.escape(a.get('remediation', ''))}</td>"
+        f"<td>{html.escape(str(a.get('batch', '')))}</td><td>{html.escape(a.get('message', ''))}</td>"
+        f"<td>{html.escape(a.get('action', ''))}</td></tr>"
+        for a in alerts
+    )
+    return (
+        "<section><h2>Latest "
+        f"alerts</h2>{summary}<table><tr><th>Severity</th><th>Remediation</th><th>Batch</th><th>What</th>"
+        f"<th>Recommended action</th></tr>{rows}</table></section>"
+    )
+
 
 def _documents_section(groups):
-    def item(d): return f"<li>{_link(d['path'], d['title'])} <span class=\"kb\">{d['folder']} · {d['kb']:,} KB</span></li>"
-    lists = "".join(f"<h3>{html.escape(kind)}</h3><ul class=\"docs\">{''.join(item(d) for d in docs)}</ul>" for kind, docs in groups.items())
+    def item(d):
+        return f'<li>{_link(d["path"], d["title"])} <span class="kb">{d["folder"]} · {d["kb"]:,} KB</span></li>'
+
+    lists = "".join(
+        f'<h3>{html.escape(kind)}</h3><ul class="docs">{"".join(item(d) for d in docs)}</ul>'
+        for kind, docs in groups.items()
+    )
     return f"<section><h2>All reports and profiles</h2>{lists}</section>"
 
 # %% ../notebooks/06_reports.ipynb #558be27a
 def render_portal(title, steps, tiles, champion, alerts, documents, monitoring=None) -> str:
-    "The portal page as a self-contained HTML string (inline CSS, relative links, no scripts); `documents` as from `group_documents`."
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{PORTAL_CSS}</style></head><body>\n<h1>{html.escape(title)}</h1>"
-            f"<p class=\"sub\">Five MLOps steps, their reports, and how the business is doing.</p>\n"
-            + _tiles_section(tiles) + _steps_section(steps) + _champion_section(champion)
-            + _alerts_section(alerts, monitoring) + _documents_section(documents) + "\n</body></html>\n")
+    """The portal page as a self-contained HTML string (inline CSS, relative links, no scripts); `documents` as from
+    `group_documents`."""
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{PORTAL_CSS}</style></head><body>\n<h1>{html.escape(title)}</h1>"
+        f'<p class="sub">Five MLOps steps, their reports, and how the business is doing.</p>\n'
+        + _tiles_section(tiles)
+        + _steps_section(steps)
+        + _champion_section(champion)
+        + _alerts_section(alerts, monitoring)
+        + _documents_section(documents)
+        + "\n</body></html>\n"
+    )

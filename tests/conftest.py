@@ -1,5 +1,6 @@
 """Shared fixtures: the project root, and disposable copies of the project for end-to-end runs; and the check that every
 test needing a pipeline run carries the `pipeline` mark (the fast tier runs the others)."""
+
 import json
 import os
 import shutil
@@ -16,14 +17,28 @@ from lib.core import load_yaml, merge_params
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # What a copy of the project leaves out: environments, stores, DVC caches and every stage output.
-NOT_COPIED = shutil.ignore_patterns(".git", ".venv", "mlflow.db", "mlartifacts", "cache", "tmp", "__pycache__",
-                                    ".pytest_cache", ".ruff_cache", "*.egg-info", "artifacts", "results.json")
+NOT_COPIED = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "mlflow.db",
+    "mlartifacts",
+    "cache",
+    "tmp",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    "*.egg-info",
+    "artifacts",
+    "results.json",
+)
 OUTPUT_DIRS = ("data", "models", "metrics", "plots", "reports")
 
 
 def project_env(extra=None) -> dict:
-    """The environment of this process with the project's virtual environment first on PATH, and without the MLflow tracking
-    URI a test may have exported (MLflow's `set_tracking_uri` does): a project copy uses its own store unless `extra` names one."""
+    """The environment of this process with the project's virtual environment first on PATH, and without the MLflow
+    tracking
+    URI a test may have exported (MLflow's `set_tracking_uri` does): a project copy uses its own store unless `extra`
+    names one."""
     inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return {**inherited, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(extra or {})}
 
@@ -31,20 +46,25 @@ def project_env(extra=None) -> dict:
 def run(cmd, cwd, check=True, env=None, timeout=1800):
     """Run `cmd` with the project's environment first on PATH; returns the CompletedProcess."""
     full_env = project_env(env)
-    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
-                          shell=isinstance(cmd, str))
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, shell=isinstance(cmd, str)
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed with {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{cmd} failed with {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
 def make_project_copy(dest: Path, overlay: Path = ROOT / "tests/smoke/params.yaml") -> Path:
-    """A fresh git + DVC working copy of the project at `dest`, without outputs, running on params.yaml with `overlay` merged
+    """A fresh git + DVC working copy of the project at `dest`, without outputs, running on params.yaml with `overlay`
+    merged
     over it (the smoke slice by default; None: params.yaml as it is)."""
     shutil.copytree(ROOT, dest, ignore=NOT_COPIED)
     for folder in OUTPUT_DIRS:
         for path in (dest / folder).glob("*") if (dest / folder).exists() else []:
-            if path.name != ".gitignore": shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.name != ".gitignore":
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
     (dest / "dvc.lock").unlink(missing_ok=True)
     if overlay is not None:
         merged = merge_params(load_yaml(ROOT / "params.yaml"), load_yaml(overlay), where=Path(overlay).name)
@@ -70,7 +90,8 @@ def smoke_pipeline(tmp_path_factory):
 
 # A test needs a pipeline run when it uses one of these fixtures, directly or through a fixture built on them ...
 PIPELINE_FIXTURES = frozenset({"project_copy", "smoke_pipeline"})
-# ... or when it, or a fixture it uses, calls one of these (a project copy, an MLflow model server, a notebook kernel run)
+# ... or when it, or a fixture it uses, calls one of these (a project copy, an MLflow model server, a notebook kernel
+# run)
 PIPELINE_CALLS = frozenset({"make_project_copy", "serving", "NotebookClient"})
 # ... or runs one of these commands (`dvc repro`, papermill, `make lab`).
 PIPELINE_WORDS = frozenset({"repro", "papermill", "lab"})
@@ -80,19 +101,23 @@ TIERS = pytest.StashKey[dict]()
 def _code_objects(code):
     yield code
     for const in code.co_consts:
-        if isinstance(const, types.CodeType): yield from _code_objects(const)
+        if isinstance(const, types.CodeType):
+            yield from _code_objects(const)
 
 
 def _strings(const):
-    if isinstance(const, str): yield const
-    elif isinstance(const, (tuple, frozenset)):                # ["make", "-s", "lab"] is compiled to one tuple constant
-        for item in const: yield from _strings(item)
+    if isinstance(const, str):
+        yield const
+    elif isinstance(const, (tuple, frozenset)):  # ["make", "-s", "lab"] is compiled to one tuple constant
+        for item in const:
+            yield from _strings(item)
 
 
 def _calls_and_words(function) -> set:
     """Names a function (and any function or lambda nested in it) refers to, and the string constants it holds."""
     code = getattr(getattr(function, "__wrapped__", function), "__code__", None)
-    if code is None: return set()
+    if code is None:
+        return set()
     return {v for c in _code_objects(code) for v in (*c.co_names, *(s for k in c.co_consts for s in _strings(k)))}
 
 
@@ -100,8 +125,14 @@ def pipeline_needs(item) -> list:
     """Why the collected test `item` needs a pipeline run (empty when it does not)."""
     reasons = [f"uses fixture {name}" for name in sorted(PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())))]
     fixturedefs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-    functions = {"the test": getattr(item, "function", None),
-                 **{f"fixture {name}": defs[-1].func for name, defs in fixturedefs.items() if defs and name not in PIPELINE_FIXTURES}}
+    functions = {
+        "the test": getattr(item, "function", None),
+        **{
+            f"fixture {name}": defs[-1].func
+            for name, defs in fixturedefs.items()
+            if defs and name not in PIPELINE_FIXTURES
+        },
+    }
     for where, function in functions.items():
         found = _calls_and_words(function)
         reasons += [f"{where} calls {name}" for name in sorted(PIPELINE_CALLS & found)]
@@ -112,10 +143,13 @@ def pipeline_needs(item) -> list:
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Before `-m`, `-k` or `--deselect` leave anything out: record every collected test that needs a pipeline run, and
-    whether it is marked `pipeline` (tests/test_tiers.py checks them). PIPELINE_TIER_REPORT=<file> writes the record as JSON."""
-    record = {"modules": sorted({str(item.path) for item in items}),
-              "needs": {item.nodeid: pipeline_needs(item) for item in items},
-              "marked": sorted(item.nodeid for item in items if item.get_closest_marker("pipeline"))}
+    whether it is marked `pipeline` (tests/test_tiers.py checks them). PIPELINE_TIER_REPORT=<file> writes the record as
+    JSON."""
+    record = {
+        "modules": sorted({str(item.path) for item in items}),
+        "needs": {item.nodeid: pipeline_needs(item) for item in items},
+        "marked": sorted(item.nodeid for item in items if item.get_closest_marker("pipeline")),
+    }
     record["needs"] = {nodeid: reasons for nodeid, reasons in record["needs"].items() if reasons}
     config.stash[TIERS] = record
     if os.environ.get("PIPELINE_TIER_REPORT"):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite in two tiers; arguments after the tier go to pytest.
-#   fast (make test-fast): ruff, lib/ in sync with the notebooks, nbdev-test (the notebooks' demonstrations) and every
+#   fast (make test-fast): ruff (lint and format), lib/ in sync with the notebooks, nbdev-test (the notebooks' demonstrations) and every
 #                          pytest test not marked `pipeline`; no pipeline run.
 #   all  (make test):      the fast tier, then the pipeline tier: `pytest -m pipeline` (DVC runs in disposable copies of
 #                          the project, stage faults, serving, JupyterLab, reports in Chromium).
@@ -10,8 +10,9 @@ tier="${1:-all}"
 [ $# -gt 0 ] && shift
 case "$tier" in fast|all) ;; *) echo "usage: $0 [fast|all] [pytest arguments]" >&2; exit 2 ;; esac
 SYNC=tests/test_repo.py::test_nbdev_export_and_clean_change_nothing
-echo "== ruff"
-ruff check lib tests benchmarks
+echo "== ruff: lint, and the format of notebooks, tests and benchmarks (120 columns)"
+ruff check lib tests benchmarks notebooks
+ruff format --check --quiet notebooks tests benchmarks
 echo "== lib/ and notebooks/ in sync (nbdev-export and nbdev-clean change nothing)"
 pytest -q --no-header "$SYNC"
 echo "== nbdev-test"

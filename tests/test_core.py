@@ -1,4 +1,5 @@
 """Core helpers: the MLflow store, seeding and output checks, as the stages use them."""
+
 import time
 
 import pytest
@@ -8,10 +9,11 @@ from lib.core import TrackingStoreError, connect_mlflow, file_sha256, seed_every
 
 def test_connect_mlflow_creates_the_experiment_in_the_project_store(tmp_path):
     import mlflow
+
     experiment_id = connect_mlflow(tmp_path, {}, "demo")
     assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
     assert mlflow.get_experiment(experiment_id).artifact_location == (tmp_path / "mlartifacts").as_uri()
-    assert connect_mlflow(tmp_path, {}, "demo") == experiment_id          # a second call finds it
+    assert connect_mlflow(tmp_path, {}, "demo") == experiment_id  # a second call finds it
     assert (tmp_path / "mlflow.db").exists()
 
 

@@ -1,5 +1,6 @@
 """Step 02 data acquisition: every source kind gives the same tables, bad input stops ingestion with a specific
 error, contact details stay in data/raw/, pseudonyms are keyed and stable, and outputs are reproducible."""
+
 import json
 import sqlite3
 import tempfile
@@ -35,11 +36,12 @@ from lib.data_acquisition import (
 )
 
 SAMPLE, SEED, KEY = 40, 42, b"test-key"
-PROMOTION_ROWS = 50_000            # enough for thousands of promotions at the sampled home stores
+PROMOTION_ROWS = 50_000  # enough for thousands of promotions at the sampled home stores
 CANARY = {"name": "Zebulon Canaryfield", "phone": "+1-311-555-0199", "email": "zebulon.canaryfield@example.com"}
 
 
 # ---------------------------------------------------------------- a slice of the package, in every format
+
 
 @pytest.fixture(scope="module")
 def package_tables():
@@ -54,8 +56,10 @@ def package_tables():
 def slice_tables(package_tables):
     """The package's tables restricted to the households the seeded sample picks from the whole population."""
     households = sample_households(package_tables["transactions"].household_id, SAMPLE, SEED)
-    return {t: (f[f.household_id.isin(households)] if "household_id" in f else f).reset_index(drop=True)
-            for t, f in package_tables.items()}
+    return {
+        t: (f[f.household_id.isin(households)] if "household_id" in f else f).reset_index(drop=True)
+        for t, f in package_tables.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +69,12 @@ def slice_dirs(slice_tables, tmp_path_factory):
     for fmt in ("parquet", "csv"):
         (base / fmt).mkdir()
         for name, frame in slice_tables.items():
-            frame.to_parquet(base / fmt / f"{name}.parquet", index=False) if fmt == "parquet" else frame.to_csv(base / fmt / f"{name}.csv", index=False)
+            frame.to_parquet(base / fmt / f"{name}.parquet", index=False) if fmt == "parquet" else frame.to_csv(
+                base / fmt / f"{name}.csv", index=False
+            )
     with sqlite3.connect(base / "slice.db") as conn:
-        for name, frame in slice_tables.items(): frame.to_sql(name, conn, index=False)
+        for name, frame in slice_tables.items():
+            frame.to_sql(name, conn, index=False)
     return base
 
 
@@ -82,11 +89,13 @@ def acquired(package_tables, slice_dirs, tmp_path_factory):
     """The same data acquired from the package (sampled), from the parquet slice, from CSV and from SQLite."""
     base = tmp_path_factory.mktemp("acquired")
     package = package_source()
-    package.files["promotions"] = slice_dirs / "parquet/promotions.parquet"   # the same promotion rows as the slice
-    return {"package": acquire_into(package, base / "package", sample=SAMPLE),
-            "csv": acquire_into(files_source("csv", slice_dirs), base / "csv"),
-            "sqlite": acquire_into(sql_source(f"sqlite:///{slice_dirs / 'slice.db'}"), base / "sqlite"),
-            "csv_again": acquire_into(files_source("csv/*.csv", slice_dirs), base / "csv_again")}
+    package.files["promotions"] = slice_dirs / "parquet/promotions.parquet"  # the same promotion rows as the slice
+    return {
+        "package": acquire_into(package, base / "package", sample=SAMPLE),
+        "csv": acquire_into(files_source("csv", slice_dirs), base / "csv"),
+        "sqlite": acquire_into(sql_source(f"sqlite:///{slice_dirs / 'slice.db'}"), base / "sqlite"),
+        "csv_again": acquire_into(files_source("csv/*.csv", slice_dirs), base / "csv_again"),
+    }
 
 
 def test_package_sqlite_and_csv_give_identical_processed_tables(acquired):
@@ -102,12 +111,15 @@ def test_package_sqlite_and_csv_give_identical_processed_tables(acquired):
 def test_same_input_twice_gives_the_same_content_hashes(acquired):
     (first, first_paths), (second, second_paths) = acquired["csv"], acquired["csv_again"]
     assert {t: file_sha256(p) for t, p in first_paths.items()} == {t: file_sha256(p) for t, p in second_paths.items()}
-    assert {t: file_sha256(p) for t, p in first.raw_files.items()} == {t: file_sha256(p) for t, p in second.raw_files.items()}
+    assert {t: file_sha256(p) for t, p in first.raw_files.items()} == {
+        t: file_sha256(p) for t, p in second.raw_files.items()
+    }
 
 
 def test_processed_tables_meet_the_delivery_contract(acquired):
     processed = acquired["package"][0].processed
-    for table in PROCESSED_TABLES: check_contract(table, processed[table], PROCESSED_CONTRACTS)
+    for table in PROCESSED_TABLES:
+        check_contract(table, processed[table], PROCESSED_CONTRACTS)
     assert list(processed["contacts"].columns) == ["household_id", "contact_key"]
     assert processed["demographics"].age.cat.ordered and processed["demographics"].age.cat.categories[0] == "Unknown"
     assert set(processed["households"].household_id) == set(processed["transactions"].household_id)
@@ -118,7 +130,9 @@ def test_processed_tables_meet_the_delivery_contract(acquired):
 def test_pseudonyms_are_stable_across_runs_and_differ_under_another_key(acquired, slice_dirs, tmp_path):
     first, second = acquired["csv"][0].processed["contacts"], acquired["sqlite"][0].processed["contacts"]
     pd.testing.assert_frame_equal(first, second)
-    other = acquire(files_source("csv", slice_dirs), tmp_path / "raw", 0, SEED, b"another key", chunk_rows=50_000).processed["contacts"]
+    other = acquire(
+        files_source("csv", slice_dirs), tmp_path / "raw", 0, SEED, b"another key", chunk_rows=50_000
+    ).processed["contacts"]
     assert (other.household_id.to_numpy() == first.household_id.to_numpy()).all()
     assert not set(other.contact_key) & set(first.contact_key)
 
@@ -134,13 +148,17 @@ def test_missing_key_falls_back_to_the_development_key_loudly():
 
 # ---------------------------------------------------------------- bad input: one table at a time
 
+
 def ingest_written(tmp_path, table, frame, fmt="parquet", text=None, **kw):
     """Write `frame` (or raw `text`) as the only file of a fresh source folder and ingest it."""
     folder = Path(tempfile.mkdtemp(dir=tmp_path))
     path = folder / f"{table}.{fmt}"
-    if text is not None: path.write_bytes(text if isinstance(text, bytes) else text.encode())
-    elif fmt == "parquet": frame.to_parquet(path, index=False)
-    else: frame.to_csv(path, index=False)
+    if text is not None:
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    elif fmt == "parquet":
+        frame.to_parquet(path, index=False)
+    else:
+        frame.to_csv(path, index=False)
     return ingest_table(files_source(folder, csv_delimiter=kw.pop("csv_delimiter", ",")), table, CONTRACTS, **kw)
 
 
@@ -153,8 +171,12 @@ def expect_error(tmp_path, table, frame, message, **kw):
 
 @pytest.fixture(scope="module")
 def small(package_tables):
-    return {"transactions": package_tables["transactions"].head(200).copy(), "demographics": package_tables["demographics"].head(100).copy(),
-            "campaign_descriptions": package_tables["campaign_descriptions"].copy(), "products": package_tables["products"].head(300).copy()}
+    return {
+        "transactions": package_tables["transactions"].head(200).copy(),
+        "demographics": package_tables["demographics"].head(100).copy(),
+        "campaign_descriptions": package_tables["campaign_descriptions"].copy(),
+        "products": package_tables["products"].head(300).copy(),
+    }
 
 
 def test_good_tables_ingest_from_parquet_and_csv(tmp_path, small):
@@ -164,34 +186,79 @@ def test_good_tables_ingest_from_parquet_and_csv(tmp_path, small):
         assert card.passed.all() and not notes["dropped_columns"]
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda f: f.drop(columns="quantity"), "transactions.quantity: rule required_column failed for 1 of 1"),
-    (lambda f: f.rename(columns={"quantity": "qty"}), "transactions.qty: rule unexpected_column"),
-    (lambda f: f.assign(loyalty_tier="gold"), "transactions.loyalty_tier: rule unexpected_column failed for 1 of 1"),
-    (lambda f: f.assign(quantity=f.quantity.astype(str)), "transactions.quantity: rule dtype failed for 200 of 200"),
-    (lambda f: f.assign(transaction_timestamp=f.transaction_timestamp.astype(str)), "transactions.transaction_timestamp: rule dtype failed for 200 of 200"),
-    (lambda f: f.assign(sales_value=f.sales_value.mask(f.index < 3)), "transactions.sales_value: rule not_null failed for 3 of 200"),
-    (lambda f: f.assign(retail_disc=f.retail_disc.mask(f.index < 2, np.inf)), "transactions.retail_disc: rule finite failed for 2 of 200"),
-    (lambda f: f.assign(quantity=f.quantity.mask(f.index < 4, -1)), "transactions.quantity: rule range failed for 4 of 200"),
-    (lambda f: f.assign(transaction_timestamp=f.transaction_timestamp.mask(f.index < 1, pd.Timestamp("2031-05-01"))),
-     "transactions.transaction_timestamp: rule range failed for 1 of 200"),
-    (lambda f: pd.concat([f, f.head(2).assign(quantity=99)]), "transactions.basket_id+product_id: rule unique_key failed for 2 of 202"),
-    (lambda f: pd.concat([f] + [f.head(20)] * 2), "transactions.*: rule distinct_rows failed for 40 of 240"),
-    (lambda f: f.iloc[:0], "transactions.*: rule non_empty failed"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda f: f.drop(columns="quantity"), "transactions.quantity: rule required_column failed for 1 of 1"),
+        (lambda f: f.rename(columns={"quantity": "qty"}), "transactions.qty: rule unexpected_column"),
+        (
+            lambda f: f.assign(loyalty_tier="gold"),
+            "transactions.loyalty_tier: rule unexpected_column failed for 1 of 1",
+        ),
+        (
+            lambda f: f.assign(quantity=f.quantity.astype(str)),
+            "transactions.quantity: rule dtype failed for 200 of 200",
+        ),
+        (
+            lambda f: f.assign(transaction_timestamp=f.transaction_timestamp.astype(str)),
+            "transactions.transaction_timestamp: rule dtype failed for 200 of 200",
+        ),
+        (
+            lambda f: f.assign(sales_value=f.sales_value.mask(f.index < 3)),
+            "transactions.sales_value: rule not_null failed for 3 of 200",
+        ),
+        (
+            lambda f: f.assign(retail_disc=f.retail_disc.mask(f.index < 2, np.inf)),
+            "transactions.retail_disc: rule finite failed for 2 of 200",
+        ),
+        (
+            lambda f: f.assign(quantity=f.quantity.mask(f.index < 4, -1)),
+            "transactions.quantity: rule range failed for 4 of 200",
+        ),
+        (
+            lambda f: f.assign(
+                transaction_timestamp=f.transaction_timestamp.mask(f.index < 1, pd.Timestamp("2031-05-01"))
+            ),
+            "transactions.transaction_timestamp: rule range failed for 1 of 200",
+        ),
+        (
+            lambda f: pd.concat([f, f.head(2).assign(quantity=99)]),
+            "transactions.basket_id+product_id: rule unique_key failed for 2 of 202",
+        ),
+        (lambda f: pd.concat([f] + [f.head(20)] * 2), "transactions.*: rule distinct_rows failed for 40 of 240"),
+        (lambda f: f.iloc[:0], "transactions.*: rule non_empty failed"),
+    ],
+)
 def test_each_bad_transactions_table_gets_its_specific_error(tmp_path, small, change, message):
     expect_error(tmp_path, "transactions", change(small["transactions"]), message)
 
 
 def test_bad_categories_and_missing_values_are_named(tmp_path, small):
     dem = small["demographics"]
-    expect_error(tmp_path, "demographics", dem.assign(income=dem.income.mask(dem.index < 2, "1M+")), "demographics.income: rule categories failed for 2 of 100")
-    expect_error(tmp_path, "demographics", dem.assign(age=dem.age.mask(dem.index < 1)), "demographics.age: rule not_null failed for 1 of 100")
-    expect_error(tmp_path, "demographics", dem.assign(marital_status=None), "demographics.marital_status: rule completeness failed for 100 of 100")
+    expect_error(
+        tmp_path,
+        "demographics",
+        dem.assign(income=dem.income.mask(dem.index < 2, "1M+")),
+        "demographics.income: rule categories failed for 2 of 100",
+    )
+    expect_error(
+        tmp_path,
+        "demographics",
+        dem.assign(age=dem.age.mask(dem.index < 1)),
+        "demographics.age: rule not_null failed for 1 of 100",
+    )
+    expect_error(
+        tmp_path,
+        "demographics",
+        dem.assign(marital_status=None),
+        "demographics.marital_status: rule completeness failed for 100 of 100",
+    )
 
 
 def test_a_few_exact_duplicate_rows_are_dropped_and_counted(tmp_path, slice_dirs, small):
-    frame, card, _ = ingest_written(tmp_path, "transactions", pd.concat([small["transactions"], small["transactions"].head(3)]))
+    frame, card, _ = ingest_written(
+        tmp_path, "transactions", pd.concat([small["transactions"], small["transactions"].head(3)])
+    )
     assert card.set_index("rule").loc["distinct_rows", "failed"] == 3 and len(frame) == 203
     result = acquire(files_source("csv", slice_dirs), tmp_path / "raw", 0, SEED, KEY, chunk_rows=50_000)
     coupons = next(e for e in result.log if e["table"] == "coupons" and e["step"] == "drop exact duplicate rows")
@@ -199,7 +266,9 @@ def test_a_few_exact_duplicate_rows_are_dropped_and_counted(tmp_path, slice_dirs
 
 
 def test_extra_columns_can_be_dropped_by_policy(tmp_path, small):
-    frame, _, notes = ingest_written(tmp_path, "transactions", small["transactions"].assign(loyalty_tier="gold"), extra_columns="drop")
+    frame, _, notes = ingest_written(
+        tmp_path, "transactions", small["transactions"].assign(loyalty_tier="gold"), extra_columns="drop"
+    )
     assert notes["dropped_columns"] == ["loyalty_tier"] and "loyalty_tier" not in frame
 
 
@@ -218,26 +287,59 @@ def test_csv_traps(tmp_path, small):
     frame, _, _ = ingest_written(tmp_path, "campaign_descriptions", None, "csv", text="\ufeff" + csv_text(cd))
     pd.testing.assert_frame_equal(frame, cd)
     # another delimiter: a specific error, and it reads once the delimiter is declared
-    expect_error(tmp_path, "campaign_descriptions", None, "campaign_descriptions.*: rule csv_delimiter", fmt="csv", text=csv_text(cd, ";"))
-    frame, _, _ = ingest_written(tmp_path, "campaign_descriptions", None, "csv", text=csv_text(cd, ";"), csv_delimiter=";")
+    expect_error(
+        tmp_path,
+        "campaign_descriptions",
+        None,
+        "campaign_descriptions.*: rule csv_delimiter",
+        fmt="csv",
+        text=csv_text(cd, ";"),
+    )
+    frame, _, _ = ingest_written(
+        tmp_path, "campaign_descriptions", None, "csv", text=csv_text(cd, ";"), csv_delimiter=";"
+    )
     pd.testing.assert_frame_equal(frame, cd)
     # leading-zero ids are the integers they stand for, and are counted
     padded = csv_text(cd.assign(campaign_id=cd.campaign_id.map(lambda i: f"{i:05d}")))
     frame, _, notes = ingest_written(tmp_path, "campaign_descriptions", None, "csv", text=padded)
-    assert frame.campaign_id.tolist() == cd.campaign_id.tolist() and notes["leading_zero_ids"] == {"campaign_id": len(cd)}
+    assert frame.campaign_id.tolist() == cd.campaign_id.tolist() and notes["leading_zero_ids"] == {
+        "campaign_id": len(cd)
+    }
     # a literal "NA" is text: an error in a numeric or categorical column, kept as is in free text
-    expect_error(tmp_path, "campaign_descriptions", None, "campaign_descriptions.campaign_id: rule dtype failed for 1 of 27", fmt="csv",
-                 text=csv_text(cd.astype({"campaign_id": object}).assign(campaign_id=["NA", *cd.campaign_id[1:]])))
-    expect_error(tmp_path, "campaign_descriptions", None, "campaign_descriptions.campaign_type: rule categories failed for 1 of 27", fmt="csv",
-                 text=csv_text(cd.assign(campaign_type=["NA", *cd.campaign_type[1:]])))
+    expect_error(
+        tmp_path,
+        "campaign_descriptions",
+        None,
+        "campaign_descriptions.campaign_id: rule dtype failed for 1 of 27",
+        fmt="csv",
+        text=csv_text(cd.astype({"campaign_id": object}).assign(campaign_id=["NA", *cd.campaign_id[1:]])),
+    )
+    expect_error(
+        tmp_path,
+        "campaign_descriptions",
+        None,
+        "campaign_descriptions.campaign_type: rule categories failed for 1 of 27",
+        fmt="csv",
+        text=csv_text(cd.assign(campaign_type=["NA", *cd.campaign_type[1:]])),
+    )
     products = small["products"].assign(package_size=["NA", *small["products"].package_size[1:]])
     frame, _, _ = ingest_written(tmp_path, "products", None, "csv", text=csv_text(products))
-    assert frame.package_size.iloc[0] == "NA" and frame.package_size.isna().sum() == small["products"].package_size[1:].isna().sum()
+    assert (
+        frame.package_size.iloc[0] == "NA"
+        and frame.package_size.isna().sum() == small["products"].package_size[1:].isna().sum()
+    )
 
 
 def test_empty_files_are_errors(tmp_path, small):
     cd = small["campaign_descriptions"]
-    expect_error(tmp_path, "campaign_descriptions", None, "campaign_descriptions.*: rule non_empty", fmt="csv", text=csv_text(cd.iloc[:0]))
+    expect_error(
+        tmp_path,
+        "campaign_descriptions",
+        None,
+        "campaign_descriptions.*: rule non_empty",
+        fmt="csv",
+        text=csv_text(cd.iloc[:0]),
+    )
     expect_error(tmp_path, "campaign_descriptions", None, "is empty, not even a header", fmt="csv", text="")
     expect_error(tmp_path, "campaign_descriptions", cd.iloc[:0], "campaign_descriptions.*: rule non_empty")
 
@@ -251,18 +353,23 @@ def test_a_table_missing_from_the_source_is_named(tmp_path, slice_dirs):
 
 def test_sql_queries_replace_whole_tables(slice_dirs):
     query = "SELECT household_id, campaign_id FROM campaigns WHERE campaign_id = 18"
-    frame, _, _ = ingest_table(sql_source(f"sqlite:///{slice_dirs / 'slice.db'}", {"campaigns": query}), "campaigns", CONTRACTS)
+    frame, _, _ = ingest_table(
+        sql_source(f"sqlite:///{slice_dirs / 'slice.db'}", {"campaigns": query}), "campaigns", CONTRACTS
+    )
     assert len(frame) and (frame.campaign_id == 18).all() and list(frame.columns) == ["campaign_id", "household_id"]
 
 
 # ---------------------------------------------------------------- end to end through DVC
 
+
 def use_source(project, tables, contacts=None, params_changes=None):
     """Put `tables` (and `contacts`) into the copy's `source/` folder and point the params at it."""
     folder = project / "source"
     folder.mkdir()
-    for name, frame in tables.items(): frame.to_parquet(folder / f"{name}.parquet", index=False)
-    if contacts is not None: contacts.to_parquet(folder / "contacts.parquet", index=False)
+    for name, frame in tables.items():
+        frame.to_parquet(folder / f"{name}.parquet", index=False)
+    if contacts is not None:
+        contacts.to_parquet(folder / "contacts.parquet", index=False)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["data_acquisition"]["source"].update(kind="files", path="source")
     params["data_acquisition"].update(params_changes or {})
@@ -271,11 +378,17 @@ def use_source(project, tables, contacts=None, params_changes=None):
 
 def stage_outputs_text(project):
     """Every output of the stage except the raw snapshot: text files as text, parquet files as their string values."""
-    for path in sorted(p for d in ("data", "reports", "metrics", "plots") for p in (project / d).rglob("*") if p.is_file()):
-        if "raw" in path.relative_to(project).parts: continue
+    for path in sorted(
+        p for d in ("data", "reports", "metrics", "plots") for p in (project / d).rglob("*") if p.is_file()
+    ):
+        if "raw" in path.relative_to(project).parts:
+            continue
         if path.suffix == ".parquet":
             frame = pd.read_parquet(path)
-            yield path, " ".join(frame[c].astype(str).str.cat(sep=" ") for c in frame.columns if frame[c].dtype == object)
+            yield (
+                path,
+                " ".join(frame[c].astype(str).str.cat(sep=" ") for c in frame.columns if frame[c].dtype == object),
+            )
         else:
             yield path, path.read_text(errors="replace")
     yield project / "dvc.lock", (project / "dvc.lock").read_text()
@@ -288,44 +401,74 @@ def test_stage_delivers_and_no_contact_detail_leaves_raw(project_copy, slice_tab
     use_source(project_copy, slice_tables, contacts)
     run(["dvc", "repro", "data_acquisition"], project_copy, env={"CONTACT_PSEUDONYM_KEY": ""})
     raw = pd.read_parquet(project_copy / "data/raw/contacts.parquet")
-    assert set(CANARY.values()) <= set(raw.iloc[0].astype(str))          # the canary went in
+    assert set(CANARY.values()) <= set(raw.iloc[0].astype(str))  # the canary went in
     checked = 0
     for path, text in stage_outputs_text(project_copy):
         for value in CANARY.values():
             assert value not in text, f"raw contact value found in {path.relative_to(project_copy)}"
-            assert value.split()[-1].split("@")[0] not in text, f"part of a raw contact value found in {path.relative_to(project_copy)}"
+            assert value.split()[-1].split("@")[0] not in text, (
+                f"part of a raw contact value found in {path.relative_to(project_copy)}"
+            )
         checked += 1
     assert checked > 20
     processed = load_processed(project_copy)
     assert set(processed) == set(PROCESSED_TABLES)
-    for table, frame in processed.items(): check_contract(table, frame, PROCESSED_CONTRACTS)
+    for table, frame in processed.items():
+        check_contract(table, frame, PROCESSED_CONTRACTS)
     catalog = json.loads((project_copy / "data/catalog.json").read_text())
     entry = catalog["tables"]["contacts"]
     assert {c["name"]: c["pii"] for c in entry["lineage"]["raw"][0]["schema"]}["email"] == "direct"
-    assert entry["rows"] == len(processed["contacts"]) and entry["sha256"] == file_sha256(project_copy / "data/processed/contacts.parquet")
+    assert entry["rows"] == len(processed["contacts"]) and entry["sha256"] == file_sha256(
+        project_copy / "data/processed/contacts.parquet"
+    )
     assert not catalog["contacts_generated"]
     quality = json.loads((project_copy / "metrics/data_quality.json").read_text())
     baseline = json.loads((project_copy / "metrics/baseline_kpis.json").read_text())
     assert quality["rules_failed"] == 0 and 0.9 < quality["quality_score"] <= 1
-    assert {"store_visit_rate_14d", "store_visit_rate_14d_comparison", "visit_uplift_14d", "redemption_rate", "offer_precision"} <= set(baseline)
+    assert {
+        "store_visit_rate_14d",
+        "store_visit_rate_14d_comparison",
+        "visit_uplift_14d",
+        "redemption_rate",
+        "offer_precision",
+    } <= set(baseline)
     assert all(isinstance(v, (int, float)) for v in {**quality, **baseline}.values())
     page = (project_copy / "reports/html/02_data_acquisition.html").read_text()
-    for section in ("Data catalog", "Data quality scorecard", "Cleansing and standardization", "Baseline KPIs", "Development key in use"):
+    for section in (
+        "Data catalog",
+        "Data quality scorecard",
+        "Cleansing and standardization",
+        "Baseline KPIs",
+        "Development key in use",
+    ):
         assert section in page
     assert "Traceback" not in page and "acquire(" not in page
     profiles = project_copy / "reports/profiles/data_acquisition"
-    assert {p.stem for p in profiles.glob("*.html")} >= {"transactions", "demographics", "campaigns", "coupons", "coupon_redemptions", "contacts"}
+    assert {p.stem for p in profiles.glob("*.html")} >= {
+        "transactions",
+        "demographics",
+        "campaigns",
+        "coupons",
+        "coupon_redemptions",
+        "contacts",
+    }
 
 
 @pytest.mark.pipeline
 def test_bad_source_data_stops_the_stage_before_any_delivery(project_copy, slice_tables):
     bad = dict(slice_tables)
-    bad["campaign_descriptions"] = bad["campaign_descriptions"].assign(end_date=lambda f: f.end_date.mask(f.index == 0, pd.Timestamp("2031-01-01")))
+    bad["campaign_descriptions"] = bad["campaign_descriptions"].assign(
+        end_date=lambda f: f.end_date.mask(f.index == 0, pd.Timestamp("2031-01-01"))
+    )
     use_source(project_copy, bad)
     proc = run(["dvc", "repro", "data_acquisition"], project_copy, check=False)
     assert proc.returncode != 0
     assert "stage 'data_acquisition' failed" in proc.stderr
     assert "campaign_descriptions.end_date: rule range failed for 1 of 27" in proc.stderr
     assert not (project_copy / "data/processed").exists() and not (project_copy / "metrics/baseline_kpis.json").exists()
-    lock = yaml.safe_load((project_copy / "dvc.lock").read_text()) if (project_copy / "dvc.lock").exists() else {"stages": {}}
+    lock = (
+        yaml.safe_load((project_copy / "dvc.lock").read_text())
+        if (project_copy / "dvc.lock").exists()
+        else {"stages": {}}
+    )
     assert "data_acquisition" not in lock["stages"]

@@ -1,4 +1,5 @@
 """Step 01 end to end through DVC and papermill in disposable copies of the project, and the stage's faults."""
+
 import json
 import os
 import signal
@@ -32,12 +33,15 @@ def insert_waiting_cell(project, signals):
     the test sees when the stage is running and decides when it goes on. Returns the two paths."""
     signals.mkdir()
     started, release = signals / "started", signals / "release"
-    insert_cell(project, f"""import pathlib, time
+    insert_cell(
+        project,
+        f"""import pathlib, time
 pathlib.Path({str(started)!r}).touch()
 deadline = time.monotonic() + 300
 while not pathlib.Path({str(release)!r}).exists():
     assert time.monotonic() < deadline, "no release signal within 300 s"
-    time.sleep(0.1)""")
+    time.sleep(0.1)""",
+    )
     return started, release
 
 
@@ -46,11 +50,15 @@ def wait_for_file(path, process, log, timeout=300):
     deadline = time.monotonic() + timeout
     while not path.exists():
         try:
-            code = process.wait(timeout=0.2)            # the poll interval; returns early only if the process ended
+            code = process.wait(timeout=0.2)  # the poll interval; returns early only if the process ended
         except subprocess.TimeoutExpired:
-            assert time.monotonic() < deadline, f"{path.name} did not appear within {timeout} s\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, (
+                f"{path.name} did not appear within {timeout} s\n{log.read_text()[-4000:]}"
+            )
         else:
-            raise AssertionError(f"dvc repro exited with {code} before the stage wrote {path.name}\n{log.read_text()[-4000:]}")
+            raise AssertionError(
+                f"dvc repro exited with {code} before the stage wrote {path.name}\n{log.read_text()[-4000:]}"
+            )
 
 
 def stop(process):
@@ -82,8 +90,19 @@ def test_stage_writes_the_validated_charter_and_a_second_repro_does_nothing(proj
 @pytest.mark.parametrize("cwd", ["notebooks", "."])
 def test_notebook_runs_from_the_notebooks_folder_and_from_the_root(project_copy, cwd, tmp_path):
     out = tmp_path / "executed.ipynb"
-    run(["papermill", NOTEBOOK if cwd == "." else NOTEBOOK.split("/")[1], str(out), "-k", "mlops-template",
-         "-p", "params_file", "params.yaml"], project_copy / cwd)
+    run(
+        [
+            "papermill",
+            NOTEBOOK if cwd == "." else NOTEBOOK.split("/")[1],
+            str(out),
+            "-k",
+            "mlops-template",
+            "-p",
+            "params_file",
+            "params.yaml",
+        ],
+        project_copy / cwd,
+    )
     charter = json.loads((project_copy / "data/charter.json").read_text())
     assert charter["title"] == yaml.safe_load((project_copy / "charter.yaml").read_text())["title"]
 
@@ -129,10 +148,16 @@ def test_two_repros_at_once_do_not_both_run(project_copy, tmp_path):
     started, release = insert_waiting_cell(project_copy, tmp_path / "signals")
     log = tmp_path / "first.log"
     with log.open("w") as out:
-        first = subprocess.Popen(["dvc", "repro", STAGE], cwd=project_copy, stdout=out, stderr=subprocess.STDOUT,
-                                 env=project_env(), start_new_session=True)
+        first = subprocess.Popen(
+            ["dvc", "repro", STAGE],
+            cwd=project_copy,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=project_env(),
+            start_new_session=True,
+        )
     try:
-        wait_for_file(started, first, log)                          # the first repro is inside the stage, holding its lock
+        wait_for_file(started, first, log)  # the first repro is inside the stage, holding its lock
         second = run(["dvc", "repro", STAGE], project_copy, check=False, timeout=120)
         release.touch()
         assert first.wait(timeout=300) == 0, log.read_text()[-4000:]
@@ -147,14 +172,20 @@ def test_an_interrupted_repro_is_recovered_by_the_next_one(project_copy, tmp_pat
     started, release = insert_waiting_cell(project_copy, tmp_path / "signals")
     log = tmp_path / "first.log"
     with log.open("w") as out:
-        first = subprocess.Popen(["dvc", "repro", STAGE], cwd=project_copy, env=project_env(), start_new_session=True,
-                                 stdout=out, stderr=subprocess.STDOUT)
+        first = subprocess.Popen(
+            ["dvc", "repro", STAGE],
+            cwd=project_copy,
+            env=project_env(),
+            start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        wait_for_file(started, first, log)                          # the stage is running: interrupt it there
+        wait_for_file(started, first, log)  # the stage is running: interrupt it there
         os.killpg(first.pid, signal.SIGINT)
         first.wait(timeout=60)
     finally:
-        release.touch()                                             # a kernel that outlived the interrupt stops waiting
+        release.touch()  # a kernel that outlived the interrupt stops waiting
         stop(first)
     assert first.returncode != 0
     assert STAGE not in locked_stages(project_copy)

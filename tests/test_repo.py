@@ -1,4 +1,5 @@
 """Repository hygiene: lib is in sync with the notebooks, notebooks are clean and keep their parameters tags."""
+
 import filecmp
 import os
 import shutil
@@ -19,8 +20,14 @@ def test_nbdev_export_and_clean_change_nothing(tmp_path):
     (tmp_path / "params.yaml").touch()
     run("nbdev-export && nbdev-clean", tmp_path)
     for folder, pattern in (("lib", "*.py"), ("notebooks", "*.ipynb")):
-        changed = [p.name for p in sorted((ROOT / folder).glob(pattern)) if not filecmp.cmp(p, tmp_path / folder / p.name, shallow=False)]
-        added = sorted({p.name for p in (tmp_path / folder).glob(pattern)} - {p.name for p in (ROOT / folder).glob(pattern)})
+        changed = [
+            p.name
+            for p in sorted((ROOT / folder).glob(pattern))
+            if not filecmp.cmp(p, tmp_path / folder / p.name, shallow=False)
+        ]
+        added = sorted(
+            {p.name for p in (tmp_path / folder).glob(pattern)} - {p.name for p in (ROOT / folder).glob(pattern)}
+        )
         assert not changed and not added, f"run `make export` and commit: {folder}/ differs in {changed + added}"
 
 
@@ -33,6 +40,7 @@ def test_step_notebooks_keep_their_parameters_cell(notebook):
 @pytest.mark.parametrize("notebook", STEP_NOTEBOOKS, ids=lambda p: p.name)
 def test_every_step_notebook_is_a_dvc_stage(notebook):
     import yaml
+
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     stage = notebook.stem[3:]
     assert stage in stages and f"notebooks/{notebook.name}" in stages[stage]["deps"]
@@ -47,5 +55,5 @@ def test_lib_is_not_edited_by_hand():
 def test_a_second_setup_installs_nothing_even_after_the_pins_are_touched():
     """`make run` and `make test` set up first; once the environment matches the pins, setup has nothing to do."""
     assert run(["make", "-q", "setup"], ROOT, check=False).returncode == 0
-    os.utime(ROOT / "pyproject.toml")                 # nbdev-export rewrites the file with the same content
+    os.utime(ROOT / "pyproject.toml")  # nbdev-export rewrites the file with the same content
     assert run(["make", "-q", "setup"], ROOT, check=False).returncode == 0

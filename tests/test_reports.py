@@ -1,4 +1,5 @@
 """The stakeholder reports of a smoke run of the whole pipeline, checked in a real browser (Debian's Chromium)."""
+
 import html
 import shutil
 from pathlib import Path
@@ -12,8 +13,15 @@ from lib.reports import broken_links
 
 pytestmark = pytest.mark.pipeline
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = ROOT / "tests/artifacts"
 
 
@@ -24,6 +32,7 @@ def report_pages(project) -> list:
 @pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright
+
     assert Path(CHROMIUM).exists(), "Chromium is required for the browser tests: apt-get install chromium"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
@@ -37,7 +46,12 @@ def open_page(browser, path: Path):
     problems = []
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    page.on("request", lambda r: problems.append(f"network request: {r.url}") if not r.url.startswith(("file:", "data:", "about:")) else None)
+    page.on(
+        "request",
+        lambda r: (
+            problems.append(f"network request: {r.url}") if not r.url.startswith(("file:", "data:", "about:")) else None
+        ),
+    )
     page.goto(path.as_uri(), wait_until="load")
     return page, problems
 
@@ -58,7 +72,8 @@ def test_every_page_loads_in_chromium_without_errors_or_network(smoke_pipeline, 
         assert page.title(), f"{path.name} has no title"
         assert not problems, f"{path.relative_to(smoke_pipeline)}: {problems}"
         for href in page.eval_on_selector_all("a[href]", "els => els.map(e => e.getAttribute('href'))"):
-            if urlparse(href).scheme or href.startswith("#"): continue     # data:, https:, mailto: or an in-page anchor
+            if urlparse(href).scheme or href.startswith("#"):
+                continue  # data:, https:, mailto: or an in-page anchor
             assert (path.parent / unquote(urlparse(href).path)).exists(), f"{path.name}: broken link {href}"
         page.close()
 
@@ -72,7 +87,8 @@ def test_portal_screenshot_is_kept_as_an_artifact(smoke_pipeline, browser):
 
 
 def published_files(project) -> list:
-    """What people and tools read: every page, profile and executed notebook, and the MLflow store with its artifacts."""
+    """What people and tools read: every page, profile and executed notebook, and the MLflow store with its
+    artifacts."""
     reports = [p for p in (project / "reports").rglob("*") if p.suffix in (".html", ".ipynb", ".json", ".log")]
     artifacts = [p for p in (project / "mlartifacts").rglob("*") if p.is_file() and p.stat().st_size < 5_000_000]
     return sorted(reports + artifacts + [project / "mlflow.db"])

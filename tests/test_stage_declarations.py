@@ -1,5 +1,7 @@
-"""Every stage declares what it uses: each params section its notebook reads, and each lib module it imports (directly or
+"""Every stage declares what it uses: each params section its notebook reads, and each lib module it imports (directly
+or
 through another lib module), is in its dvc.yaml stage, so that `dvc repro` reruns exactly what a change affects."""
+
 import ast
 import copy
 
@@ -13,7 +15,10 @@ from lib.core import CHARTER_FILE, SECTIONS, STAGES, step_notebook
 def notebook_cells(notebook) -> list:
     """The parsed code cells of `notebook` (IPython magics and shell lines left out)."""
     cells = [c.source for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code"]
-    return [ast.parse("\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))) for source in cells]
+    return [
+        ast.parse("\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))))
+        for source in cells
+    ]
 
 
 def _constant(node):
@@ -21,13 +26,18 @@ def _constant(node):
 
 
 def params_read(trees) -> set:
-    """Params sections a notebook reads — `load_params(path, "<section>", ...)` or `load_yaml(path)["<section>"]` — and the charter
+    """Params sections a notebook reads — `load_params(path, "<section>", ...)` or `load_yaml(path)["<section>"]` — and
+    the charter
     file when it reads `CHARTER_FILE`."""
     found = set()
     for node in (n for tree in trees for n in ast.walk(tree)):
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "load_params" and len(node.args) >= 2:
             found.add(_constant(node.args[1]))
-        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Call) and getattr(node.value.func, "id", None) == "load_yaml":
+        if (
+            isinstance(node, ast.Subscript)
+            and isinstance(node.value, ast.Call)
+            and getattr(node.value.func, "id", None) == "load_yaml"
+        ):
             found.add(_constant(node.slice))
         if isinstance(node, ast.Name) and node.id == "CHARTER_FILE":
             found.add(CHARTER_FILE)
@@ -35,14 +45,17 @@ def params_read(trees) -> set:
 
 
 def lib_modules(trees, package="lib") -> set:
-    """Modules of `lib` imported by `trees`: `from lib.x import ...`, `from lib import x`, `import lib.x`, and the relative
+    """Modules of `lib` imported by `trees`: `from lib.x import ...`, `from lib import x`, `import lib.x`, and the
+    relative
     `from .x import ...` of lib's own files."""
     found = set()
     for node in (n for tree in trees for n in ast.walk(tree)):
         if isinstance(node, ast.ImportFrom):
             module = "." * node.level + (node.module or "")
-            if module in (package, "."): found |= {a.name for a in node.names}
-            elif module.startswith((f"{package}.", ".")): found.add(module.lstrip(".").removeprefix(f"{package}."))
+            if module in (package, "."):
+                found |= {a.name for a in node.names}
+            elif module.startswith((f"{package}.", ".")):
+                found.add(module.lstrip(".").removeprefix(f"{package}."))
         elif isinstance(node, ast.Import):
             found |= {a.name.removeprefix(f"{package}.") for a in node.names if a.name.startswith(f"{package}.")}
     return {m for m in found if (ROOT / "lib" / f"{m}.py").exists()}
@@ -53,7 +66,8 @@ def with_lib_dependencies(modules) -> set:
     seen, todo = set(), list(modules)
     while todo:
         module = todo.pop()
-        if module in seen: continue
+        if module in seen:
+            continue
         seen.add(module)
         todo += lib_modules([ast.parse((ROOT / "lib" / f"{module}.py").read_text())])
     return seen
@@ -61,9 +75,16 @@ def with_lib_dependencies(modules) -> set:
 
 def declared(stage_spec) -> tuple:
     """(params sections and files declared whole, lib modules declared as deps) of one dvc.yaml stage."""
-    sections = {p if isinstance(p, str) else next(iter(p)) for p in stage_spec.get("params", [])
-                if (isinstance(p, str) and "." not in p) or (isinstance(p, dict) and next(iter(p.values())) is None)}
-    modules = {d.removeprefix("lib/").removesuffix(".py") for d in stage_spec.get("deps", []) if d.startswith("lib/") and d.endswith(".py")}
+    sections = {
+        p if isinstance(p, str) else next(iter(p))
+        for p in stage_spec.get("params", [])
+        if (isinstance(p, str) and "." not in p) or (isinstance(p, dict) and next(iter(p.values())) is None)
+    }
+    modules = {
+        d.removeprefix("lib/").removesuffix(".py")
+        for d in stage_spec.get("deps", [])
+        if d.startswith("lib/") and d.endswith(".py")
+    }
     return sections, modules
 
 
@@ -73,9 +94,15 @@ def undeclared(stages, root=ROOT) -> list:
     for stage in STAGES:
         trees = notebook_cells(step_notebook(stage, root))
         sections, modules = declared(stages[stage])
-        used_modules = with_lib_dependencies(lib_modules(trees) | {"core"})          # run-stage itself is lib.core
-        problems += [f"{stage}: reads params {s!r} but does not declare it whole in dvc.yaml" for s in sorted(params_read(trees) - sections)]
-        problems += [f"{stage}: imports lib/{m}.py but does not declare it as a dependency" for m in sorted(used_modules - modules)]
+        used_modules = with_lib_dependencies(lib_modules(trees) | {"core"})  # run-stage itself is lib.core
+        problems += [
+            f"{stage}: reads params {s!r} but does not declare it whole in dvc.yaml"
+            for s in sorted(params_read(trees) - sections)
+        ]
+        problems += [
+            f"{stage}: imports lib/{m}.py but does not declare it as a dependency"
+            for m in sorted(used_modules - modules)
+        ]
     return problems
 
 
@@ -100,10 +127,13 @@ def test_a_removed_declaration_is_caught():
     assert undeclared(stages) == [
         "business_understanding: reads params 'charter.yaml' but does not declare it whole in dvc.yaml",
         "model_monitoring: reads params 'model_monitoring' but does not declare it whole in dvc.yaml",
-        "model_monitoring: imports lib/model_development.py but does not declare it as a dependency"]
+        "model_monitoring: imports lib/model_development.py but does not declare it as a dependency",
+    ]
 
 
 def test_a_section_declared_only_in_part_is_caught():
     stages = copy.deepcopy(dvc_stages())
     stages["model_deployment"]["params"] = ["shared", "model_deployment.target_campaign"]
-    assert undeclared(stages) == ["model_deployment: reads params 'model_deployment' but does not declare it whole in dvc.yaml"]
+    assert undeclared(stages) == [
+        "model_deployment: reads params 'model_deployment' but does not declare it whole in dvc.yaml"
+    ]

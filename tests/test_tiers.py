@@ -1,5 +1,7 @@
 """The two test tiers: every test that needs a pipeline run (a project copy, the smoke pipeline, `dvc repro`, papermill,
-`make lab`, an MLflow model server) is marked `pipeline`, so that `make test-fast` (`pytest -m "not pipeline"`) runs none."""
+`make lab`, an MLflow model server) is marked `pipeline`, so that `make test-fast` (`pytest -m "not pipeline"`) runs
+none."""
+
 import json
 import sys
 from pathlib import Path
@@ -16,8 +18,11 @@ def tier_record(config, tmp_path) -> dict:
     if record and {str(p) for p in TESTS.glob("test_*.py")} <= set(record["modules"]):
         return record
     report = tmp_path / "tiers.json"
-    run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", str(TESTS)], TESTS.parent,
-        env={"PIPELINE_TIER_REPORT": str(report)})
+    run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", str(TESTS)],
+        TESTS.parent,
+        env={"PIPELINE_TIER_REPORT": str(report)},
+    )
     return json.loads(report.read_text())
 
 
@@ -25,5 +30,7 @@ def test_every_test_that_needs_a_pipeline_run_is_marked(request, tmp_path):
     record = tier_record(request.config, tmp_path)
     assert record["needs"], "the check recognizes no pipeline test at all: conftest.pipeline_needs is broken"
     unmarked = {nodeid: reasons for nodeid, reasons in record["needs"].items() if nodeid not in record["marked"]}
-    assert not unmarked, "mark these @pytest.mark.pipeline (or the module with pytestmark = pytest.mark.pipeline):\n" + \
-        "\n".join(f"{nodeid}: {'; '.join(reasons)}" for nodeid, reasons in sorted(unmarked.items()))
+    assert not unmarked, (
+        "mark these @pytest.mark.pipeline (or the module with pytestmark = pytest.mark.pipeline):\n"
+        + "\n".join(f"{nodeid}: {'; '.join(reasons)}" for nodeid, reasons in sorted(unmarked.items()))
+    )

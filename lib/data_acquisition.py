@@ -12,10 +12,11 @@ __all__ = ['TABLES', 'SOURCE_TABLES', 'PROCESSED_TABLES', 'UNKNOWN', 'BANDS', 'D
            'iter_source', 'text_dtypes', 'select_columns', 'coerce_table', 'arrow_schema', 'ingest_table',
            'stream_table', 'generate_contacts', 'DevelopmentKeyWarning', 'pseudonym_key', 'pseudonymize',
            'sample_households', 'drop_duplicate_rows', 'standardize_demographics', 'fill_unknown_text', 'to_categories',
-           'find_home_stores', 'pseudonymize_contacts', 'sort_by_key', 'process_tables', 'promotion_reducer',
-           'process_promotions', 'Acquisition', 'ingest_contacts', 'acquire', 'write_tables', 'load_processed',
-           'quality_scores', 'quality_metrics', 'catalog_entry', 'build_catalog', 'profile_table', 'profile_tables',
-           'has_pii', 'blanket_offers', 'kpi_tables', 'acquisition_summary', 'check_params']
+           'find_home_stores', 'pseudonymize_contacts', 'sort_by_key', 'process_tables', 'promotion_rows',
+           'promotion_reducer', 'process_promotions', 'Acquisition', 'ingest_contacts', 'source_households',
+           'sample_filter', 'acquire', 'write_tables', 'load_processed', 'quality_scores', 'quality_metrics',
+           'catalog_entry', 'build_catalog', 'profile_table', 'profile_tables', 'has_pii', 'blanket_offers',
+           'kpi_tables', 'acquisition_summary', 'check_params']
 
 # %% ../notebooks/02_data_acquisition.ipynb #93cdfefe
 import copy
@@ -647,23 +648,29 @@ def arrow_schema(contract) -> pa.Schema:
     return pa.schema([(name, ARROW_TYPES[spec["dtype"]]) for name, spec in contract["columns"].items()])
 
 
-def _read_checked(source, table, contracts, extra_columns, chunk_rows):
-    "Chunks of `table` with the contract's columns and dtypes, and a note of what was dropped or parsed."
+def _read_checked(source, table, contracts, extra_columns, chunk_rows, keep=None):
+    """Chunks of `table` with the contract's columns and dtypes — only the rows `keep(chunk)` keeps, when given — and a
+    note
+    of what was dropped, parsed, read and skipped."""
     if not has_table(source, table):
         raise violation(table, "*", "table_present", detail=f"{source.label} has no table {table!r}")
     columns, extra = select_columns(table, source_columns(source, table), contracts[table], extra_columns)
-    notes = {"dropped_columns": extra, "leading_zero_ids": {}}
+    notes = {"dropped_columns": extra, "leading_zero_ids": {}, "rows_read": 0, "rows_skipped": 0}
     for chunk in iter_source(source, table, columns, chunk_rows):
         typed, zeros = coerce_table(table, chunk, contracts[table], text_dtypes(source, table))
         for k, v in zeros.items():
             notes["leading_zero_ids"][k] = notes["leading_zero_ids"].get(k, 0) + v
-        yield typed, notes
+        kept = typed if keep is None else keep(typed)
+        notes["rows_read"] += len(typed)
+        notes["rows_skipped"] += len(typed) - len(kept)
+        yield kept, notes
 
 
-def ingest_table(source, table, contracts, extra_columns="error", chunk_rows=1_000_000) -> tuple:
-    "Table `table` from `source` under its contract: (frame, scorecard, notes); raises `ContractError`."
-    chunks, notes = [], {"dropped_columns": [], "leading_zero_ids": {}}
-    for chunk, seen in _read_checked(source, table, contracts, extra_columns, chunk_rows):
+def ingest_table(source, table, contracts, extra_columns="error", chunk_rows=1_000_000, keep=None) -> tuple:
+    """Table `table` from `source` under its contract (the rows `keep` keeps): (frame, scorecard, notes); raises
+    `ContractError`."""
+    chunks, notes = [], {"dropped_columns": [], "leading_zero_ids": {}, "rows_read": 0, "rows_skipped": 0}
+    for chunk, seen in _read_checked(source, table, contracts, extra_columns, chunk_rows, keep):
         chunks.append(chunk)
         notes = seen
     frame = pd.concat(chunks, ignore_index=True) if chunks else arrow_schema(contracts[table]).empty_table().to_pandas()
@@ -683,23 +690,25 @@ def _sum_scorecards(cards) -> pd.DataFrame:
     )
 
 
-def stream_table(source, table, contracts, raw_path, reduce, extra_columns="error", chunk_rows=1_000_000) -> tuple:
-    "Stream `table` chunk by chunk: check it, write the raw snapshot to `raw_path`, keep what `reduce(chunk)` returns."
+def stream_table(
+    source, table, contracts, raw_path, reduce, extra_columns="error", chunk_rows=1_000_000, keep=None
+) -> tuple:
+    """Stream `table` chunk by chunk (the rows `keep` keeps): check it, write the raw snapshot to `raw_path`, keep what
+    `reduce(chunk)` returns."""
     raw_path = Path(raw_path)
     raw_path.parent.mkdir(parents=True, exist_ok=True)
-    schema, kept, cards, rows, notes = arrow_schema(contracts[table]), [], [], 0, {}
+    schema, kept, cards, notes = arrow_schema(contracts[table]), [], [], {"rows_read": 0}
     with pq.ParquetWriter(raw_path, schema) as writer:
-        for chunk, seen in _read_checked(source, table, contracts, extra_columns, chunk_rows):
+        for chunk, seen in _read_checked(source, table, contracts, extra_columns, chunk_rows, keep):
             notes = seen
             cards.append(score_contract(table, chunk, contracts, table_rules=False))
             writer.write_table(pa.Table.from_pandas(chunk, schema=schema, preserve_index=False))
             kept.append(reduce(chunk))
-            rows += len(chunk)
     frame = pd.concat(kept, ignore_index=True) if kept else schema.empty_table().to_pandas()
     card = pd.concat(
         [_sum_scorecards(cards) if cards else None, pd.DataFrame(_table_rules(table, frame, contracts[table]))]
     )
-    return frame, raise_for_failures(card.reset_index(drop=True)), {**notes, "rows_read": rows}
+    return frame, raise_for_failures(card.reset_index(drop=True)), dict(notes)
 
 # %% ../notebooks/02_data_acquisition.ipynb #663918b2
 FIRST_NAMES = (
@@ -896,11 +905,16 @@ def process_tables(raw, households, key) -> tuple:
 LOCATIONS = {"display_location": DISPLAY_LOCATIONS, "mailer_location": MAILER_LOCATIONS}
 
 
-def promotion_reducer(coupons, households):
-    """A function keeping the promotions worth delivering — products of some coupon, at some household's home store —
-    with Categorical locations."""
+def promotion_rows(coupons, households):
+    "A function keeping the promotions worth delivering: products of some coupon, at some household's home store."
     products, stores = np.unique(coupons.product_id), np.unique(households.home_store_id)
-    return lambda chunk: to_categories(chunk[chunk.product_id.isin(products) & chunk.store_id.isin(stores)], LOCATIONS)
+    return lambda chunk: chunk[chunk.product_id.isin(products) & chunk.store_id.isin(stores)]
+
+
+def promotion_reducer(coupons, households):
+    "A function keeping the promotions worth delivering (`promotion_rows`), with Categorical locations."
+    useful = promotion_rows(coupons, households)
+    return lambda chunk: to_categories(useful(chunk), LOCATIONS)
 
 
 def process_promotions(frame, rows_read) -> tuple:
@@ -929,48 +943,77 @@ def _write_raw(frame, path, contract) -> Path:
     return path
 
 
-def ingest_contacts(source, population, seed, contracts, extra_columns, chunk_rows) -> tuple:
-    """The CRM extract from the source, or the generated demo extract for `population`; (frame, scorecard, notes,
-    generated)."""
+def ingest_contacts(source, population, seed, contracts, extra_columns, chunk_rows, keep=None) -> tuple:
+    """The CRM extract from the source (the rows `keep` keeps), or the generated demo extract for `population`; (frame,
+    scorecard, notes, generated)."""
     if has_table(source, "contacts"):
-        return (*ingest_table(source, "contacts", contracts, extra_columns, chunk_rows), False)
+        return (*ingest_table(source, "contacts", contracts, extra_columns, chunk_rows, keep), False)
     frame = generate_contacts(population, seed)
     return frame, check_contract("contacts", frame, contracts), {"dropped_columns": [], "leading_zero_ids": {}}, True
 
 # %% ../notebooks/02_data_acquisition.ipynb #ef17e9e9
-def acquire(
-    source, raw_dir, households_sample=0, seed=42, key=b"", extra_columns="error", chunk_rows=1_000_000
-) -> Acquisition:
-    "Ingest every table of `source` under its contract, snapshot it in `raw_dir`, and process it for delivery."
-    raw, cards, notes, files = {}, [], {}, {}
+def source_households(source, chunk_rows=1_000_000) -> np.ndarray:
+    "Every household id in `source`'s transactions, read one column at a time: the population a sample is drawn from."
+    ids = [
+        pd.to_numeric(c.household_id, errors="coerce")
+        for c in iter_source(source, "transactions", ["household_id"], chunk_rows)
+    ]
+    return np.unique(pd.concat(ids).dropna().astype("int64")) if ids else np.array([], dtype="int64")
+
+
+def sample_filter(source, households_sample, seed, chunk_rows=1_000_000):
+    """A function keeping the rows of a seeded sample of `households_sample` households, drawn before anything is
+    ingested;
+    None when every household is kept (`households_sample` 0)."""
+    if not households_sample:
+        return None
+    sample = sample_households(source_households(source, chunk_rows), households_sample, seed)
+    return lambda frame: frame[frame.household_id.isin(sample)]
+
+
+def _ingest_raw(source, keep, seed, extra_columns, chunk_rows) -> tuple:
+    """Every source table but promotions under its contract, household tables through `keep`: (raw, scorecards, notes,
+    generated)."""
+    raw, cards, notes = {}, [], {}
     for table in (t for t in SOURCE_TABLES if t not in ("promotions", "contacts")):
-        raw[table], card, notes[table] = ingest_table(source, table, CONTRACTS, extra_columns, chunk_rows)
+        rows = keep if table in HOUSEHOLD_TABLES else None
+        raw[table], card, notes[table] = ingest_table(source, table, CONTRACTS, extra_columns, chunk_rows, rows)
         cards.append(card)
     population = np.unique(raw["transactions"].household_id)
     raw["contacts"], card, notes["contacts"], generated = ingest_contacts(
-        source, population, seed, CONTRACTS, extra_columns, chunk_rows
+        source, population, seed, CONTRACTS, extra_columns, chunk_rows, keep
     )
-    cards.append(card)
-    for table, frame in raw.items():
-        files[table] = _write_raw(frame, Path(raw_dir) / f"{table}.parquet", CONTRACTS[table])
-    processed, log = process_tables(raw, sample_households(population, households_sample, seed), key)
+    return raw, [*cards, card], notes, generated
+
+
+def acquire(
+    source, raw_dir, households_sample=0, seed=42, key=b"", extra_columns="error", chunk_rows=1_000_000
+) -> Acquisition:
+    """Ingest every table of `source` under its contract, snapshot it in `raw_dir`, and process it for delivery. With a
+    sample, only the sampled households' rows (and the promotions they can use) are checked and snapshotted."""
+    keep = sample_filter(source, households_sample, seed, chunk_rows)
+    raw, cards, notes, generated = _ingest_raw(source, keep, seed, extra_columns, chunk_rows)
+    files = {
+        table: _write_raw(frame, Path(raw_dir) / f"{table}.parquet", CONTRACTS[table]) for table, frame in raw.items()
+    }
+    processed, log = process_tables(raw, np.unique(raw["transactions"].household_id), key)
+    log += [
+        _log(t, "rows of households outside the sample, not ingested", n["rows_skipped"])
+        for t, n in notes.items()
+        if n.get("rows_skipped")
+    ]
     del raw
-    files["promotions"] = Path(raw_dir) / "promotions.parquet"
+    reduce, useful = (f(processed["coupons"], processed["households"]) for f in (promotion_reducer, promotion_rows))
+    raw_promotions = files["promotions"] = Path(raw_dir) / "promotions.parquet"
     promotions, card, notes["promotions"] = stream_table(
-        source,
-        "promotions",
-        CONTRACTS,
-        files["promotions"],
-        promotion_reducer(processed["coupons"], processed["households"]),
-        extra_columns,
-        chunk_rows,
+        source, "promotions", CONTRACTS, raw_promotions, reduce, extra_columns, chunk_rows, useful if keep else None
     )
     processed["promotions"], entries = process_promotions(promotions, notes["promotions"]["rows_read"])
     for table in PROCESSED_TABLES:
         check_contract(table, processed[table], PROCESSED_CONTRACTS)
     return Acquisition(
         {t: processed[t] for t in PROCESSED_TABLES},
-        pd.concat(cards + [card], ignore_index=True),
+        pd.concat([*cards, card], ignore_index=True),
         log + entries,
         notes,
         files,

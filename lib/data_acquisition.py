@@ -6,17 +6,19 @@
 __all__ = ['TABLES', 'SOURCE_TABLES', 'PROCESSED_TABLES', 'UNKNOWN', 'BANDS', 'DISPLAY_LOCATIONS', 'MAILER_LOCATIONS',
            'FIRST_DAY', 'LAST_DAY', 'HOUSEHOLD', 'CONTRACTS', 'PROCESSED_CONTRACTS', 'SCORECARD_COLUMNS',
            'SOURCE_KINDS', 'CSV_OPTIONS', 'EXTRA_COLUMN_POLICIES', 'ARROW_TYPES', 'FIRST_NAMES', 'LAST_NAMES',
-           'DEMO_NOTE', 'CONTACT_KEY_VAR', 'DEVELOPMENT_KEY', 'HOUSEHOLD_TABLES', 'LOCATIONS', 'SPEC', 'column',
-           'ContractError', 'violation', 'score_contract', 'raise_for_failures', 'check_contract', 'Source',
-           'files_source', 'package_source', 'sql_source', 'resolve_source', 'has_table', 'source_columns',
-           'iter_source', 'text_dtypes', 'select_columns', 'coerce_table', 'arrow_schema', 'ingest_table',
-           'stream_table', 'generate_contacts', 'DevelopmentKeyWarning', 'pseudonym_key', 'pseudonymize',
-           'sample_households', 'drop_duplicate_rows', 'standardize_demographics', 'fill_unknown_text', 'to_categories',
-           'find_home_stores', 'pseudonymize_contacts', 'sort_by_key', 'process_tables', 'promotion_rows',
-           'promotion_reducer', 'process_promotions', 'Acquisition', 'ingest_contacts', 'source_households',
-           'sample_filter', 'acquire', 'write_tables', 'load_processed', 'quality_scores', 'quality_metrics',
-           'catalog_entry', 'build_catalog', 'profile_table', 'profile_tables', 'has_pii', 'blanket_offers',
-           'kpi_tables', 'acquisition_summary', 'check_params']
+           'DEMO_NOTE', 'CONTACT_KEY_VAR', 'DEVELOPMENT_KEY', 'HOUSEHOLD_TABLES', 'LOCATIONS',
+           'DEVELOPMENT_KEY_WARNING', 'DEMO_CONTACTS_NOTE', 'SPEC', 'column', 'ContractError', 'violation',
+           'score_contract', 'raise_for_failures', 'check_contract', 'Source', 'files_source', 'package_source',
+           'sql_source', 'resolve_source', 'has_table', 'source_columns', 'iter_source', 'text_dtypes',
+           'select_columns', 'coerce_table', 'arrow_schema', 'ingest_table', 'stream_table', 'generate_contacts',
+           'DevelopmentKeyWarning', 'pseudonym_key', 'pseudonymize', 'sample_households', 'drop_duplicate_rows',
+           'standardize_demographics', 'fill_unknown_text', 'to_categories', 'find_home_stores',
+           'pseudonymize_contacts', 'sort_by_key', 'process_tables', 'promotion_rows', 'promotion_reducer',
+           'process_promotions', 'Acquisition', 'ingest_contacts', 'source_households', 'sample_filter', 'acquire',
+           'write_tables', 'load_processed', 'quality_scores', 'quality_metrics', 'catalog_entry', 'build_catalog',
+           'profile_table', 'profile_tables', 'has_pii', 'blanket_offers', 'kpi_tables', 'acquisition_summary',
+           'source_notes', 'plot_quality', 'profile_links', 'catalog_table', 'pii_table', 'rule_summary',
+           'processing_log', 'promotion_volume', 'baseline_table', 'plot_baseline', 'check_params']
 
 # %% ../notebooks/02_data_acquisition.ipynb #93cdfefe
 import copy
@@ -1132,11 +1134,12 @@ def profile_table(frame, path, title, minimal=True, sensitive=False, sample_rows
     return Path(path)
 
 
-def profile_tables(acquisition, tables, folder, minimal=True, sample_rows=0, seed=42, say=None) -> dict:
-    """A profile of each of `tables` in `folder` — tables holding direct identifiers from the raw snapshot, in sensitive
-    mode; seconds each."""
-    seconds = {}
-    for table in tables:
+def profile_tables(acquisition, profiles, folder, seed=42, say=None) -> dict:
+    """A profile of each of `profiles["tables"]` in `folder` (`minimal` mode, `sample_rows` rows at most) — tables
+    holding
+    direct identifiers from the raw snapshot, in sensitive mode; seconds each."""
+    seconds, minimal, sample_rows = {}, profiles["minimal"], profiles["sample_rows"]
+    for table in profiles["tables"]:
         started, sensitive = time.perf_counter(), has_pii(CONTRACTS[table])
         frame = pd.read_parquet(acquisition.raw_files[table]) if sensitive else acquisition.processed[table]
         profile_table(
@@ -1195,6 +1198,186 @@ def acquisition_summary(catalog, quality, baseline, kpis) -> str:
         f"- measured on **{baseline['campaigns_measured']}** campaigns and **{baseline['households_messaged']:,}** "
         "messaged households"
     )
+
+# %% ../notebooks/02_data_acquisition.ipynb #d03ade41
+DEVELOPMENT_KEY_WARNING = (
+    "<p style='background:#fde8e8;border:2px solid #d64545;padding:.6rem'><b>⚠ Development key in use.</b> "
+    "<code>{env}</code> was not set, so contact pseudonyms were made with the public development key and "
+    "are <b>not protected</b>. Set the variable to a secret before any real contact data is processed.</p>"
+)
+DEMO_CONTACTS_NOTE = (
+    "<p><b>Contacts are demo data.</b> The source has no contact table, so a synthetic CRM extract was generated: "
+    "fictitious names, 555 phone numbers and <code>example.com</code> emails, labelled as such in every record.</p>"
+)
+
+
+def source_notes(label, households, households_sample, development_key, key_env, contacts_generated) -> str:
+    "Where the data came from, as HTML, with a loud warning for the development key and a note for demo contacts."
+    sample = (
+        f" (a seeded sample of the population, <code>shared.households_sample = {households_sample}</code>)"
+        if households_sample
+        else " (the whole population)"
+    )
+    return (
+        f"<p><b>Source:</b> <code>{label}</code> · <b>households:</b> {households:,}{sample} · <b>raw snapshot:</b> "
+        "<code>data/raw/</code> · <b>delivered:</b> <code>data/processed/</code></p>"
+        + (DEVELOPMENT_KEY_WARNING.format(env=key_env) if development_key else "")
+        + (DEMO_CONTACTS_NOTE if contacts_generated else "")
+    )
+
+
+def plot_quality(scorecard):
+    "Bars of each table's quality score (the mean pass rate of its rules)."
+    import matplotlib.pyplot as plt
+
+    scores = quality_scores(scorecard).sort_values()
+    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.4 * len(scores)))
+    ax.barh(scores.index, scores.values, color="#3e7cb1")
+    ax.set_xlim(min(0.9, scores.min() - 0.01), 1.0)
+    ax.set_xlabel("quality score (mean pass rate of the table's rules)")
+    ax.set_title("Quality score per table")
+    fig.tight_layout()
+    return fig
+
+
+def profile_links(tables, minimal, seconds) -> str:
+    "A list of links to the tables' profiles, with their mode and time."
+    items = [
+        f"<li><a href='../profiles/data_acquisition/{t}.html'>{t}</a> — "
+        f"{'sensitive mode, ' if has_pii(CONTRACTS[t]) else ''}"
+        f"{'minimal' if minimal else 'full'}, {seconds[t]} s</li>"
+        for t in tables
+    ]
+    return "<ul>" + "".join(items) + "</ul>"
+
+# %% ../notebooks/02_data_acquisition.ipynb #d03ade43
+def catalog_table(catalog) -> pd.DataFrame:
+    "One row per delivered table of the catalog: description, owner, size, quality, hash, key and PII classes."
+    return pd.DataFrame(
+        [
+            dict(
+                table=t["name"],
+                description=t["description"],
+                domain=t["domain"],
+                owner=t["owner"],
+                rows=t["rows"],
+                quality=t["quality_score"],
+                sha256=t["sha256"][:12],
+                key=", ".join(t["key"] or ["-"]),
+                pii=", ".join(sorted({c["pii"] for c in t["schema"]} - {"none"})) or "none",
+            )
+            for t in catalog["tables"].values()
+        ]
+    )
+
+
+def pii_table(contracts, processed_contracts) -> pd.DataFrame:
+    """The columns classified as personal data, in the source and as delivered (where direct identifiers become
+    pseudonyms)."""
+
+    def classified(layer, tables, classes):
+        return [
+            dict(table=t, layer=layer, column=c, pii=s["pii"], description=s["description"])
+            for t, ct in tables.items()
+            for c, s in ct["columns"].items()
+            if s["pii"] in classes
+        ]
+
+    return pd.DataFrame(
+        classified("raw (data/raw)", contracts, ("direct", "quasi"))
+        + classified("delivered (data/processed)", processed_contracts, ("direct", "pseudonym"))
+    )
+
+
+def rule_summary(scorecard) -> pd.DataFrame:
+    "The scorecard per kind of rule: how many rules, rows checked and failed, and the mean pass rate."
+    return scorecard.groupby("rule").agg(
+        rules=("pass_rate", "size"),
+        checked=("checked", "sum"),
+        failed=("failed", "sum"),
+        mean_pass_rate=("pass_rate", "mean"),
+    )
+
+# %% ../notebooks/02_data_acquisition.ipynb #d03ade45
+def processing_log(acquisition) -> pd.DataFrame:
+    """What ingestion and processing changed, table by table, with counts: dropped columns, leading zeros, cleansing
+    steps."""
+    dropped = [
+        dict(
+            table=t,
+            step="extra columns dropped (policy: drop)",
+            count=len(n["dropped_columns"]),
+            detail=", ".join(n["dropped_columns"]),
+        )
+        for t, n in acquisition.notes.items()
+        if n["dropped_columns"]
+    ]
+    zeros = [
+        dict(table=t, step=f"{c}: leading zeros read as the integer", count=v, detail="")
+        for t, n in acquisition.notes.items()
+        for c, v in n["leading_zero_ids"].items()
+    ]
+    return pd.DataFrame(dropped + zeros + acquisition.log)
+
+
+def promotion_volume(acquisition, chunk_rows, peak_mb) -> pd.DataFrame:
+    "Promotions read and delivered, the chunk size, and the stage's peak memory against the 4 GB budget."
+    return pd.DataFrame(
+        [
+            dict(
+                promotions_rows_read=acquisition.notes["promotions"]["rows_read"],
+                promotions_rows_delivered=len(acquisition.processed["promotions"]),
+                chunk_rows=chunk_rows,
+                peak_memory_mb=round(peak_mb),
+                memory_budget_mb=4096,
+            )
+        ]
+    )
+
+# %% ../notebooks/02_data_acquisition.ipynb #d03ade47
+def baseline_table(kpis, baseline) -> pd.DataFrame:
+    "Each KPI's baseline beside its comparison group, target and alert threshold."
+    return pd.DataFrame(
+        [
+            dict(
+                kpi=k["id"],
+                name=k["name"],
+                baseline=baseline[k["id"]],
+                comparison_group=baseline.get(f"{k['id']}_comparison", np.nan),
+                target=k["target"],
+                alert_threshold=k["alert_threshold"],
+                unit=k["unit"],
+            )
+            for k in kpis
+        ]
+    )
+
+
+def plot_baseline(by_campaign, baseline):
+    "Per campaign: store visits of messaged and non-targeted households, redemption rate and offer precision."
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.5))
+    visits = by_campaign[by_campaign.kpi == "store_visit_rate_14d"].sort_values("campaign_id")
+    x = np.arange(len(visits))
+    axes[0].bar(x - 0.2, visits.value, 0.4, label="messaged", color="#3e7cb1")
+    axes[0].bar(x + 0.2, visits.comparison_value, 0.4, label="not targeted", color="#b0bec5")
+    axes[0].set_xticks(x, visits.campaign_id)
+    axes[0].set_title("Store visit rate within 14 days")
+    axes[0].set_xlabel("campaign")
+    axes[0].legend()
+    for ax, kpi, title in (
+        (axes[1], "redemption_rate", "Household redemption rate"),
+        (axes[2], "offer_precision", "Offer precision (blanket mailing)"),
+    ):
+        part = by_campaign[by_campaign.kpi == kpi].sort_values("campaign_id")
+        ax.bar(part.campaign_id.astype(str), part.value, color="#3e7cb1")
+        ax.axhline(baseline[kpi], color="#1f2933", ls="--", label="overall")
+        ax.set_title(title)
+        ax.set_xlabel("campaign")
+        ax.legend()
+    fig.tight_layout()
+    return fig
 
 # %% ../notebooks/02_data_acquisition.ipynb #822e981e
 SPEC = {

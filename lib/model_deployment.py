@@ -14,7 +14,7 @@ __all__ = ['SPEC', 'GATE_METRICS', 'SEND_LIST_COLUMNS', 'DELIVERY_COLUMNS', 'che
            'restore_champion', 'history_entry', 'champion_pointer', 'flat', 'require_champion', 'champion_metrics',
            'check_serving_parity', 'write_dockerfile', 'deployment_metrics', 'latest_kpis', 'log_deployment_run',
            'top_k_hits', 'gate_comparison', 'deployment_summary', 'plot_gate', 'gate_notices', 'registry_table',
-           'kpi_table']
+           'kpi_table', 'gate_candidate', 'scoring_facts', 'plot_scores', 'delivery_files']
 
 # %% ../notebooks/04_model_deployment.ipynb #b68f8cce
 import json
@@ -993,3 +993,74 @@ def kpi_table(charter, kpis, baseline, blanket_precision) -> pd.DataFrame:
         status="",
     )
     return pd.DataFrame(rows + [blanket])
+
+# %% ../notebooks/04_model_deployment.ipynb #19d386c1
+def gate_candidate(client, name, pointer, rows, charter, params, enforce_acceptance=True) -> Deployment:
+    "`deploy_candidate` with the charter's top-k, acceptance and primary metric and the section's regression settings."
+    ml = charter["ml_problem"]
+    return deploy_candidate(
+        client,
+        name,
+        pointer,
+        rows,
+        offers_per_household(charter),
+        ml["acceptance"],
+        params["regression_metrics"],
+        params["regression_margin"],
+        enforce_acceptance,
+        ml["primary_metric"],
+    )
+
+
+def scoring_facts(campaign, scored, timings, model) -> pd.DataFrame:
+    "What batch scoring did: the campaign, rows, households, chunks, the model and the rows scored per second."
+    rate = len(scored) / (timings.features_s + timings.score_s).sum()
+    return pd.Series(
+        {
+            "campaign": campaign,
+            "rows scored": f"{len(scored):,}",
+            "households": f"{scored.household_id.nunique():,}",
+            "chunks": len(timings),
+            "model": model,
+            "rows per second (features + model)": f"{rate:,.0f}",
+        },
+        name="value",
+    ).to_frame()
+
+
+def plot_scores(scored):
+    "A histogram of every eligible row's score, on a log scale."
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.hist(scored.score, bins=50, color="#3e7cb1")
+    ax.set_yscale("log")
+    ax.set_xlabel("score (probability of redemption)")
+    ax.set_title("Scores of every eligible row")
+    return fig
+
+
+def delivery_files(scored, send_list, delivery_path) -> pd.DataFrame:
+    "The files the stage delivers, what they hold, and where contact details appear."
+    return pd.DataFrame(
+        [
+            dict(
+                file="data/scored/scores.parquet",
+                content="every eligible row's score",
+                rows=len(scored),
+                contact_details="none",
+            ),
+            dict(
+                file="data/scored/send_list.parquet",
+                content="top offers per messaged household, pseudonymized",
+                rows=len(send_list),
+                contact_details="none (contact pseudonym)",
+            ),
+            dict(
+                file=str(delivery_path),
+                content="send list with name, email, phone — restricted (mode 600)",
+                rows=len(send_list),
+                contact_details="yes: only here and in data/raw/",
+            ),
+        ]
+    )

@@ -14,7 +14,9 @@ __all__ = ['SCENARIOS', 'SEVERITIES', 'REMEDIATIONS', 'OPS', 'RULE_SPEC', 'SPEC'
            'deployed_model', 'model_identity', 'scoring_uri', 'load_scorer', 'rule_thresholds', 'plot_timeline',
            'retrain_trigger', 'training_campaigns', 'gate_challenger', 'register_challenger', 'register_verdict',
            'close_the_loop', 'retrain_on_trigger', 'build_monitor', 'replay_inputs', 'profile_sampler', 'latest_scored',
-           'gate_settings', 'monitoring_summary', 'plot_diagnoses', 'drift_table', 'rules_table', 'retraining_summary']
+           'gate_settings', 'monitoring_summary', 'plot_diagnoses', 'drift_table', 'rules_table', 'retraining_summary',
+           'alerts_document', 'profile_latest', 'replay_header', 'replay_table', 'figure_png', 'drift_view',
+           'alerts_view']
 
 # %% ../notebooks/05_model_monitoring.ipynb #18aad86e
 import hashlib
@@ -1265,4 +1267,77 @@ def retraining_summary(retraining) -> str:
         f"{retraining['decision']}**"
         + (f" — {'; '.join(retraining['reasons'])}" if retraining["reasons"] else "")
         + (f" (registered version {retraining['version']})" if retraining.get("version") else "")
+    )
+
+# %% ../notebooks/05_model_monitoring.ipynb #ff26c14a
+def alerts_document(scenario, as_of, deployed, alerts) -> dict:
+    "`reports/monitoring/alerts.json`: the scenario, the data end, the monitored model and every alert."
+    return {
+        "scenario": scenario,
+        "as_of": str(pd.Timestamp(as_of).date()),
+        "model": model_identity(deployed),
+        "alerts": alerts,
+    }
+
+
+def profile_latest(results, state_dir, reference, path, profile, seed) -> str | None:
+    """The profile comparison of the `reference` rows with the kept sample of the latest scored batch; that batch's
+    name, or None."""
+    latest, rows = latest_scored(results, state_dir)
+    current = reference.iloc[:0] if rows is None else rows[list(reference.columns)]
+    titles = ("training reference", latest["batch"] if latest else "no scored batch")
+    compare_profiles(reference, current, path, titles, profile["minimal"], profile["sample_rows"], seed)
+    return latest["batch"] if latest else None
+
+# %% ../notebooks/05_model_monitoring.ipynb #ff26c14c
+def replay_header(deployed, m: Monitor, batches, computed) -> str:
+    """One line on the replay: the model, its training cutoff, the data end, and how many batches were computed or
+    reused."""
+    version = f"version {deployed['version']}" if deployed.get("version") else ""
+    return (
+        f"**Model:** {deployed['pointer']} `{deployed.get('name', '')}` {version} (training data until "
+        f"{m.model['trained_until']}) · **data end:** {m.as_of.date()} · **batches:** {batches} ({computed} computed "
+        "in "
+        f"this run, {batches - computed} reused)"
+    )
+
+
+def replay_table(timeline, results) -> pd.DataFrame:
+    "One row per batch: dates, status, diagnosis, alerts, size and why a batch was not judged."
+    columns = ["batch", "start_date", "status", "diagnosis", "alerts", "households", "rows", "positives"]
+    return timeline[columns].assign(reason=[r["reason"] for r in results])
+
+
+def figure_png(fig, dpi=90) -> bytes:
+    "A matplotlib figure as PNG bytes (whatever backend the kernel runs); the figure is closed."
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def drift_view(heat):
+    "The drift heat map, or a sentence when no batch measured drift."
+    from IPython.display import Markdown
+
+    if not len(heat):
+        return Markdown("No batch was scored, so no drift was measured.")
+    return heat.style.format("{:.3f}").background_gradient(cmap="Reds", vmin=0, vmax=1)
+
+
+def alerts_view(alerts):
+    "The alerts as a table, or a sentence when there is none."
+    from IPython.display import Markdown
+
+    if not alerts:
+        return Markdown("**No alerts.**")
+    columns = ["batch", "severity", "remediation", "metric", "value", "threshold", "message"]
+    return (
+        pd.DataFrame(alerts)[columns]
+        .style.hide(axis="index")
+        .format({"value": "{:.4g}", "threshold": "{:g}"}, na_rep="—")
     )

@@ -379,7 +379,7 @@ def test_running_the_stage_twice_gives_identical_metrics(smoke_pipeline, tmp_pat
 )
 def test_bad_training_data_stops_the_stage(smoke_pipeline, tmp_path, fault, message):
     project = copy_project(smoke_pipeline, tmp_path / "fault")
-    insert_cell(project, fault, before="train, held_out = ")
+    insert_cell(project, fault, before="train, held_out = development_sets(")
     proc = run(["dvc", "repro", "--single-item", STAGE], project, check=False)
     assert proc.returncode != 0
     assert "stage 'model_development' failed" in proc.stderr and message in proc.stderr

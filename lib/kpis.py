@@ -208,6 +208,11 @@ CHARTER_SPEC = {
         "top_k": int,  # offers messaged per household
         "primary_metric": str,
         "acceptance": dict,  # metric → the minimum a model must reach on held-out data
+        "gate": {  # how step 04 tells a better model from luck
+            "regression_margin": (int, float),  # share of the status quo's value a secondary metric may trail by
+            "confidence": (int, float),  # coverage of the bootstrap intervals
+            "slices": [str],  # the candidate may be worse with evidence on none of these slices
+        },
     },
     "data_domains": [{"name": str, "tables": [str], "owner": str, "description": str}],
     "policies": {
@@ -282,6 +287,17 @@ def _check_ml_problem(ml):
             f"ml_problem.primary_metric must be one of {', '.join(MODEL_METRICS)}, got {ml['primary_metric']!r}"
         )
     _check_acceptance(ml["acceptance"])
+    _check_gate(ml["gate"])
+
+
+def _check_gate(gate):
+    "A relative margin in [0, 1), a confidence in (0.5, 1), distinct slices."
+    if not 0 <= gate["regression_margin"] < 1:
+        raise ParamsError(f"ml_problem.gate.regression_margin must lie in [0, 1), got {gate['regression_margin']}")
+    if not 0.5 < gate["confidence"] < 1:
+        raise ParamsError(f"ml_problem.gate.confidence must lie in (0.5, 1), got {gate['confidence']}")
+    if len(set(gate["slices"])) != len(gate["slices"]):
+        raise ParamsError(f"ml_problem.gate.slices must be distinct, got {gate['slices']}")
 
 
 def validate_charter(charter: dict) -> dict:

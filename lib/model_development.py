@@ -675,15 +675,19 @@ def check_acceptance(metrics, baseline, acceptance) -> list:
 
 
 def select_candidate(held_out_metrics, acceptance, primary_metric, baseline="rule_baseline") -> dict:
-    """The selected model: the accepted one best on `primary_metric`, else the best one flagged not accepted; with every
-    failure."""
+    """The selected model: the accepted one best on `primary_metric` (average precision breaks ties: precision@k moves
+    in steps of one redemption), else the best one flagged not accepted; with every failure."""
     base = held_out_metrics[baseline]
     if primary_metric not in base:
         raise ValueError(f"charter primary_metric {primary_metric!r} is none of {', '.join(METRICS)}")
     failures = {n: check_acceptance(m, base, acceptance) for n, m in held_out_metrics.items() if n != baseline}
     accepted = [n for n, f in failures.items() if not f]
     pool = accepted or list(failures)
-    best = max(pool, key=lambda n: (np.nan_to_num(held_out_metrics[n][primary_metric], nan=-np.inf), n))
+    ranked = {
+        n: [np.nan_to_num(held_out_metrics[n][m], nan=-np.inf) for m in (primary_metric, "average_precision")]
+        for n in pool
+    }
+    best = max(pool, key=lambda n: (*ranked[n], n))
     return {"name": best, "accepted": bool(accepted), "failures": failures, "primary_metric": primary_metric}
 
 # %% ../notebooks/03_model_development.ipynb #23865c89

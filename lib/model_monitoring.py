@@ -8,15 +8,15 @@ __all__ = ['SCENARIOS', 'SEVERITIES', 'REMEDIATIONS', 'OPS', 'RULE_SPEC', 'SPEC'
            'window_end', 'slice_batch', 'rename_columns', 'degrade_quality', 'shift_demographics', 'shift_online',
            'inject_scenario', 'check_batch', 'summarize_checks', 'assess_sufficiency', 'category_shares', 'psi',
            'js_distance', 'measure_drift', 'summarize_drift', 'reference_by_type', 'overlay_batch', 'batch_rows',
-           'measure_performance', 'measure_batch_kpis', 'model_age_days', 'Monitor', 'drilled_batch', 'monitor_batch',
-           'batch_fingerprint', 'state_path', 'stored_result', 'replay', 'resolve_threshold', 'status_notice',
-           'explain_alerts', 'evaluate_rules', 'diagnose', 'build_timeline', 'flat_metrics', 'compare_profiles',
-           'deployed_model', 'model_identity', 'scoring_uri', 'load_scorer', 'rule_thresholds', 'plot_timeline',
-           'retrain_trigger', 'training_campaigns', 'gate_challenger', 'register_challenger', 'register_verdict',
-           'close_the_loop', 'retrain_on_trigger', 'build_monitor', 'replay_inputs', 'profile_sampler', 'latest_scored',
-           'gate_settings', 'monitoring_summary', 'plot_diagnoses', 'drift_table', 'rules_table', 'retraining_summary',
-           'alerts_document', 'profile_latest', 'replay_header', 'replay_table', 'figure_png', 'drift_view',
-           'alerts_view']
+           'measure_performance', 'top_k_side_by_side', 'compare_with_rule', 'measure_batch_kpis', 'model_age_days',
+           'Monitor', 'drilled_batch', 'monitor_batch', 'batch_fingerprint', 'state_path', 'stored_result', 'replay',
+           'resolve_threshold', 'status_notice', 'explain_alerts', 'evaluate_rules', 'diagnose', 'build_timeline',
+           'flat_metrics', 'compare_profiles', 'deployed_model', 'model_identity', 'scoring_uri', 'load_scorer',
+           'rule_thresholds', 'plot_timeline', 'retrain_trigger', 'training_campaigns', 'gate_challenger',
+           'register_challenger', 'register_verdict', 'close_the_loop', 'retrain_on_trigger', 'build_monitor',
+           'replay_inputs', 'profile_sampler', 'latest_scored', 'gate_settings', 'monitoring_summary', 'plot_diagnoses',
+           'drift_table', 'rules_table', 'retraining_summary', 'alerts_document', 'profile_latest', 'replay_header',
+           'replay_table', 'figure_png', 'drift_view', 'alerts_view']
 
 # %% ../notebooks/05_model_monitoring.ipynb #18aad86e
 import hashlib
@@ -74,6 +74,7 @@ SPEC = {
     "psi_epsilon": (int, float),  # floor of a bin's share in PSI (an empty bin would be infinite)
     "psi_drifted": (int, float),  # a feature with PSI above this counts as drifted
     "drift_exclude": [str],  # kinds of feature (step 03's FEATURE_KINDS) left out of the drift summary; still shown
+    "rule_window": int,  # labelled batches pooled when the champion is compared with the charter's rule
     "rules": [RULE_SPEC],
     "drills": {
         "schema_change": {"table": str, "rename": dict, "drop": [str]},
@@ -111,6 +112,10 @@ BATCH_METRICS = (
     "ap_lift",
     "positives",
     "model_age_days",
+    "top_k_hits",
+    "rule_top_k_hits",
+    "rule_advantage",
+    "rule_advantage_low",
 )
 
 
@@ -166,6 +171,7 @@ def check_params(params, kpi_ids=()) -> dict:
         min(params["min_households"], params["min_rows"], params["min_positives"]) >= 1,
         "min_households, min_rows and min_positives must be at least 1",
     )
+    _check(params["rule_window"] >= 1, f"rule_window must be at least 1, got {params['rule_window']}")
     return params
 
 # %% ../notebooks/05_model_monitoring.ipynb #e26a2a94
@@ -468,6 +474,44 @@ def measure_performance(frame, scores, k, min_positives) -> dict:
         "ap_lift": m["average_precision"] / (positives / len(frame)),
     }
 
+# %% ../notebooks/05_model_monitoring.ipynb #7e1c0002
+def top_k_side_by_side(frame, scores, k) -> dict:
+    """The champion's and the charter's rule's redeemed offers among each household's top `k` in a labelled batch, in
+    total and per (household, campaign) group."""
+    from lib.model_deployment import group_codes, rule_scores, top_k_by_group
+
+    if frame.empty:
+        return {}
+    groups = group_codes(frame)
+    champion, slots = top_k_by_group(frame, scores, k, groups)
+    rule, _ = top_k_by_group(frame, rule_scores(frame), k, groups)
+    per_group = {"champion": champion, "rule": rule, "slots": slots}
+    return {
+        "top_k_hits": int(champion.sum()),
+        "rule_top_k_hits": int(rule.sum()),
+        "top_k_groups": {name: values.astype(int).tolist() for name, values in per_group.items()},
+    }
+
+
+def compare_with_rule(results, window, resamples, seed, confidence=0.95) -> list:
+    """`results` with, for each labelled batch, the rule's top-k precision minus the champion's over the trailing
+    `window` labelled batches (`rule_advantage`) and its interval (`rule_advantage_low`, `_high`)."""
+    from lib.model_deployment import precision_difference
+
+    out, pooled = [], []
+    for result in results:
+        if result.get("top_k_groups"):
+            pooled.append(result["top_k_groups"])
+            recent = pooled[-window:]
+            joined = {name: np.concatenate([g[name] for g in recent]) for name in ("champion", "rule", "slots")}
+            found = precision_difference(
+                joined["rule"], joined["champion"], joined["slots"], resamples, seed, confidence
+            )
+            extra = {f"rule_advantage{'' if key == 'difference' else '_' + key}": v for key, v in found.items()}
+            result = {**result, "metrics": {**result["metrics"], **extra, "rule_window_batches": len(recent)}}
+        out.append(result)
+    return out
+
 # %% ../notebooks/05_model_monitoring.ipynb #f088beb5
 def measure_batch_kpis(kpis, batch, households, messaged, as_of) -> dict:
     """Each charter KPI for the batch's campaign; NaN while its window is still open at `as_of` or when nothing was
@@ -583,6 +627,8 @@ def _measure_scored(m, batch, features, scores, seconds) -> tuple:
     metrics |= measure_performance(
         features if ended else features.iloc[:0], scores if ended else scores[:0], m.top_k, m.settings["min_positives"]
     )
+    if ended:
+        metrics |= top_k_side_by_side(features, scores, m.top_k)
     messaged = top_k_offers(features, scores, m.top_k)
     metrics |= measure_batch_kpis(m.kpis, batch, m.tables["households"], messaged, m.as_of)
     return metrics, feature_drift
@@ -612,8 +658,10 @@ def monitor_batch(row, m: Monitor) -> tuple:
         return _batch_result(row, "insufficient_data", reason, metrics, seconds=seconds), None
     scores = np.asarray(m.score(features[FEATURES]), dtype=float)
     more, drift = _measure_scored(m, batch, features, scores, seconds)
+    groups = more.pop("top_k_groups", None)
     seconds["total"] = time.perf_counter() - started
-    return _batch_result(row, "ok", "", {**metrics, **more}, drift, seconds), features.assign(prediction=scores)
+    result = _batch_result(row, "ok", "", {**metrics, **more}, drift, seconds)
+    return {**result, **({"top_k_groups": groups} if groups else {})}, features.assign(prediction=scores)
 
 # %% ../notebooks/05_model_monitoring.ipynb #12d8c683
 RESULT_SETTINGS = (
@@ -985,27 +1033,30 @@ def training_campaigns(campaign_descriptions, before, first_transaction, min_his
 
 # %% ../notebooks/05_model_monitoring.ipynb #9bd921f9
 def gate_challenger(frame, challenger_scores, champion_scores, charter, gate) -> dict:
-    """Step 04's gate on the labelled `frame`: the challenger against the charter and against the champion; returns
-    metrics and the decision."""
-    from lib.model_deployment import GATE_METRICS, decide, gate_metrics, offers_per_household
+    """Step 04's gate on the labelled `frame`: the challenger against the champion (the status quo), with the charter's
+    margins and step 04's bootstrap; returns the outcome, its reasons and each model's metrics."""
+    from lib.model_deployment import judge, offers_per_household
 
-    k = offers_per_household(charter)
-    challenger, champion = gate_metrics(frame, challenger_scores, k), gate_metrics(frame, champion_scores, k)
-    decision = decide(
-        challenger,
-        champion,
-        charter["ml_problem"]["acceptance"],
-        gate["regression_metrics"],
-        gate["regression_margin"],
+    decision = judge(
+        frame,
+        challenger_scores,
+        champion_scores,
+        offers_per_household(charter),
+        charter["ml_problem"],
+        gate["bootstrap_resamples"],
+        gate["seed"],
         gate["enforce_acceptance"],
-        charter["ml_problem"]["primary_metric"],
     )
+    intervals = decision.intervals.set_index("metric")
     return {
         "passed": decision.passed,
+        "outcome": decision.outcome,
         "reasons": decision.reasons,
         "warnings": decision.warnings,
-        "challenger": {m: challenger[m] for m in GATE_METRICS},
-        "champion": {m: champion[m] for m in GATE_METRICS},
+        "challenger": intervals.candidate.to_dict(),
+        "champion": intervals.status_quo.to_dict(),
+        "difference_low": intervals.low.to_dict(),
+        "difference_high": intervals.high.to_dict(),
     }
 
 
@@ -1041,7 +1092,7 @@ def register_verdict(client, name, model, frame, verdict, tags, experiment_id) -
     aliases = (
         promote(client, name, version.version)
         if verdict["passed"]
-        else reject(client, name, version.version, verdict["reasons"])
+        else reject(client, name, version.version, verdict["reasons"], verdict["outcome"])
     )
     return {"version": version.version, "run_id": pointer["run_id"], "aliases": aliases}
 
@@ -1079,7 +1130,7 @@ def close_the_loop(
         **verdict,
         "train_rows": int(len(train)),
         "gate_rows": int(len(frame)),
-        "decision": "promoted" if verdict["passed"] else "rejected",
+        "decision": {"promote": "promoted", "keep": "kept", "reject": "rejected"}[verdict["outcome"]],
     }
     if client is None:
         return out
@@ -1167,10 +1218,15 @@ def latest_scored(results, state_dir):
     return scored[-1], pd.read_parquet(state_path(state_dir, scored[-1]["campaign_id"]).with_suffix(".parquet"))
 
 
-def gate_settings(deployed, enforce_acceptance) -> dict:
-    """Step 04's gate settings for the closed loop, from its champion pointer: the registered model, regression metrics
-    and margin."""
-    return {"registered_model": deployed["name"], **deployed["gate"], "enforce_acceptance": enforce_acceptance}
+def gate_settings(deployed, enforce_acceptance, seed) -> dict:
+    """Step 04's gate settings for the closed loop, from its champion pointer: the registered model and the bootstrap
+    (the margins are the charter's)."""
+    return {
+        "registered_model": deployed["name"],
+        **deployed["gate"],
+        "enforce_acceptance": enforce_acceptance,
+        "seed": seed,
+    }
 
 # %% ../notebooks/05_model_monitoring.ipynb #ff26c146
 DIAGNOSIS_COLOURS = {
@@ -1303,9 +1359,14 @@ def replay_header(deployed, m: Monitor, batches, computed) -> str:
 
 
 def replay_table(timeline, results) -> pd.DataFrame:
-    "One row per batch: dates, status, diagnosis, alerts, size and why a batch was not judged."
+    """One row per batch: dates, status, diagnosis, alerts, size, the champion's and the charter's rule's redeemed
+    offers among each household's top offers, and why a batch was not judged."""
     columns = ["batch", "start_date", "status", "diagnosis", "alerts", "households", "rows", "positives"]
-    return timeline[columns].assign(reason=[r["reason"] for r in results])
+    side_by_side = {
+        "champion top-k": [r["metrics"].get("top_k_hits") for r in results],
+        "rule top-k": [r["metrics"].get("rule_top_k_hits") for r in results],
+    }
+    return timeline[columns].assign(**side_by_side, reason=[r["reason"] for r in results])
 
 
 def figure_png(fig, dpi=90) -> bytes:

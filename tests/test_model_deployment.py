@@ -19,17 +19,24 @@ from lib import model_development as md
 from lib.core import load_json, tracking_uri
 from lib.data_acquisition import load_processed
 from lib.model_deployment import (
+    RULE_NAME,
     RegistryStateError,
     campaign_featurizer,
     campaign_rows,
     champion_version,
     check_candidate_in_store,
-    deploy_candidate,
+    commit_deployment,
+    gate_candidate,
     invoke,
+    log_rule_model,
     predict_scores,
+    promote,
+    register_candidate,
     rollback,
+    rule_scores,
     score_in_chunks,
     serving,
+    status_quo,
 )
 
 ACCEPTANCE = {
@@ -40,6 +47,15 @@ ACCEPTANCE = {
     "lift_precision_at_k": 1.0,
 }
 NAME = "toy-offers"
+CHARTER = {
+    "ml_problem": {
+        "top_k": 3,
+        "primary_metric": "precision_at_k",
+        "acceptance": ACCEPTANCE,
+        "gate": {"regression_margin": 0.05, "confidence": 0.95, "slices": ["income"]},
+    },
+    "policies": {"contact_frequency_cap": {"max_offers_per_household": 3}},
+}
 
 
 def toy_rows(n_households=60, n_offers=8, seed=0) -> pd.DataFrame:
@@ -118,28 +134,41 @@ def store(tmp_path, empty_store):
         yield uri
 
 
-def deploy(client, pointer, rows):
-    return deploy_candidate(client, NAME, pointer, rows, 3, ACCEPTANCE, ["average_precision", "precision_at_k"], 0.01)
-
-
-def test_first_deployment_then_a_worse_candidate_is_rejected_and_champion_does_not_move(store):
-    client, rows = MlflowClient(store), toy_rows()
-    first = deploy(client, log_toy_model(), rows)
-    assert (
-        first.decision.passed
-        and first.champion_metrics is None
-        and first.aliases == {"champion_before": None, "champion_after": "1"}
+def deploy(client, pointer, rows, enforce_acceptance=True):
+    """Step 04's pass through the gate, as the stage runs it: the status quo (the charter's rule when there is no
+    champion), the gate, then the registry."""
+    quo = status_quo(client, NAME) or log_rule_model(
+        mlflow.get_experiment_by_name("toy").experiment_id, rows[md.FEATURES].head()
     )
-    assert first.version.tags["git_commit"] == "0" * 40 and first.version.tags["gate"] == "passed"
+    gate = gate_candidate(rows, pointer, quo, CHARTER, 1000, 0, enforce_acceptance)
+    return commit_deployment(client, NAME, pointer, quo, gate.decision, [99])
+
+
+def test_first_deployment_promotes_a_better_candidate_then_a_worse_one_is_rejected_and_champion_stays(store):
+    client, rows = MlflowClient(store), toy_rows()
+    first = deploy(client, log_toy_model(), rows)  # better than the rule (noise here) with evidence
+    assert first.decision.outcome == "promote" and first.status_quo["name"] == RULE_NAME
+    assert first.aliases == {"champion_before": None, "champion_after": "1"}
+    assert first.version.tags["git_commit"] == "0" * 40 and first.version.tags["gate"] == "promote"
     worse = deploy(client, log_toy_model(flip=True), rows)
-    assert not worse.decision.passed
-    assert any("average_precision_change_vs_champion" in r for r in worse.decision.reasons)
-    assert any("roc_auc" in r and "threshold" in r for r in worse.decision.reasons)
+    assert worse.decision.outcome == "reject"
+    assert any(r.startswith("precision_at_k is worse than the status quo's by") for r in worse.decision.reasons)
     tags = client.get_model_version(NAME, str(worse.version.version)).tags
-    assert tags["gate"] == "rejected" and "average_precision_change_vs_champion" in tags["gate_reasons"]
+    assert tags["gate"] == "reject" and "precision_at_k is worse" in tags["gate_reasons"]
     assert str(champion_version(client, NAME).version) == "1" == worse.aliases["champion_after"]
     with pytest.raises(mlflow.exceptions.MlflowException):
         client.get_model_version_by_alias(NAME, "previous")  # nothing moved: there is still no @previous
+
+
+def test_a_candidate_no_better_than_the_rule_leaves_the_rule_serving_as_champion(store):
+    client, rows = MlflowClient(store), toy_rows()
+    same_as_rule = log_rule_model(mlflow.get_experiment_by_name("toy").experiment_id, rows[md.FEATURES].head())
+    first = deploy(client, {**same_as_rule, "name": "rule-like"}, rows, enforce_acceptance=False)  # noise: no minimums
+    assert first.decision.outcome == "keep" and first.decision.reasons[0].startswith("no evidence that precision_at_k")
+    champion = champion_version(client, NAME)
+    assert champion.tags["candidate"] == RULE_NAME and str(champion.version) == first.aliases["champion_after"] == "2"
+    served = predict_scores(mlflow.pyfunc.load_model(f"models:/{NAME}@champion"), rows)
+    np.testing.assert_array_equal(served, rule_scores(rows))  # the rule, registered, scores like the rule
 
 
 def test_rollback_changes_what_batch_scoring_uses_without_code_change(store):
@@ -156,13 +185,8 @@ def test_rollback_changes_what_batch_scoring_uses_without_code_change(store):
 
     deploy(client, log_toy_model(), rows)
     first_scores = score()
-    second = deploy_candidate(
-        client, NAME, log_toy_model(flip=True), rows, 3, ACCEPTANCE, [], 0.01, enforce_acceptance=False
-    )
-    assert second.decision.passed and second.aliases == {
-        "champion_before": "1",
-        "champion_after": "2",
-    }  # no regression check, not enforced
+    second = register_candidate(client, NAME, log_toy_model(flip=True), {})
+    assert promote(client, NAME, second.version) == {"champion_before": "1", "champion_after": "2"}
     second_scores = score()
     assert not np.allclose(first_scores, second_scores)
     assert rollback(client, NAME) == {"champion_before": "2", "champion_after": "1"}
@@ -277,11 +301,11 @@ def test_stage_outputs_registry_and_privacy(smoke):
         isinstance(v, (int, float)) for v in metrics.values()
     )
     assert metrics["send_list.rows"] == len(send) and metrics["gate.enforced_acceptance"] == 0
-    assert champion["gate"] == {
-        k: params[k] for k in ("regression_metrics", "regression_margin")
-    }  # the closed loop of step 05 reads it
+    assert champion["gate"] == {"bootstrap_resamples": params["bootstrap_resamples"]}  # step 05's closed loop reads it
+    # on 150 households no candidate beats the charter's rule with evidence: the rule serves, end to end
+    assert champion["candidate"] == RULE_NAME and metrics["champion.is_charter_rule"] == 1
     page = (project / "reports/html/04_model_deployment.html").read_text()
-    assert "NOT enforced" in page and "Traceback" not in page and "def deploy_candidate" not in page
+    assert "NOT enforced" in page and "Traceback" not in page and "def commit_deployment" not in page
     assert (project / "models/docker/Dockerfile").read_text().startswith("# Build an image") and (
         project / "models/docker/model_dir/MLmodel"
     ).exists()

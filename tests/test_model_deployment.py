@@ -28,6 +28,7 @@ from lib.model_deployment import (
     commit_deployment,
     gate_candidate,
     invoke,
+    judge,
     log_rule_model,
     predict_scores,
     promote,
@@ -169,6 +170,22 @@ def test_a_candidate_no_better_than_the_rule_leaves_the_rule_serving_as_champion
     assert champion.tags["candidate"] == RULE_NAME and str(champion.version) == first.aliases["champion_after"] == "2"
     served = predict_scores(mlflow.pyfunc.load_model(f"models:/{NAME}@champion"), rows)
     np.testing.assert_array_equal(served, rule_scores(rows))  # the rule, registered, scores like the rule
+
+
+def test_the_gate_keeps_the_status_quo_itself_rejects_a_worse_and_promotes_a_better_candidate_with_seeded_intervals():
+    rows = toy_rows(n_households=300, n_offers=6, seed=4)
+    informed = rows.offer_spend.to_numpy() / 1.3  # what the labels follow
+    noise = np.random.default_rng(5).random(len(rows))
+
+    def judged(candidate, status_quo, seed=0):  # the evidence alone: noise cannot meet the charter's minimums
+        return judge(rows, candidate, status_quo, 3, CHARTER["ml_problem"], 1000, seed, enforce_acceptance=False)
+
+    assert judged(noise, noise).outcome == "keep"
+    assert judged(noise, informed).outcome == "reject"
+    better = judged(informed, noise)
+    assert better.outcome == "promote" and (better.intervals.low > 0).all()
+    pd.testing.assert_frame_equal(judged(informed, noise).intervals, better.intervals)  # same seed, same intervals
+    assert not judged(informed, noise, seed=1).intervals.equals(better.intervals)
 
 
 def test_rollback_changes_what_batch_scoring_uses_without_code_change(store):
@@ -334,3 +351,57 @@ def test_stage_stops_clearly_when_the_store_lost_the_candidate_and_repairs_a_los
     assert (project / "dvc.lock").read_text() == lock_before
     record = json.loads((project / "models/deployments.json").read_text())
     assert [r["decision"] for r in record][-1] == "already champion" and record[0]["decision"] == "promoted"
+
+
+def project_with_own_store(smoke, dest):
+    """A copy of the smoke project with its own copy of the MLflow store; returns (project, store URI)."""
+    shutil.copytree(smoke["project"], dest, symlinks=True)
+    shutil.copy(smoke["store"].removeprefix("sqlite:///"), dest / "mlflow.db")
+    return dest, store_of(dest)
+
+
+def registry_state(client, name) -> dict:
+    "Every version of `name` with its tags, and the aliases."
+    try:
+        model = client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        return {}
+    versions = client.search_model_versions(f"name = '{name}'")
+    return {"aliases": dict(model.aliases), "versions": {v.version: dict(v.tags) for v in versions}}
+
+
+@pytest.mark.pipeline
+def test_a_failure_after_the_gate_leaves_the_registry_and_the_pointers_as_they_were(smoke, tmp_path):
+    project, uri = project_with_own_store(smoke, tmp_path / "project")
+    client, name = MlflowClient(uri), smoke["champion"]["name"]
+    client.delete_registered_model(name)  # a first deployment: the gate would register and alias versions
+    for pointer in ("champion.json", "deployments.json"):
+        (project / "models" / pointer).unlink()
+    (project / "data/raw/contacts.parquet").write_bytes(b"not parquet")  # read after the gate, for the delivery
+    failed = run(
+        ["dvc", "repro", "--single-item", "model_deployment"], project, check=False, env={"MLFLOW_TRACKING_URI": uri}
+    )
+    assert failed.returncode != 0 and "contacts.parquet" in failed.stderr + failed.stdout
+    assert registry_state(client, name) == {}  # no version registered, no alias set
+    assert not (project / "models/champion.json").exists() and not (project / "models/deployments.json").exists()
+
+
+@pytest.mark.pipeline
+def test_a_registry_that_disagrees_with_the_committed_pointer_stops_the_stage_until_reconciled(smoke, tmp_path):
+    project, uri = project_with_own_store(smoke, tmp_path / "project")
+    client, committed = MlflowClient(uri), smoke["champion"]
+    other = next(
+        v for v in client.search_model_versions(f"name = '{committed['name']}'") if v.version != committed["version"]
+    )
+    client.set_registered_model_alias(committed["name"], "champion", other.version)  # e.g. another commit's registry
+    env = {"MLFLOW_TRACKING_URI": uri}
+    for stage in ("model_deployment", "model_monitoring"):
+        failed = run(["dvc", "repro", "--force", "--single-item", stage], project, check=False, env=env)
+        assert failed.returncode != 0, stage
+        assert (
+            f"champion.json names version {committed['version']} of '{committed['name']}' as champion, but the "
+            f"registry at {uri} serves version {other.version} as @champion" in failed.stderr
+        ) and "reconcile-registry" in failed.stderr, failed.stderr[-2000:]
+    fixed = run(["reconcile-registry"], project, env=env)
+    assert f"version {other.version} -> {committed['version']}" in fixed.stdout
+    assert str(champion_version(client, committed["name"]).version) == committed["version"]

@@ -21,6 +21,7 @@ from lib.model_monitoring import (
     bin_shares,
     category_shares,
     check_params,
+    compare_with_rule,
     diagnose,
     evaluate_rules,
     js_distance,
@@ -367,3 +368,44 @@ def test_a_retrain_diagnosis_trains_a_challenger_and_the_step_04_gate_decides(sm
 def campaigns_ended_before(world, day):
     cds = world["tables"]["campaign_descriptions"]
     return set(cds.campaign_id[cds.end_date < pd.Timestamp(day)])
+
+
+# ---------------------------------------------------------------- the champion against the charter's rule
+
+
+def labelled_batch(i, champion_hits, rule_hits, groups=120) -> dict:
+    """A scored, labelled batch result whose (household, campaign) groups each have 3 top-k slots; the champion redeems
+    one offer in each of its first `champion_hits` groups, the rule in `rule_hits` groups from the middle on: each
+    wins groups the other loses."""
+    hits = lambda n, start: np.roll([1] * n + [0] * (groups - n), start).tolist()  # noqa: E731
+    return {
+        "batch": f"2017-1{i}",
+        "campaign_id": 20 + i,
+        "start_date": f"2017-1{i}-01",
+        "status": "ok",
+        "metrics": {"top_k_hits": champion_hits, "rule_top_k_hits": rule_hits},
+        "top_k_groups": {
+            "champion": hits(champion_hits, 0),
+            "rule": hits(rule_hits, groups // 2),
+            "slots": [3] * groups,
+        },
+    }
+
+
+def rule_alerts(results) -> list:
+    compared = compare_with_rule(results, SMOKE["model_monitoring"]["rule_window"], 2000, 42)
+    charter = load_yaml(ROOT / "charter.yaml")
+    return [
+        a
+        for a in evaluate_rules(compared, SMOKE["model_monitoring"]["rules"], charter)
+        if a["metric"].startswith("rule")
+    ]
+
+
+def test_the_rule_beating_the_champion_with_evidence_raises_a_retrain_alert():
+    close = [labelled_batch(i, 30, 32) for i in range(3)]  # the rule a little ahead: no evidence, no alert
+    assert rule_alerts(close) == []
+    ahead = [labelled_batch(i, 10, 40) for i in range(3)]
+    raised = rule_alerts(ahead)
+    assert [a["remediation"] for a in raised] == ["retrain"] * 3 and raised[-1]["metric"] == "rule_advantage_low"
+    assert "charter's rule puts more redeemed offers" in raised[-1]["message"]

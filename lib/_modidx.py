@@ -682,6 +682,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'lib.reports._tile': ('reports.html#_tile', 'lib/reports.py'),
                              'lib.reports._tile_state': ('reports.html#_tile_state', 'lib/reports.py'),
                              'lib.reports._tiles_section': ('reports.html#_tiles_section', 'lib/reports.py'),
+                             'lib.reports._why_champion': ('reports.html#_why_champion', 'lib/reports.py'),
                              'lib.reports.broken_links': ('reports.html#broken_links', 'lib/reports.py'),
                              'lib.reports.check_links': ('reports.html#check_links', 'lib/reports.py'),
                              'lib.reports.format_kpi': ('reports.html#format_kpi', 'lib/reports.py'),

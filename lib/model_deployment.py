@@ -912,9 +912,9 @@ def history_entry(deployment) -> dict:
     }
 
 
-def champion_pointer(name, version, metrics, params) -> dict:
-    """`models/champion.json`: which registered version serves, what it is, its metrics on the gate campaigns, and the
-    gate's settings (for step 05's closed loop)."""
+def champion_pointer(name, version, metrics, params, decision) -> dict:
+    """`models/champion.json`: which registered version serves, what it is and why (the last gate decision), its metrics
+    on the gate campaigns, and the gate's settings (for step 05's closed loop)."""
     return {
         "name": name,
         "version": str(version.version),
@@ -927,6 +927,7 @@ def champion_pointer(name, version, metrics, params) -> dict:
             f"gate_{k}": round(float(v), 6) for k, v in metrics.items() if k in GATE_METRICS and np.isfinite(v)
         },
         "gate": {"bootstrap_resamples": params["bootstrap_resamples"]},
+        "last_decision": {"outcome": decision.outcome, "reasons": decision.reasons},
     }
 
 

@@ -208,8 +208,27 @@ CHAMPION_METRICS = {
     "gate_roc_auc": "ROC-AUC",
     "gate_average_precision": "Average precision",
     "gate_precision_at_k": "Precision of each household's top offers",
-    "gate_lift_average_precision": "Average precision ÷ the charter's rule's",
 }
+
+
+def _why_champion(champion) -> str:
+    "Which model serves and why, in plain words, from the champion pointer's last gate decision."
+    decision = champion.get("last_decision", {})
+    reasons = "; ".join(decision.get("reasons", []))
+    if champion.get("candidate") == "charter_rule":
+        return (
+            "<p><b>The charter's rule serves</b> (offer the coupons whose products the household bought most often): "
+            "no model has beaten it with evidence on the gate campaigns."
+            + (
+                f" Last candidate: {html.escape(decision.get('outcome', ''))} — {html.escape(reasons)}."
+                if reasons
+                else ""
+            )
+            + "</p>"
+        )
+    if decision.get("outcome") == "promote":
+        return "<p>It was promoted because it beat the model before it with evidence on the gate campaigns.</p>"
+    return f"<p>It stays: the last candidate was not promoted ({html.escape(reasons)}).</p>" if reasons else ""
 
 
 def _champion_section(champion):
@@ -223,8 +242,7 @@ def _champion_section(champion):
         f"<section><h2>Champion model</h2><p><b>{html.escape(str(champion.get('name', '')))}</b> version "
         f"{_fmt(champion.get('version'))} "
         f"(<code>{html.escape(str(champion.get('alias_uri', '')))}</code>), measured on the gate campaigns it never "
-        "saw in training.</p>"
-        f"<table>{metrics}</table></section>"
+        "saw in training.</p>" + _why_champion(champion) + f"<table>{metrics}</table></section>"
     )
 
 

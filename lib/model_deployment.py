@@ -1094,7 +1094,8 @@ def plot_intervals(decision):
     if np.isfinite(margin) and margin < 0:
         ax.axvline(margin, color="#f59f00", lw=0.8, ls="--")
     ax.set_yticks(y, shown.label)
-    ax.set_xlabel("candidate − status quo, as a share of the status quo's value (95% interval)")
+    ax.set_xlabel("(candidate − status quo) ÷ status quo; line: 95% interval")
+    ax.set_title("Green: better with evidence · red: worse · grey: no evidence", fontsize=9)
     fig.tight_layout()
     return fig
 

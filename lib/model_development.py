@@ -4,22 +4,24 @@
 
 # %% auto #0
 __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES', 'FEATURE_KINDS', 'RULE_FEATURE',
-           'FEATURE_TABLES', 'CANDIDATES', 'METRICS', 'SLICES', 'CURVE_AXES', 'SKOPS_TRUSTED_TYPES', 'check_params',
-           'build_candidates', 'label_candidates', 'history_before', 'measure_rfm', 'measure_discount_sensitivity',
-           'measure_offer_purchases', 'measure_affinity', 'measure_offer_breadth', 'measure_offer_popularity',
-           'measure_past_redemptions', 'measure_offer_redeemed_before', 'locate_home_stores', 'complete_weeks',
-           'measure_promotion_exposure', 'encode_demographics', 'prepare_transactions', 'campaign_features',
-           'build_features', 'build_labelled_rows', 'split_campaigns', 'restrict_to_development', 'TrainingDataError',
-           'check_training_data', 'make_rule_baseline', 'make_logistic_regression', 'make_gradient_boosting',
-           'search_grid', 'sample_training_rows', 'fit_candidate', 'top_k_offers', 'precision_at_k', 'measure_metrics',
-           'measure_slices', 'measure_lift', 'measure_curves', 'check_acceptance', 'select_candidate', 'bin_shares',
-           'describe_numeric', 'describe_categorical', 'reference_statistics', 'Candidate', 'measure_importance',
-           'develop_candidate', 'with_importance', 'flat_metrics', 'write_plots', 'git_commit', 'params_digest',
-           'lineage_tags', 'plot_curves', 'plot_importance', 'model_requirements', 'log_candidate', 'log_development',
-           'AcceptanceError', 'enforce_acceptance', 'candidate_pointer', 'development_settings', 'campaign_ids',
-           'development_rows', 'development_sets', 'develop_candidates', 'input_hashes', 'run_parameters', 'row_counts',
-           'campaign_lists', 'reference_document', 'development_summary', 'plot_top_k', 'model_card', 'candidate_table',
-           'slice_table', 'run_facts']
+           'FEATURE_TABLES', 'CANDIDATES', 'MAKERS', 'METRICS', 'SLICES', 'CURVE_AXES', 'SKOPS_TRUSTED_TYPES',
+           'check_params', 'build_candidates', 'label_candidates', 'history_before', 'measure_rfm',
+           'measure_discount_sensitivity', 'measure_offer_purchases', 'measure_affinity', 'measure_offer_breadth',
+           'measure_offer_popularity', 'measure_past_redemptions', 'measure_offer_redeemed_before',
+           'locate_home_stores', 'complete_weeks', 'measure_promotion_exposure', 'encode_demographics',
+           'prepare_transactions', 'campaign_features', 'build_features', 'build_labelled_rows', 'split_campaigns',
+           'restrict_to_development', 'TrainingDataError', 'check_training_data', 'make_rule_baseline',
+           'make_logistic_regression', 'make_gradient_boosting', 'OfferChoice', 'make_offer_choice', 'search_grid',
+           'sample_training_rows', 'fit_arguments', 'fit_candidate', 'top_k_offers', 'precision_at_k',
+           'measure_metrics', 'measure_slices', 'measure_lift', 'measure_curves', 'check_acceptance',
+           'select_candidate', 'bin_shares', 'describe_numeric', 'describe_categorical', 'reference_statistics',
+           'Candidate', 'measure_importance', 'develop_candidate', 'with_importance', 'refit_on_development',
+           'flat_metrics', 'write_plots', 'git_commit', 'params_digest', 'lineage_tags', 'plot_curves',
+           'plot_importance', 'model_requirements', 'log_candidate', 'log_development', 'AcceptanceError',
+           'enforce_acceptance', 'candidate_pointer', 'development_settings', 'campaign_ids', 'development_rows',
+           'development_sets', 'develop_candidates', 'input_hashes', 'run_parameters', 'row_counts', 'campaign_lists',
+           'reference_document', 'development_summary', 'plot_top_k', 'model_card', 'candidate_table', 'slice_table',
+           'run_facts']
 
 # %% ../notebooks/03_model_development.ipynb #ed6325e4
 import hashlib
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
@@ -57,6 +60,13 @@ SPEC = {
     "cv_folds": int,  # cross-validation folds, grouped by campaign
     "logistic_regression": {"C": [(int, float)]},
     "gradient_boosting": {
+        "learning_rate": [(int, float)],
+        "max_iter": [int],
+        "max_leaf_nodes": [int],
+        "min_samples_leaf": [int],
+        "l2_regularization": [(int, float)],
+    },
+    "offer_choice": {  # which offers a household picks: the same boosting, twice (see `OfferChoice`)
         "learning_rate": [(int, float)],
         "max_iter": [int],
         "max_leaf_nodes": [int],
@@ -515,7 +525,7 @@ def check_training_data(frame, features, label="label", leakage_auc_max=0.99, wh
         )
 
 # %% ../notebooks/03_model_development.ipynb #0ea3fb3c
-CANDIDATES = ("rule_baseline", "logistic_regression", "gradient_boosting")
+CANDIDATES = ("rule_baseline", "logistic_regression", "gradient_boosting", "offer_choice")
 
 
 def make_rule_baseline(seed) -> Pipeline:
@@ -542,6 +552,61 @@ def make_gradient_boosting(seed) -> Pipeline:
     model = HistGradientBoostingClassifier(
         categorical_features=list(range(len(CATEGORICAL))), early_stopping=False, random_state=seed
     )
+    return Pipeline([("prep", prep), ("model", model)])
+
+
+class OfferChoice(ClassifierMixin, BaseEstimator):
+    """Which offers a household picks, not only whether it redeems: P(the household redeems something in the campaign)
+    × P(this offer | it redeems something). The second model learns only from the (household, campaign) groups that
+    redeemed, so it ranks offers within a household; the first scales the ranking across households."""
+
+    def __init__(
+        self,
+        learning_rate=0.1,
+        max_iter=100,
+        max_leaf_nodes=15,
+        min_samples_leaf=100,
+        l2_regularization=0.0,
+        categorical_features=None,
+        random_state=None,
+    ):
+        self.learning_rate, self.max_iter, self.max_leaf_nodes = learning_rate, max_iter, max_leaf_nodes
+        self.min_samples_leaf, self.l2_regularization = min_samples_leaf, l2_regularization
+        self.categorical_features, self.random_state = categorical_features, random_state
+
+    def _booster(self):
+        settings = {k: getattr(self, k) for k in ("learning_rate", "max_iter", "max_leaf_nodes", "min_samples_leaf")}
+        return HistGradientBoostingClassifier(
+            **settings,
+            l2_regularization=self.l2_regularization,
+            categorical_features=self.categorical_features,
+            early_stopping=False,
+            random_state=self.random_state,
+        )
+
+    def fit(self, X, y, sample_weight=None, group_redeemed=None):
+        "`group_redeemed`: 1 for the rows of a (household, campaign) group with any redemption."
+        y, group = np.asarray(y), np.asarray(group_redeemed if group_redeemed is not None else y)
+        weight = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight)
+        self.propensity_ = self._booster().fit(X, group, sample_weight=weight)
+        chosen = group == 1
+        self.choice_ = self._booster().fit(X[chosen], y[chosen], sample_weight=weight[chosen])
+        self.classes_ = np.array([0, 1])
+        return self
+
+    def predict_proba(self, X):
+        score = self.propensity_.predict_proba(X)[:, 1] * self.choice_.predict_proba(X)[:, 1]
+        return np.column_stack([1 - score, score])
+
+    def predict(self, X):
+        return (self.predict_proba(X)[:, 1] >= 0.5).astype(int)
+
+
+def make_offer_choice(seed) -> Pipeline:
+    "`OfferChoice` with native categorical features, prepared as gradient boosting's."
+    encode = OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=np.nan)
+    prep = ColumnTransformer([("cat", encode, CATEGORICAL), ("num", "passthrough", NUMERIC)])
+    model = OfferChoice(categorical_features=list(range(len(CATEGORICAL))), random_state=seed)
     return Pipeline([("prep", prep), ("model", model)])
 
 # %% ../notebooks/03_model_development.ipynb #6446d8ed
@@ -578,20 +643,33 @@ def _halving_search(model, grid, params, seed):
     )
 
 
+MAKERS = {
+    "rule_baseline": make_rule_baseline,
+    "logistic_regression": make_logistic_regression,
+    "gradient_boosting": make_gradient_boosting,
+    "offer_choice": make_offer_choice,
+}
+
+
+def fit_arguments(name, rows, weights) -> dict:
+    "The fit arguments of candidate `name`'s pipeline: the sample weights, and for `offer_choice` the redeeming groups."
+    arguments = {"model__sample_weight": weights}
+    if name == "offer_choice":
+        redeemed = rows.groupby(["household_id", "campaign_id"]).label.transform("max")
+        arguments["model__group_redeemed"] = redeemed.to_numpy()
+    return arguments
+
+
 def fit_candidate(name, train, params, seed):
     """Fit candidate `name` on `train`, with a seeded search grouped by campaign when it has a grid; returns (model,
     search results)."""
-    model = {
-        "rule_baseline": make_rule_baseline,
-        "logistic_regression": make_logistic_regression,
-        "gradient_boosting": make_gradient_boosting,
-    }[name](seed)
+    model = MAKERS[name](seed)
     rows, weights = sample_training_rows(train, params.get("negative_sample_rate", 1.0), seed)
-    grid = search_grid(params, name)
+    arguments, grid = fit_arguments(name, rows, weights), search_grid(params, name)
     if not grid:
-        return model.fit(rows[FEATURES], rows.label, model__sample_weight=weights), pd.DataFrame()
+        return model.fit(rows[FEATURES], rows.label, **arguments), pd.DataFrame()
     search = _halving_search(model, grid, params, seed)
-    search.fit(rows[FEATURES], rows.label, groups=rows.campaign_id, model__sample_weight=weights)
+    search.fit(rows[FEATURES], rows.label, groups=rows.campaign_id, **arguments)
     results = pd.DataFrame(search.cv_results_)
     return search.best_estimator_, results.assign(selected=results.index == search.best_index_)
 
@@ -752,6 +830,7 @@ class Candidate:
     fit_seconds: float
     hyperparameters: dict = field(default_factory=dict)
     importance: pd.DataFrame = field(default_factory=pd.DataFrame)  # measured for the selected model only
+    refit_rows: int = 0  # rows of the final fit on every labelled development campaign (0: not refitted)
 
 
 def measure_importance(model, frame, params, seed) -> pd.DataFrame:
@@ -797,6 +876,17 @@ def develop_candidate(name, train, held_out, params, k, seed) -> Candidate:
 def with_importance(candidate, held_out, params, seed) -> Candidate:
     "`candidate` with its permutation importance on the held-out rows."
     return replace(candidate, importance=measure_importance(candidate.model, held_out, params, seed))
+
+
+def refit_on_development(candidate, train, held_out, params, seed) -> Candidate:
+    """`candidate`'s selected configuration fitted again on every labelled development campaign (training and held
+    out); its metrics, slices, curves and importance stay those measured on the held-out campaigns before the refit."""
+    rows = pd.concat([train, held_out], ignore_index=True)
+    sampled, weights = sample_training_rows(rows, params.get("negative_sample_rate", 1.0), seed)
+    model = clone(candidate.model).fit(
+        sampled[FEATURES], sampled.label, **fit_arguments(candidate.name, sampled, weights)
+    )
+    return replace(candidate, model=model, refit_rows=len(rows))
 
 # %% ../notebooks/03_model_development.ipynb #deb755a2
 def flat_metrics(candidates, selection, counts) -> dict:
@@ -909,6 +999,7 @@ SKOPS_TRUSTED_TYPES = [
     "functools.partial",
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
     "sklearn.utils.validation.check_array",
+    "lib.model_development.OfferChoice",
 ]
 
 
@@ -1180,6 +1271,10 @@ before
 campaigns starting {params["train_before"]} – {params["production_from"]}. Campaigns from {params["production_from"]}
 on are the
 production period: never read here. Features use only data from before each campaign's start.
+
+**Final fit.** After selection, the chosen configuration was fitted again on every labelled development campaign
+(training and held out: {len(train) + len(held_out):,} rows); that refit is the model registered. The held-out metrics
+reported here are those of the fit on the training campaigns alone, before the refit.
 
 **Acceptance (charter).** {thresholds} (lifts: the model divided by the rule baseline on the same rows)."""
 

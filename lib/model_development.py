@@ -994,7 +994,7 @@ def model_requirements() -> list:
     return [f"{p}=={version(p)}" for p in ("mlflow", "scikit-learn", "numpy", "pandas", "scipy", "skops")]
 
 
-# Types skops must be told to trust when loading the models: reviewed; scikit-learn's gradient boosting and the project's OfferChoice.
+# Types skops must be told to trust when loading the models, reviewed: scikit-learn's gradient boosting, OfferChoice.
 SKOPS_TRUSTED_TYPES = [
     "functools.partial",
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",

@@ -237,6 +237,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'lib.model_deployment._measure_child': ( 'model_deployment.html#_measure_child',
                                                                                'lib/model_deployment.py'),
                                       'lib.model_deployment._measured': ('model_deployment.html#_measured', 'lib/model_deployment.py'),
+                                      'lib.model_deployment._meets': ('model_deployment.html#_meets', 'lib/model_deployment.py'),
                                       'lib.model_deployment._memory_mb': ('model_deployment.html#_memory_mb', 'lib/model_deployment.py'),
                                       'lib.model_deployment._verdict': ('model_deployment.html#_verdict', 'lib/model_deployment.py'),
                                       'lib.model_deployment.build_delivery': ( 'model_deployment.html#build_delivery',

@@ -390,6 +390,24 @@ def _interval(row) -> str:
     return f"{row.difference:+.4f} (interval {row.low:+.4f} to {row.high:+.4f})"
 
 
+def _meets(metric, value, minimum) -> bool:
+    "MLflow's own verdict (`validate_evaluation_results`) on `value` of `metric` against a `minimum`; NaN fails."
+    import mlflow
+    from mlflow.models import MetricThreshold
+    from mlflow.models.evaluation import EvaluationResult
+    from mlflow.models.evaluation.validation import ModelValidationFailedException
+
+    result = EvaluationResult(metrics={metric: value if np.isfinite(value) else float("-inf")}, artifacts={})
+    threshold = MetricThreshold(threshold=float(minimum), greater_is_better=True)
+    try:
+        mlflow.validate_evaluation_results(
+            validation_thresholds={metric: threshold}, candidate_result=result, baseline_result=None
+        )
+    except ModelValidationFailedException:
+        return False
+    return True
+
+
 def charter_checks(metrics, acceptance, enforced) -> pd.DataFrame:
     "The charter's minimums on the candidate's gate metrics (a metric that cannot be computed fails its check)."
     rows = [
@@ -398,7 +416,7 @@ def charter_checks(metrics, acceptance, enforced) -> pd.DataFrame:
         if m in acceptance
     ]
     checks = pd.DataFrame(rows, columns=["metric", "value", "threshold", "enforced"])
-    return checks.assign(passed=checks.value.fillna(-np.inf) >= checks.threshold)
+    return checks.assign(passed=[_meets(r.metric, r.value, r.threshold) for r in checks.itertuples()])
 
 
 def decide(intervals, slices, checks, primary_metric, margin) -> GateDecision:

@@ -604,9 +604,12 @@ class OfferChoice(ClassifierMixin, BaseEstimator):
 
 def make_offer_choice(seed) -> Pipeline:
     "`OfferChoice` with native categorical features, prepared as gradient boosting's."
+    from lib.model_development import OfferChoice as Installed  # the logged model names the importable class, also
+    # when this notebook defines its own copy (skops loads only types it can import and trust)
+
     encode = OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=np.nan)
     prep = ColumnTransformer([("cat", encode, CATEGORICAL), ("num", "passthrough", NUMERIC)])
-    model = OfferChoice(categorical_features=list(range(len(CATEGORICAL))), random_state=seed)
+    model = Installed(categorical_features=list(range(len(CATEGORICAL))), random_state=seed)
     return Pipeline([("prep", prep), ("model", model)])
 
 # %% ../notebooks/03_model_development.ipynb #6446d8ed

@@ -589,6 +589,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'lib.model_monitoring.diagnose': ('model_monitoring.html#diagnose', 'lib/model_monitoring.py'),
                                       'lib.model_monitoring.drift_findings': ( 'model_monitoring.html#drift_findings',
                                                                                'lib/model_monitoring.py'),
+                                      'lib.model_monitoring.drift_levels': ( 'model_monitoring.html#drift_levels',
+                                                                             'lib/model_monitoring.py'),
                                       'lib.model_monitoring.drift_table': ('model_monitoring.html#drift_table', 'lib/model_monitoring.py'),
                                       'lib.model_monitoring.drift_view': ('model_monitoring.html#drift_view', 'lib/model_monitoring.py'),
                                       'lib.model_monitoring.drilled_batch': ( 'model_monitoring.html#drilled_batch',

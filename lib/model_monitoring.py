@@ -18,7 +18,7 @@ __all__ = ['SCENARIOS', 'SEVERITIES', 'REMEDIATIONS', 'OPS', 'RULE_SPEC', 'SPEC'
            'reference_resampling', 'build_monitor', 'replay_inputs', 'profile_sampler', 'latest_scored',
            'gate_settings', 'monitoring_summary', 'plot_diagnoses', 'drift_table', 'rules_table', 'retraining_summary',
            'alerts_document', 'profile_latest', 'replay_header', 'replay_table', 'figure_png', 'drift_view',
-           'alerts_view']
+           'alerts_view', 'drift_levels']
 
 # %% ../notebooks/05_model_monitoring.ipynb #18aad86e
 import hashlib
@@ -1495,3 +1495,21 @@ def alerts_view(alerts):
         .style.hide(axis="index")
         .format({"value": "{:.4g}", "threshold": "{:g}"}, na_rep="—")
     )
+
+# %% ../notebooks/05_model_monitoring.ipynb #5e7e0a10
+def drift_levels(reference, psi_drifted, severe_factor, exclude=()) -> pd.DataFrame:
+    """Per campaign type and judged feature (and the prediction): its natural level from the training reference, and
+    the levels above which it counts as drifted and as severe."""
+    rows = []
+    for t, ref in reference.items():
+        natural = ref.get("natural", {})
+        levels = {**natural.get("features", {}), "prediction": natural.get("prediction", np.nan)}
+        kinds = {f: spec.get("feature_kind", "") for f, spec in ref["features"].items()}
+        for f, level in levels.items():
+            if kinds.get(f) in exclude:
+                continue
+            drifted = max(level, psi_drifted) if np.isfinite(level) else psi_drifted
+            rows.append(
+                dict(campaign_type=t, feature=f, natural=level, drifted=drifted, severe=severe_factor * drifted)
+            )
+    return pd.DataFrame(rows, columns=["campaign_type", "feature", "natural", "drifted", "severe"])

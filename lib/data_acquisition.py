@@ -5,14 +5,16 @@
 # %% auto #0
 __all__ = ['TABLES', 'SOURCE_TABLES', 'PROCESSED_TABLES', 'UNKNOWN', 'BANDS', 'DISPLAY_LOCATIONS', 'MAILER_LOCATIONS',
            'FIRST_DAY', 'LAST_DAY', 'HOUSEHOLD', 'CONTRACTS', 'PROCESSED_CONTRACTS', 'SCORECARD_COLUMNS',
-           'SOURCE_KINDS', 'CSV_OPTIONS', 'EXTRA_COLUMN_POLICIES', 'ARROW_TYPES', 'FIRST_NAMES', 'LAST_NAMES',
-           'DEMO_NOTE', 'CONTACT_KEY_VAR', 'DEVELOPMENT_KEY', 'HOUSEHOLD_TABLES', 'LOCATIONS',
-           'DEVELOPMENT_KEY_WARNING', 'DEMO_CONTACTS_NOTE', 'SPEC', 'column', 'ContractError', 'violation',
-           'score_contract', 'raise_for_failures', 'check_contract', 'Source', 'files_source', 'package_source',
-           'sql_source', 'resolve_source', 'has_table', 'source_columns', 'iter_source', 'text_dtypes',
-           'select_columns', 'coerce_table', 'arrow_schema', 'ingest_table', 'stream_table', 'generate_contacts',
-           'DevelopmentKeyWarning', 'pseudonym_key', 'pseudonymize', 'sample_households', 'drop_duplicate_rows',
-           'standardize_demographics', 'fill_unknown_text', 'to_categories', 'find_home_stores',
+           'FOREIGN_KEYS', 'SNAPSHOT_COLUMNS', 'SOURCE_KINDS', 'CSV_OPTIONS', 'EXTRA_COLUMN_POLICIES', 'ARROW_TYPES',
+           'FIRST_NAMES', 'LAST_NAMES', 'DEMO_NOTE', 'CONTACT_KEY_VAR', 'DEVELOPMENT_KEY', 'HOUSEHOLD_TABLES',
+           'LOCATIONS', 'DEVELOPMENT_KEY_WARNING', 'DEMO_CONTACTS_NOTE', 'SPEC', 'column', 'ContractError', 'violation',
+           'score_contract', 'raise_for_failures', 'check_contract', 'foreign_key_rule', 'interval_rule',
+           'campaign_window_rule', 'week_rule', 'meaning_rules', 'check_meaning', 'describe_column', 'take_snapshot',
+           'column_psi', 'compare_snapshot', 'SnapshotError', 'check_snapshot', 'Source', 'files_source',
+           'package_source', 'sql_source', 'resolve_source', 'has_table', 'source_columns', 'iter_source',
+           'text_dtypes', 'select_columns', 'coerce_table', 'arrow_schema', 'ingest_table', 'stream_table',
+           'generate_contacts', 'DevelopmentKeyWarning', 'pseudonym_key', 'pseudonymize', 'sample_households',
+           'drop_duplicate_rows', 'standardize_demographics', 'fill_unknown_text', 'to_categories', 'find_home_stores',
            'pseudonymize_contacts', 'sort_by_key', 'process_tables', 'promotion_rows', 'promotion_reducer',
            'process_promotions', 'Acquisition', 'ingest_contacts', 'source_households', 'sample_filter', 'acquire',
            'write_tables', 'load_processed', 'quality_scores', 'quality_metrics', 'catalog_entry', 'build_catalog',
@@ -107,11 +109,13 @@ CONTRACTS = {
             "store_id": _id("Store where the basket was bought"),
             "basket_id": _id("Shopping trip (basket)"),
             "product_id": _id("Product bought"),
-            "quantity": column("int64", "Units (or volume) bought", min=0),
-            "sales_value": column("float64", "Amount the retailer receives, in dollars", min=0),
-            "retail_disc": column("float64", "Loyalty-card discount, in dollars", min=0),
-            "coupon_disc": column("float64", "Manufacturer coupon discount, in dollars", min=0),
-            "coupon_match_disc": column("float64", "Retailer's match of a manufacturer coupon, in dollars", min=0),
+            "quantity": column("int64", "Units (or volume) bought", min=0, max=1_000_000),  # fuel lines reach 89,638
+            "sales_value": column("float64", "Amount the retailer receives, in dollars", min=0, max=10_000),
+            "retail_disc": column("float64", "Loyalty-card discount, in dollars", min=0, max=1_000),
+            "coupon_disc": column("float64", "Manufacturer coupon discount, in dollars", min=0, max=1_000),
+            "coupon_match_disc": column(
+                "float64", "Retailer's match of a manufacturer coupon, in dollars", min=0, max=1_000
+            ),
             "week": column("int64", "Week of the year of the transaction (1-53)", min=1, max=53),
             "transaction_timestamp": column(
                 "datetime64[ns]", "Date and time of the transaction", min="2017-01-01", max="2018-01-02"
@@ -416,6 +420,190 @@ def raise_for_failures(scorecard) -> pd.DataFrame:
 def check_contract(table, frame, contracts=None) -> pd.DataFrame:
     "Score `frame` against its contract (default: the source contracts) and raise `ContractError` on any failure."
     return raise_for_failures(score_contract(table, frame, CONTRACTS if contracts is None else contracts))
+
+# %% ../notebooks/02_data_acquisition.ipynb #7e1a0c02
+FOREIGN_KEYS = (  # (table, columns, referenced table, its columns, least share of rows that must find their row)
+    ("transactions", ["product_id"], "products", ["product_id"], 0.99),  # the real data: 4,836 of 1.47M lines (0.3 %)
+    ("coupons", ["product_id"], "products", ["product_id"], 0.999),  # the real data: 16 of 111,332 rows
+    ("coupons", ["campaign_id"], "campaign_descriptions", ["campaign_id"], 1.0),
+    ("campaigns", ["campaign_id"], "campaign_descriptions", ["campaign_id"], 1.0),
+    ("campaigns", ["household_id"], "households", ["household_id"], 1.0),
+    ("coupon_redemptions", ["campaign_id", "coupon_upc"], "coupons", ["campaign_id", "coupon_upc"], 1.0),
+    ("coupon_redemptions", ["campaign_id", "household_id"], "campaigns", ["campaign_id", "household_id"], 1.0),
+    ("demographics", ["household_id"], "households", ["household_id"], 1.0),
+    ("promotions", ["product_id"], "products", ["product_id"], 1.0),
+    ("contacts", ["household_id"], "households", ["household_id"], 1.0),
+)
+
+
+def foreign_key_rule(tables, table, columns, target, target_columns, threshold=1.0) -> dict:
+    "The rule that each row of `table` finds its `columns` among `target_columns` of table `target`."
+    keys = tables[table][columns].drop_duplicates()
+    found = keys.merge(
+        tables[target][target_columns].drop_duplicates().set_axis(columns, axis=1), how="left", indicator=True
+    )
+    missing = keys[(found["_merge"] == "left_only").to_numpy()]
+    failed = len(tables[table][columns].merge(missing)) if len(missing) else 0
+    name = f"{'+'.join(columns)} → {target}.{'+'.join(target_columns)}"
+    return _rule(table, name, "foreign_key", len(tables[table]), failed, threshold)
+
+# %% ../notebooks/02_data_acquisition.ipynb #7e1a0c04
+def interval_rule(table, frame, start, end) -> dict:
+    "The rule that no row of `frame` ends (column `end`) before it starts (column `start`)."
+    return _rule(table, f"{start} ≤ {end}", "interval_order", len(frame), int((frame[end] < frame[start]).sum()))
+
+
+def campaign_window_rule(redemptions, descriptions) -> dict:
+    "The rule that each redemption falls on a day of its campaign (from its start to its end date)."
+    days = redemptions[["campaign_id", "redemption_date"]].merge(descriptions, on="campaign_id", how="left")
+    day = days.redemption_date.dt.normalize()
+    outside = (day < days.start_date.dt.normalize()) | (day > days.end_date.dt.normalize())
+    return _rule("coupon_redemptions", "redemption_date", "within_campaign", len(redemptions), int(outside.sum()))
+
+
+def week_rule(transactions) -> dict:
+    """The rule that a transaction's week agrees with its date: the week minus the count of weeks since a fixed Monday
+    is the same for every row, give or take one (a week may start at any hour of its Monday)."""
+    weeks = (transactions.transaction_timestamp - pd.Timestamp("1970-01-05")).dt.days // 7
+    offset = transactions.week - weeks
+    usual = offset.mode().iloc[0] if len(offset) else 0
+    failed = int(((offset - usual).abs() > 1).sum())
+    return _rule("transactions", "week ~ transaction_timestamp", "week_matches_date", len(transactions), failed)
+
+# %% ../notebooks/02_data_acquisition.ipynb #7e1a0c06
+def meaning_rules(tables) -> pd.DataFrame:
+    "The scorecard of the meaning rules on the delivered `tables`: foreign keys and rules within a row."
+    rows = [foreign_key_rule(tables, *spec) for spec in FOREIGN_KEYS if spec[0] in tables and spec[2] in tables]
+    descriptions = tables["campaign_descriptions"]
+    rows += [
+        interval_rule("campaign_descriptions", descriptions, "start_date", "end_date"),
+        campaign_window_rule(tables["coupon_redemptions"], descriptions),
+        week_rule(tables["transactions"]),
+    ]
+    return pd.DataFrame(rows, columns=SCORECARD_COLUMNS)
+
+
+def check_meaning(tables) -> pd.DataFrame:
+    "Score the meaning rules on `tables` and raise `ContractError` naming every rule that failed."
+    return raise_for_failures(meaning_rules(tables))
+
+# %% ../notebooks/02_data_acquisition.ipynb #7e1a0c08
+def _is_id(name) -> bool:
+    return name.endswith("_id") or name == "coupon_upc"
+
+
+def describe_column(values, bins=10) -> dict:
+    "A column's distribution for the snapshot: quantile bins of a number, or the share of each category."
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        v = np.asarray(values.dropna(), dtype=float)
+        cuts = np.unique(np.quantile(v, np.linspace(0, 1, bins + 1)[1:-1])) if len(v) else np.array([])
+        return {"kind": "numeric", "cuts": cuts.tolist(), "shares": _bin_shares(v, cuts).tolist()}
+    shares = values.astype(str).value_counts(normalize=True)
+    return {"kind": "categorical", "shares": {str(k): float(s) for k, s in shares.items()}}
+
+
+def _bin_shares(values, cuts) -> np.ndarray:
+    counts = np.bincount(np.searchsorted(np.asarray(cuts, dtype=float), values, side="right"), minlength=len(cuts) + 1)
+    return counts / max(len(values), 1)
+
+
+def _snapshot_columns(frame, contract) -> list:
+    "Columns worth a distribution: numbers that are not ids, and columns with categories (no dates, no free text)."
+    return [
+        c
+        for c, s in contract["columns"].items()
+        if c in frame and ("categories" in s or (s["dtype"] in ("int64", "float64") and not _is_id(c)))
+    ]
+
+
+def take_snapshot(tables, settings, contracts=None, bins=10) -> dict:
+    "What the next run is compared with: each table's rows and column distributions; `settings` say which data it is."
+    contracts = PROCESSED_CONTRACTS if contracts is None else contracts
+    return {
+        "settings": settings,
+        "tables": {
+            t: {
+                "rows": int(len(f)),
+                "columns": {c: describe_column(f[c], bins) for c in _snapshot_columns(f, contracts[t])},
+            }
+            for t, f in tables.items()
+        },
+    }
+
+# %% ../notebooks/02_data_acquisition.ipynb #7e1a0c0a
+def column_psi(previous, values, epsilon=1e-4) -> float:
+    "PSI of a column's `values` against its `previous` distribution (a snapshot entry), on the previous bins."
+    if previous["kind"] == "numeric":
+        expected = np.asarray(previous["shares"], dtype=float)
+        actual = _bin_shares(np.asarray(values.dropna(), dtype=float), previous["cuts"])
+    else:
+        now = describe_column(values)["shares"]
+        categories = sorted(set(previous["shares"]) | set(now))
+        expected = np.array([previous["shares"].get(c, 0.0) for c in categories])
+        actual = np.array([now.get(c, 0.0) for c in categories])
+    e, a = np.clip(expected, epsilon, None), np.clip(actual, epsilon, None)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def _change(table, column, rule, value, warn, fail, detail) -> dict:
+    level = "fail" if value > fail else "warn" if value > warn else "ok"
+    return dict(
+        table=table, column=column, rule=rule, value=float(value), warn=warn, fail=fail, level=level, detail=detail
+    )
+
+
+SNAPSHOT_COLUMNS = ["table", "column", "rule", "value", "warn", "fail", "level", "detail"]
+
+
+def compare_snapshot(previous, tables, thresholds) -> pd.DataFrame:
+    """Each table's rows (relative change) and column distributions (PSI) in `tables` against the `previous` snapshot,
+    with the level the `thresholds` give: ok, warn or fail."""
+    rows = []
+    for t, before in previous["tables"].items():
+        frame = tables.get(t)
+        if frame is None:
+            continue
+        change = abs(len(frame) - before["rows"]) / max(before["rows"], 1)
+        detail = f"{len(frame):,} rows against {before['rows']:,} ({change:.1%} change)"
+        rows.append(_change(t, "*", "snapshot_rows", change, thresholds["rows_warn"], thresholds["rows_fail"], detail))
+        for c, spec in ((c, s) for c, s in before["columns"].items() if c in frame):
+            value = column_psi(spec, frame[c])
+            limits = thresholds["psi_warn"], thresholds["psi_fail"]
+            rows.append(_change(t, c, "snapshot_distribution", value, *limits, f"PSI {value:.3g} of its distribution"))
+    return pd.DataFrame(rows, columns=SNAPSHOT_COLUMNS)
+
+# %% ../notebooks/02_data_acquisition.ipynb #7e1a0c0c
+class SnapshotError(ValueError):
+    "Delivered tables that moved away from the last accepted snapshot past a `fail` threshold."
+
+
+def _snapshot_line(r) -> str:
+    limit = r.fail if r.level == "fail" else r.warn
+    return f"{r.table}.{r.column}: rule {r.rule} — {r.detail} ({r.value:.3g} > {r.level} threshold {limit:g})"
+
+
+def check_snapshot(previous, tables, settings, thresholds) -> tuple:
+    """The comparison of `tables` with the `previous` snapshot and a note; raises `SnapshotError` on a `fail`, warns on
+    a `warn`. No snapshot, or one of other data (`settings`: source, sample), is not compared; the note says why."""
+    if previous is None:
+        return pd.DataFrame(columns=SNAPSHOT_COLUMNS), "No accepted snapshot yet: this run's tables become the first."
+    if previous["settings"] != settings:
+        note = f"The last accepted snapshot describes other data ({previous['settings']}): not compared."
+        return pd.DataFrame(columns=SNAPSHOT_COLUMNS), note
+    changes = compare_snapshot(previous, tables, thresholds)
+    failed, warned = changes[changes.level == "fail"], changes[changes.level == "warn"]
+    if len(failed):
+        raise SnapshotError(
+            "data moved away from the last accepted snapshot (data/snapshot.json): "
+            + "; ".join(_snapshot_line(r) for r in failed.itertuples())
+            + ". If the change is expected, raise data_acquisition.snapshot's thresholds for this run."
+        )
+    for r in warned.itertuples():
+        warnings.warn(f"compared with the last accepted snapshot: {_snapshot_line(r)}", stacklevel=2)
+    return (
+        changes,
+        f"Compared with the last accepted snapshot: {len(warned)} warning(s), nothing past a fail threshold.",
+    )
 
 # %% ../notebooks/02_data_acquisition.ipynb #04cc1076
 @dataclass
@@ -1013,9 +1201,10 @@ def acquire(
     processed["promotions"], entries = process_promotions(promotions, notes["promotions"]["rows_read"])
     for table in PROCESSED_TABLES:
         check_contract(table, processed[table], PROCESSED_CONTRACTS)
+    meaning = check_meaning(processed)
     return Acquisition(
         {t: processed[t] for t in PROCESSED_TABLES},
-        pd.concat([*cards, card], ignore_index=True),
+        pd.concat([*cards, card, meaning], ignore_index=True),
         log + entries,
         notes,
         files,
@@ -1392,6 +1581,13 @@ SPEC = {
     "chunk_rows": int,  # rows per chunk when reading (bounds memory on the 20.9M promotions)
     "pseudonym_key_env": str,  # environment variable holding the HMAC key for contact pseudonyms
     "profiles": {"tables": [str], "minimal": bool, "sample_rows": int},  # sample_rows 0 = every row
+    # the last accepted snapshot: a table's relative change in rows, a column's PSI, that warn and that stop the stage
+    "snapshot": {
+        "rows_warn": (int, float),
+        "rows_fail": (int, float),
+        "psi_warn": (int, float),
+        "psi_fail": (int, float),
+    },
 }
 
 
@@ -1408,6 +1604,11 @@ def check_params(params) -> dict:
         ),
         (params["chunk_rows"] > 0, f"chunk_rows must be positive, got {params['chunk_rows']}"),
         (params["profiles"]["sample_rows"] >= 0, "profiles.sample_rows must be 0 (all rows) or positive"),
+    ]
+    snap = params["snapshot"]
+    checks += [
+        (0 <= snap[f"{k}_warn"] <= snap[f"{k}_fail"], f"snapshot.{k}_warn must lie between 0 and snapshot.{k}_fail")
+        for k in ("rows", "psi")
     ]
     checks += [(t in SOURCE_TABLES, f"profiles.tables: unknown table {t!r}") for t in params["profiles"]["tables"]]
     for ok, message in checks:

@@ -31,6 +31,7 @@ from lib.model_monitoring import (
     plan_batches,
     psi,
     reference_by_type,
+    reference_resampling,
     replay,
     summarize_drift,
 )
@@ -107,6 +108,7 @@ def smoke_world(smoke_pipeline):
         score(training[FEATURES]),
         SMOKE["model_development"]["reference_bins"],
         SMOKE["model_monitoring"]["min_reference_households"],
+        reference_resampling(SMOKE["model_monitoring"], 42),  # natural drift levels, as the stage derives them
     )
     return {
         "project": smoke_pipeline,

@@ -187,7 +187,7 @@ def check_tracking_server(uri, timeout_s=5.0):
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as reply:
             if reply.status == 200:
-                return _check_backend(uri, timeout_s)
+                return _check_backend(uri, max(timeout_s, 30.0))  # a first query may wait for a database connection
     except (urllib.error.URLError, OSError) as err:
         raise TrackingStoreError(
             f"MLflow tracking server {uri} is unreachable ({err}); start it or unset MLFLOW_TRACKING_URI"

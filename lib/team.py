@@ -57,7 +57,7 @@ class TeamStackError(RuntimeError):
     "A server of the team stack did not start or stop."
 
 
-def wait_until(ready, what, timeout_s=120.0, poll_s=0.2):
+def wait_until(ready, what, timeout_s=300.0, poll_s=0.2):
     "Call `ready()` until it returns true; `TeamStackError` naming `what` after `timeout_s`."
     deadline = time.monotonic() + timeout_s
     while not ready():
@@ -94,7 +94,9 @@ def team_password(settings, environ) -> str:
 
 # %% ../notebooks/00_team.ipynb #7e3a0021
 def _run(command, what, **kwargs):
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, **kwargs)
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, **kwargs
+    )  # bounded, ample on a busy machine
     if done.returncode != 0:
         raise TeamStackError(f"{what} failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-800:]}")
     return done

@@ -1,6 +1,7 @@
 # Two commands: `make run` (set up, then run the whole pipeline) and `make test` (system packages and set-up, then every
 # test). Both create .venv from pinned versions once; later calls reuse it. `make test-fast`: the tests that need no
-# pipeline run (lint, lib in sync, nbdev-test, unit tests).
+# pipeline run (lint, lib in sync, nbdev-test, unit tests). `make team-up` / `make team-down`: the team's MLflow server on
+# PostgreSQL (README, "Working as a team").
 
 PYTHON ?= python3.11
 VENV   := .venv
@@ -12,7 +13,7 @@ STAMP  := $(VENV)/.installed-$(PINS)
 LAB_ARGS ?=
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-fast system-packages lab bench audit lint export
+.PHONY: setup run test test-fast system-packages lab bench audit lint export team-up team-down
 
 setup: $(STAMP)
 
@@ -53,3 +54,9 @@ lint: setup
 
 export: setup
 	ruff format --quiet notebooks && nbdev-export && nbdev-clean
+
+team-up: setup
+	team-stack up
+
+team-down: setup
+	team-stack down

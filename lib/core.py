@@ -141,26 +141,53 @@ def tracking_uri(root, environ) -> str:
     return environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
-def artifact_location(root, environ) -> str:
-    "Where new experiments keep artifacts: `MLFLOW_ARTIFACT_LOCATION` if set, else `mlartifacts/` at `root`."
-    return environ.get("MLFLOW_ARTIFACT_LOCATION") or (Path(root).resolve() / "mlartifacts").as_uri()
+def _is_server(uri) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def artifact_location(root, environ):
+    """Where new experiments keep artifacts: `MLFLOW_ARTIFACT_LOCATION` if set; else, against a tracking server, None
+    (the server proxies them: `mlflow-artifacts:`); else `mlartifacts/` at `root`. A local folder behind a server is
+    refused."""
+    chosen, server = environ.get("MLFLOW_ARTIFACT_LOCATION"), _is_server(tracking_uri(root, environ))
+    if server and chosen and chosen.startswith(("file:", "/", ".")):
+        raise ValueError(
+            f"MLFLOW_ARTIFACT_LOCATION={chosen} is a local folder that teammates of the tracking server cannot read; "
+            "unset it (the server keeps the artifacts) or give a shared URL such as s3://bucket/path"
+        )
+    return chosen or (None if server else (Path(root).resolve() / "mlartifacts").as_uri())
 
 # %% ../notebooks/00_core.ipynb #5f79d7db
 class TrackingStoreError(RuntimeError):
     "The MLflow tracking store cannot be reached."
 
 
-def check_tracking_server(uri, timeout_s=5.0):
-    "For an http(s) tracking URI, raise `TrackingStoreError` unless the server answers its health check."
+def _check_backend(uri, timeout_s):
+    "The server's `/health` does not touch its database: one small search does."
     import urllib.error
     import urllib.request
 
-    if not uri.startswith(("http://", "https://")):
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1", timeout=timeout_s)
+    except urllib.error.HTTPError as err:
+        if err.code >= 500:
+            raise TrackingStoreError(
+                f"MLflow tracking server {uri} answers, but not its backend store (HTTP {err.code}): "
+                "is its database (PostgreSQL) running?"
+            ) from None
+
+
+def check_tracking_server(uri, timeout_s=5.0):
+    "For an http(s) tracking URI, raise `TrackingStoreError` unless the server and its backend store answer."
+    import urllib.error
+    import urllib.request
+
+    if not _is_server(uri):
         return
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as reply:
             if reply.status == 200:
-                return
+                return _check_backend(uri, max(timeout_s, 30.0))  # a first query may wait for a database connection
     except (urllib.error.URLError, OSError) as err:
         raise TrackingStoreError(
             f"MLflow tracking server {uri} is unreachable ({err}); start it or unset MLFLOW_TRACKING_URI"
@@ -177,6 +204,11 @@ def connect_mlflow(root, environ, experiment):
     found = mlflow.get_experiment_by_name(experiment)
     if found is None:
         return mlflow.create_experiment(experiment, artifact_location=artifact_location(root, environ))
+    if _is_server(tracking_uri(root, environ)) and found.artifact_location.startswith("file:"):
+        raise TrackingStoreError(
+            f"experiment {experiment!r} on {tracking_uri(root, environ)} keeps its artifacts in the local folder "
+            f"{found.artifact_location}, which teammates cannot read; choose another shared.mlflow_experiment"
+        )
     mlflow.set_experiment(experiment_id=found.experiment_id)
     return found.experiment_id
 

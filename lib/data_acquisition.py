@@ -11,7 +11,7 @@ __all__ = ['TABLES', 'SOURCE_TABLES', 'PROCESSED_TABLES', 'UNKNOWN', 'BANDS', 'D
            'score_contract', 'raise_for_failures', 'check_contract', 'foreign_key_rule', 'interval_rule',
            'campaign_window_rule', 'week_rule', 'meaning_rules', 'check_meaning', 'describe_column', 'take_snapshot',
            'column_psi', 'compare_snapshot', 'SnapshotError', 'check_snapshot', 'Source', 'files_source',
-           'package_source', 'sql_source', 'resolve_source', 'has_table', 'source_columns', 'iter_source',
+           'package_source', 'sql_source', 'source_url', 'resolve_source', 'has_table', 'source_columns', 'iter_source',
            'text_dtypes', 'select_columns', 'coerce_table', 'arrow_schema', 'ingest_table', 'stream_table',
            'generate_contacts', 'DevelopmentKeyWarning', 'pseudonym_key', 'pseudonymize', 'sample_households',
            'drop_duplicate_rows', 'standardize_demographics', 'fill_unknown_text', 'to_categories', 'find_home_stores',
@@ -29,6 +29,7 @@ import hashlib
 import hmac
 import importlib.metadata
 import importlib.util
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -613,7 +614,7 @@ class Source:
     kind: str  # files | sql
     label: str  # shown in the catalog (no credentials)
     files: dict = field(default_factory=dict)  # files: table → path
-    url: str = ""  # sql: SQLAlchemy URL
+    url: str = field(default="", repr=False)  # sql: SQLAlchemy URL, perhaps with a password: never shown
     queries: dict = field(default_factory=dict)  # sql: table → query replacing SELECT * FROM <table>
     csv_delimiter: str = ","
 
@@ -652,14 +653,24 @@ def sql_source(url, queries=None) -> Source:
 SOURCE_KINDS = ("package", "files", "sql")
 
 
-def resolve_source(spec, root) -> Source:
-    "The `Source` declared by params section `data_acquisition.source`; relative file paths start at `root`."
+def source_url(environ, name) -> str:
+    "The SQL source's URL from environment variable `name` (params name the variable, never the URL)."
+    if not environ.get(name):
+        raise ParamsError(
+            f"data_acquisition.source.url_env: the environment variable {name} holding the SQL URL is not set"
+        )
+    return environ[name]
+
+
+def resolve_source(spec, root, environ) -> Source:
+    """The `Source` declared by params section `data_acquisition.source`; relative file paths start at `root`, a SQL
+    URL is read from `environ`."""
     if spec["kind"] == "package":
         return package_source()
     if spec["kind"] == "files":
         return files_source(spec["path"], root, spec["csv_delimiter"])
     if spec["kind"] == "sql":
-        return sql_source(spec["url"], spec["queries"])
+        return sql_source(source_url(environ, spec["url_env"]), spec["queries"])
     raise ParamsError(f"data_acquisition.source.kind must be one of {', '.join(SOURCE_KINDS)}, got {spec['kind']!r}")
 
 # %% ../notebooks/02_data_acquisition.ipynb #d55b4300
@@ -1127,9 +1138,12 @@ class Acquisition:
 
 
 def _write_raw(frame, path, contract) -> Path:
-    path = Path(path)
+    "A raw snapshot file; one holding direct identifiers (contact details) is readable by its owner only (mode 600)."
+    path, direct = Path(path), any(s["pii"] == "direct" for s in contract["columns"].values())
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pandas(frame, schema=arrow_schema(contract), preserve_index=False), path)
+    path.unlink(missing_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if direct else 0o644), "wb") as f:
+        pq.write_table(pa.Table.from_pandas(frame, schema=arrow_schema(contract), preserve_index=False), f)
     return path
 
 
@@ -1298,8 +1312,6 @@ def catalog_entry(table, frame, path, raw_files, acquisition, owners, root) -> d
 def build_catalog(acquisition, paths, source, data_domains, root, params) -> dict:
     "The data catalog: every delivered table, where it comes from and how to trust it (no credentials)."
     owners, params = _owners(data_domains), copy.deepcopy(params)
-    if params.get("data_acquisition", {}).get("source", {}).get("url"):
-        params["data_acquisition"]["source"]["url"] = _safe_url(params["data_acquisition"]["source"]["url"])
     return dict(
         source=source.label,
         stage="data_acquisition",
@@ -1574,7 +1586,7 @@ SPEC = {
         "kind": str,  # package | files | sql
         "path": str,  # files: a folder or glob of <table>.parquet / <table>.csv, relative to the project root
         "csv_delimiter": str,  # files: the CSV field delimiter
-        "url": str,  # sql: SQLAlchemy URL (keep passwords out of git: use a local socket or a .pgpass)
+        "url_env": str,  # sql: the environment variable holding the SQLAlchemy URL (never the URL itself)
         "queries": dict,  # sql: table → SELECT yielding it (default SELECT * FROM <table>)
     },
     "extra_columns": str,  # error | drop: a source column that no contract declares
@@ -1597,7 +1609,7 @@ def check_params(params) -> dict:
     checks = [
         (src["kind"] in SOURCE_KINDS, f"source.kind must be one of {', '.join(SOURCE_KINDS)}, got {src['kind']!r}"),
         (src["kind"] != "files" or bool(src["path"]), "source.path is required for kind files"),
-        (src["kind"] != "sql" or bool(src["url"]), "source.url is required for kind sql"),
+        (src["kind"] != "sql" or bool(src["url_env"]), "source.url_env is required for kind sql"),
         (
             params["extra_columns"] in EXTRA_COLUMN_POLICIES,
             f"extra_columns must be error or drop, got {params['extra_columns']!r}",

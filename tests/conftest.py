@@ -22,6 +22,7 @@ NOT_COPIED = shutil.ignore_patterns(
     ".venv",
     "mlflow.db",
     "mlartifacts",
+    ".team",
     "cache",
     "tmp",
     "__pycache__",

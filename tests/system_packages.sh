@@ -5,9 +5,9 @@
 set -euo pipefail
 PACKAGES='
 chromium                  command -v chromium
+postgresql                compgen -G "/usr/lib/postgresql/*/bin/initdb"
 '
 # Lines to add when tests need them:
-#   postgresql                compgen -G "/usr/lib/postgresql/*/bin/initdb"
 #   openjdk-17-jre-headless   compgen -G "/usr/lib/jvm/java-17-openjdk-*/bin/java"
 
 missing() {

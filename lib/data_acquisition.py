@@ -9,7 +9,7 @@ __all__ = ['TABLES', 'SOURCE_TABLES', 'PROCESSED_TABLES', 'UNKNOWN', 'BANDS', 'D
            'DEMO_NOTE', 'CONTACT_KEY_VAR', 'DEVELOPMENT_KEY', 'HOUSEHOLD_TABLES', 'LOCATIONS',
            'DEVELOPMENT_KEY_WARNING', 'DEMO_CONTACTS_NOTE', 'SPEC', 'column', 'ContractError', 'violation',
            'score_contract', 'raise_for_failures', 'check_contract', 'Source', 'files_source', 'package_source',
-           'sql_source', 'resolve_source', 'has_table', 'source_columns', 'iter_source', 'text_dtypes',
+           'sql_source', 'resolve_source', 'reading', 'has_table', 'source_columns', 'iter_source', 'text_dtypes',
            'select_columns', 'coerce_table', 'arrow_schema', 'ingest_table', 'stream_table', 'generate_contacts',
            'DevelopmentKeyWarning', 'pseudonym_key', 'pseudonymize', 'sample_households', 'drop_duplicate_rows',
            'standardize_demographics', 'fill_unknown_text', 'to_categories', 'find_home_stores',
@@ -21,6 +21,8 @@ __all__ = ['TABLES', 'SOURCE_TABLES', 'PROCESSED_TABLES', 'UNKNOWN', 'BANDS', 'D
            'processing_log', 'promotion_volume', 'baseline_table', 'plot_baseline', 'check_params']
 
 # %% ../notebooks/02_data_acquisition.ipynb #93cdfefe
+import codecs
+import contextlib
 import copy
 import glob
 import hashlib
@@ -428,9 +430,10 @@ class Source:
     url: str = ""  # sql: SQLAlchemy URL
     queries: dict = field(default_factory=dict)  # sql: table → query replacing SELECT * FROM <table>
     csv_delimiter: str = ","
+    csv_encoding: str = "utf-8-sig"  # utf-8-sig reads plain UTF-8 too, and drops a byte-order mark
 
 
-def files_source(pattern, root=".", csv_delimiter=",", label=None) -> Source:
+def files_source(pattern, root=".", csv_delimiter=",", label=None, csv_encoding="utf-8-sig") -> Source:
     "A source of `<table>.parquet` / `<table>.csv` files in folder or glob `pattern` (relative to `root`)."
     path = Path(root) / pattern
     found = sorted(path.iterdir()) if path.is_dir() else sorted(Path(p) for p in glob.glob(str(path)))
@@ -439,7 +442,9 @@ def files_source(pattern, root=".", csv_delimiter=",", label=None) -> Source:
         if p.stem in files:
             raise violation(p.stem, "*", "one_file_per_table", 2, detail=f"{files[p.stem].name} and {p.name}")
         files[p.stem] = p
-    return Source("files", label or f"files {pattern}", files=files, csv_delimiter=csv_delimiter)
+    return Source(
+        "files", label or f"files {pattern}", files=files, csv_delimiter=csv_delimiter, csv_encoding=csv_encoding
+    )
 
 # %% ../notebooks/02_data_acquisition.ipynb #167c5dcb
 def package_source() -> Source:
@@ -469,19 +474,43 @@ def resolve_source(spec, root) -> Source:
     if spec["kind"] == "package":
         return package_source()
     if spec["kind"] == "files":
-        return files_source(spec["path"], root, spec["csv_delimiter"])
+        return files_source(spec["path"], root, spec["csv_delimiter"], csv_encoding=spec["csv_encoding"])
     if spec["kind"] == "sql":
         return sql_source(spec["url"], spec["queries"])
     raise ParamsError(f"data_acquisition.source.kind must be one of {', '.join(SOURCE_KINDS)}, got {spec['kind']!r}")
 
 # %% ../notebooks/02_data_acquisition.ipynb #d55b4300
-CSV_OPTIONS = dict(dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8-sig")
+CSV_OPTIONS = dict(dtype=str, keep_default_na=False, na_values=[""])
 
 
-def _csv_columns(path, table, delimiter) -> list:
+@contextlib.contextmanager
+def reading(path, table, encoding="utf-8-sig"):
+    "Turn a source file that cannot be read into a `ContractError` naming the file, its table and the fix."
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        raise violation(
+            table,
+            "*",
+            "csv_encoding",
+            detail=f"{path} is not {encoding} text ({err.reason} at byte {err.start}): "
+            "set data_acquisition.source.csv_encoding to the file's encoding, e.g. latin-1 or cp1252",
+        ) from None
+    except (pa.ArrowException, OSError) as err:
+        raise violation(
+            table,
+            "*",
+            "readable_parquet",
+            detail=f"{path} is not a readable parquet file ({err}): it may be truncated or empty; "
+            "replace it with a complete copy",
+        ) from None
+
+
+def _csv_columns(path, table, delimiter, encoding="utf-8-sig") -> list:
     "The header of a CSV file; an empty file or a likely wrong delimiter is an error."
     try:
-        columns = list(pd.read_csv(path, sep=delimiter, nrows=0, encoding="utf-8-sig").columns)
+        with reading(path, table, encoding):
+            columns = list(pd.read_csv(path, sep=delimiter, nrows=0, encoding=encoding).columns)
     except pd.errors.EmptyDataError:
         raise violation(table, "*", "non_empty", detail=f"{Path(path).name} is empty, not even a header") from None
     others = [d for d in (",", ";", "\t", "|") if d != delimiter and len(columns) == 1 and d in columns[0]]
@@ -530,8 +559,9 @@ def source_columns(source, table) -> list:
             engine.dispose()
     path = source.files[table]
     if path.suffix == ".csv":
-        return _csv_columns(path, table, source.csv_delimiter)
-    return list(pq.ParquetFile(path).schema_arrow.names)
+        return _csv_columns(path, table, source.csv_delimiter, source.csv_encoding)
+    with reading(path, table):
+        return list(pq.ParquetFile(path).schema_arrow.names)
 
 
 def _iter_sql(source, table, columns, chunk_rows):
@@ -553,12 +583,14 @@ def iter_source(source, table, columns, chunk_rows):
         yield from _iter_sql(source, table, columns, chunk_rows)
         return
     path = source.files[table]
-    if path.suffix == ".csv":
-        for chunk in pd.read_csv(path, sep=source.csv_delimiter, usecols=columns, chunksize=chunk_rows, **CSV_OPTIONS):
-            yield chunk[columns]
-        return
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=columns):
-        yield batch.to_pandas()
+    with reading(path, table, source.csv_encoding):
+        if path.suffix == ".csv":
+            options = dict(sep=source.csv_delimiter, usecols=columns, encoding=source.csv_encoding, **CSV_OPTIONS)
+            for chunk in pd.read_csv(path, chunksize=chunk_rows, **options):
+                yield chunk[columns]
+            return
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=columns):
+            yield batch.to_pandas()
 
 
 def text_dtypes(source, table) -> set:
@@ -1385,6 +1417,7 @@ SPEC = {
         "kind": str,  # package | files | sql
         "path": str,  # files: a folder or glob of <table>.parquet / <table>.csv, relative to the project root
         "csv_delimiter": str,  # files: the CSV field delimiter
+        "csv_encoding": str,  # files: the CSV text encoding (utf-8-sig, latin-1, cp1252, ...)
         "url": str,  # sql: SQLAlchemy URL (keep passwords out of git: use a local socket or a .pgpass)
         "queries": dict,  # sql: table → SELECT yielding it (default SELECT * FROM <table>)
     },
@@ -1395,13 +1428,21 @@ SPEC = {
 }
 
 
+def _known_encoding(name) -> bool:
+    try:
+        return bool(codecs.lookup(name))
+    except LookupError:
+        return False
+
+
 def check_params(params) -> dict:
-    "Meaning checks beyond types: known kinds, policies and tables, a positive chunk size."
+    "Meaning checks beyond types: known kinds, policies, encodings and tables, a positive chunk size."
     src = params["source"]
     checks = [
         (src["kind"] in SOURCE_KINDS, f"source.kind must be one of {', '.join(SOURCE_KINDS)}, got {src['kind']!r}"),
         (src["kind"] != "files" or bool(src["path"]), "source.path is required for kind files"),
         (src["kind"] != "sql" or bool(src["url"]), "source.url is required for kind sql"),
+        (_known_encoding(src["csv_encoding"]), f"source.csv_encoding: unknown encoding {src['csv_encoding']!r}"),
         (
             params["extra_columns"] in EXTRA_COLUMN_POLICIES,
             f"extra_columns must be error or drop, got {params['extra_columns']!r}",

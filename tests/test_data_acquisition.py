@@ -1,6 +1,7 @@
 """Step 02 data acquisition: every source kind gives the same tables, bad input stops ingestion with a specific
 error, contact details stay in data/raw/, pseudonyms are keyed and stable, and outputs are reproducible."""
 
+import io
 import json
 import sqlite3
 import tempfile
@@ -159,7 +160,8 @@ def ingest_written(tmp_path, table, frame, fmt="parquet", text=None, **kw):
         frame.to_parquet(path, index=False)
     else:
         frame.to_csv(path, index=False)
-    return ingest_table(files_source(folder, csv_delimiter=kw.pop("csv_delimiter", ",")), table, CONTRACTS, **kw)
+    csv = {name: kw.pop(name) for name in ("csv_delimiter", "csv_encoding") if name in kw}
+    return ingest_table(files_source(folder, **csv), table, CONTRACTS, **kw)
 
 
 def expect_error(tmp_path, table, frame, message, **kw):
@@ -342,6 +344,26 @@ def test_empty_files_are_errors(tmp_path, small):
     )
     expect_error(tmp_path, "campaign_descriptions", None, "is empty, not even a header", fmt="csv", text="")
     expect_error(tmp_path, "campaign_descriptions", cd.iloc[:0], "campaign_descriptions.*: rule non_empty")
+
+
+def test_a_truncated_or_empty_parquet_file_is_named_with_its_table_and_the_fix(tmp_path, small):
+    whole = io.BytesIO()
+    small["campaign_descriptions"].to_parquet(whole, index=False)
+    for data in (whole.getvalue()[: len(whole.getvalue()) // 2], b""):
+        err = expect_error(
+            tmp_path, "campaign_descriptions", None, "campaign_descriptions.*: rule readable_parquet", text=data
+        )
+        assert "campaign_descriptions.parquet is not a readable parquet file" in str(err)
+        assert "replace it with a complete copy" in str(err)
+
+
+def test_a_csv_in_another_encoding_names_the_file_and_the_setting_that_reads_it(tmp_path, small):
+    products = small["products"].assign(package_size=["5 \u00bd OZ", *small["products"].package_size[1:]])
+    latin1 = csv_text(products).encode("latin-1")
+    err = expect_error(tmp_path, "products", None, "products.*: rule csv_encoding", fmt="csv", text=latin1)
+    assert "products.csv is not utf-8-sig text" in str(err) and "set data_acquisition.source.csv_encoding" in str(err)
+    frame, _, _ = ingest_written(tmp_path, "products", None, "csv", text=latin1, csv_encoding="latin-1")
+    assert frame.package_size.iloc[0] == "5 \u00bd OZ"
 
 
 def test_a_table_missing_from_the_source_is_named(tmp_path, slice_dirs):

@@ -5,13 +5,14 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import nbformat
 import psutil
 import pytest
 import yaml
 
-from conftest import project_env, run
+from conftest import BIN, project_env, run
 from lib.core import tracking_uri
 from lib.kpis import validate_charter
 
@@ -144,6 +145,19 @@ def test_a_wrongly_typed_parameter_stops_the_stage_naming_the_key(project_copy):
     proc = run(["dvc", "repro", STAGE], project_copy, check=False)
     assert proc.returncode != 0 and "business_understanding.kpis[0].target: expected int or float" in proc.stderr
     assert not (project_copy / "data/charter.json").exists()
+
+
+def test_the_environment_s_own_dvc_runs_the_pipeline_without_activating_it(project_copy):
+    """`.venv/bin/dvc repro`, as the README allows, finds `run-stage` although the environment is not on PATH."""
+    (project_copy / ".venv").symlink_to(BIN.parent)
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p).resolve() != BIN.resolve())
+    env = {**project_env(), "PATH": path}
+    env.pop("VIRTUAL_ENV", None)
+    proc = subprocess.run(
+        [".venv/bin/dvc", "repro", STAGE], cwd=project_copy, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert STAGE in locked_stages(project_copy)
 
 
 def start_repro(project, log):

@@ -7,18 +7,19 @@ __all__ = ['TABLES', 'SOURCE_TABLES', 'PROCESSED_TABLES', 'UNKNOWN', 'BANDS', 'D
            'FIRST_DAY', 'LAST_DAY', 'HOUSEHOLD', 'CONTRACTS', 'PROCESSED_CONTRACTS', 'SCORECARD_COLUMNS',
            'SOURCE_KINDS', 'CSV_OPTIONS', 'EXTRA_COLUMN_POLICIES', 'ARROW_TYPES', 'FIRST_NAMES', 'LAST_NAMES',
            'DEMO_NOTE', 'CONTACT_KEY_VAR', 'DEVELOPMENT_KEY', 'HOUSEHOLD_TABLES', 'LOCATIONS',
-           'DEVELOPMENT_KEY_WARNING', 'DEMO_CONTACTS_NOTE', 'SPEC', 'column', 'ContractError', 'violation',
-           'score_contract', 'raise_for_failures', 'check_contract', 'Source', 'files_source', 'package_source',
-           'sql_source', 'resolve_source', 'reading', 'has_table', 'source_columns', 'iter_source', 'text_dtypes',
-           'select_columns', 'coerce_table', 'arrow_schema', 'ingest_table', 'stream_table', 'generate_contacts',
-           'DevelopmentKeyWarning', 'pseudonym_key', 'pseudonymize', 'sample_households', 'drop_duplicate_rows',
-           'standardize_demographics', 'fill_unknown_text', 'to_categories', 'find_home_stores',
+           'DEVELOPMENT_KEY_WARNING', 'DEMO_CONTACTS_NOTE', 'SPEC', 'FINGERPRINT_FILE', 'column', 'ContractError',
+           'violation', 'score_contract', 'raise_for_failures', 'check_contract', 'Source', 'files_source',
+           'package_source', 'sql_source', 'resolve_source', 'reading', 'has_table', 'source_columns', 'iter_source',
+           'text_dtypes', 'select_columns', 'coerce_table', 'arrow_schema', 'ingest_table', 'stream_table',
+           'generate_contacts', 'DevelopmentKeyWarning', 'pseudonym_key', 'pseudonymize', 'sample_households',
+           'drop_duplicate_rows', 'standardize_demographics', 'fill_unknown_text', 'to_categories', 'find_home_stores',
            'pseudonymize_contacts', 'sort_by_key', 'process_tables', 'promotion_rows', 'promotion_reducer',
            'process_promotions', 'Acquisition', 'ingest_contacts', 'source_households', 'sample_filter', 'acquire',
            'write_tables', 'load_processed', 'quality_scores', 'quality_metrics', 'catalog_entry', 'build_catalog',
            'profile_table', 'profile_tables', 'has_pii', 'blanket_offers', 'kpi_tables', 'acquisition_summary',
            'source_notes', 'plot_quality', 'profile_links', 'catalog_table', 'pii_table', 'rule_summary',
-           'processing_log', 'promotion_volume', 'baseline_table', 'plot_baseline', 'check_params']
+           'processing_log', 'promotion_volume', 'baseline_table', 'plot_baseline', 'check_params',
+           'source_fingerprint', 'fingerprint_source_cli']
 
 # %% ../notebooks/02_data_acquisition.ipynb #93cdfefe
 import codecs
@@ -29,6 +30,7 @@ import hashlib
 import hmac
 import importlib.metadata
 import importlib.util
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .core import ParamsError, file_sha256
+from .core import ParamsError, file_sha256, load_params, project_root, save_json
 from .kpis import measurable_campaigns
 
 # %% ../notebooks/02_data_acquisition.ipynb #9ebbd01c
@@ -1455,3 +1457,52 @@ def check_params(params) -> dict:
         if not ok:
             raise ParamsError(f"data_acquisition.{message}")
     return params
+
+# %% ../notebooks/02_data_acquisition.ipynb #e7c1b003
+FINGERPRINT_FILE = "data/source_fingerprint.json"
+
+
+def _sql_fingerprint(source, table) -> dict:
+    "Row count and latest value of each date column of SQL `table`."
+    import sqlalchemy
+
+    present = set(source_columns(source, table))
+    spec = CONTRACTS.get(table, {}).get("columns", {})
+    dates = [c for c, s in spec.items() if s["dtype"] == "datetime64[ns]" and c in present]
+    engine = sqlalchemy.create_engine(source.url)
+    quote = engine.dialect.identifier_preparer.quote
+    columns = ", ".join(["COUNT(*)", *(f"MAX({quote(c)})" for c in dates)])
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(
+                sqlalchemy.text(f"SELECT {columns} FROM ({_sql_query(source, table, engine)}) AS q")
+            ).one()
+    finally:
+        engine.dispose()
+    return {"rows": int(row[0]), "latest": {c: str(v) for c, v in zip(dates, row[1:], strict=True)}}
+
+
+def source_fingerprint(source, tables=SOURCE_TABLES) -> dict:
+    """What `source` holds now, cheaply: per file its name, size and content hash; per SQL table its row count and
+    latest dates. Free of local paths, so the same data gives the same fingerprint on any machine."""
+    present = [t for t in tables if has_table(source, t)]
+    if source.kind == "sql":
+        return {"kind": "sql", "tables": {t: _sql_fingerprint(source, t) for t in present}}
+    files = {t: source.files[t] for t in present}
+    return {
+        "kind": "files",
+        "tables": {t: {"file": p.name, "bytes": p.stat().st_size, "sha256": file_sha256(p)} for t, p in files.items()},
+    }
+
+# %% ../notebooks/02_data_acquisition.ipynb #e7c1b005
+def fingerprint_source_cli(argv=None):
+    "Command line: `source-fingerprint [PARAMS_FILE]` writes `data/source_fingerprint.json` for the declared source."
+    args = list(sys.argv[1:] if argv is None else argv)
+    root = project_root()
+    try:
+        params = check_params(load_params(root / (args[0] if args else "params.yaml"), "data_acquisition", SPEC))
+        fingerprint = source_fingerprint(resolve_source(params["source"], root))
+    except Exception as err:  # a params error, an unreadable folder, a database that does not answer: say which
+        sys.exit(f"source-fingerprint: {type(err).__name__}: {err}")
+    save_json(fingerprint, root / FINGERPRINT_FILE)
+    print(f"source-fingerprint: {len(fingerprint['tables'])} table(s) of the {params['source']['kind']} source")

@@ -32,6 +32,7 @@ from lib.data_acquisition import (
     package_source,
     pseudonym_key,
     sample_households,
+    source_fingerprint,
     sql_source,
     write_tables,
 )
@@ -381,6 +382,30 @@ def test_sql_queries_replace_whole_tables(slice_dirs):
     assert len(frame) and (frame.campaign_id == 18).all() and list(frame.columns) == ["campaign_id", "household_id"]
 
 
+def test_the_source_fingerprint_changes_with_the_data_and_only_with_it(slice_dirs, tmp_path):
+    db = tmp_path / "source.db"
+    db.write_bytes((slice_dirs / "slice.db").read_bytes())
+    source = sql_source(f"sqlite:///{db}")
+    before = source_fingerprint(source)
+    assert before == source_fingerprint(source)  # unchanged data, the same fingerprint
+    assert before["tables"]["campaigns"]["rows"] > 0 and before["tables"]["transactions"]["latest"]
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM campaigns WHERE rowid = (SELECT MIN(rowid) FROM campaigns)")
+    after = source_fingerprint(source)
+    assert after["tables"]["campaigns"]["rows"] == before["tables"]["campaigns"]["rows"] - 1
+    files = source_fingerprint(files_source("csv", slice_dirs))
+    assert files["tables"]["coupons"]["file"] == "coupons.csv" and len(files["tables"]["coupons"]["sha256"]) == 64
+    assert str(slice_dirs) not in json.dumps(files)  # the same files give the same fingerprint on any machine
+
+
+def test_acquisition_depends_on_a_fingerprint_of_the_source_taken_at_every_repro():
+    stages = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
+    fingerprint = stages["source_fingerprint"]
+    assert fingerprint["always_changed"] is True
+    out = next(iter(fingerprint["outs"][0]))
+    assert out in stages["data_acquisition"]["deps"]
+
+
 # ---------------------------------------------------------------- end to end through DVC
 
 
@@ -494,3 +519,16 @@ def test_bad_source_data_stops_the_stage_before_any_delivery(project_copy, slice
         else {"stages": {}}
     )
     assert "data_acquisition" not in lock["stages"]
+
+
+@pytest.mark.pipeline
+def test_a_changed_source_file_reruns_acquisition_and_an_unchanged_one_does_not(project_copy, slice_tables):
+    use_source(project_copy, slice_tables)
+    run(["dvc", "repro", "data_acquisition"], project_copy)
+    again = run(["dvc", "repro", "data_acquisition"], project_copy)
+    assert "Stage 'data_acquisition' didn't change, skipping" in again.stdout
+    delivered = project_copy / "source/coupons.parquet"
+    delivered.write_bytes(delivered.read_bytes()[:100])  # a new delivery, cut short
+    proc = run(["dvc", "repro", "data_acquisition"], project_copy, check=False)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "coupons.parquet is not a readable parquet file" in proc.stderr

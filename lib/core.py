@@ -10,7 +10,8 @@ __all__ = ['ROOT_MARKERS', 'STEPS', 'STAGES', 'SECTIONS', 'CHARTER_FILE', 'SHARE
            'save_csv', 'MissingOutputError', 'stage_outputs', 'check_outputs', 'check_notebook_outputs',
            'step_notebook', 'report_paths', 'check_notebook_parameters', 'render_report', 'progress', 'quiet',
            'ipc_kernel_manager', 'watch_parent', 'stop_descendants', 'stage_run_context', 'end_stage_runs',
-           'end_runs_of', 'stop_stage_on_signals', 'guard_stage_kernel', 'StageError', 'run_stage', 'run_stage_cli']
+           'end_runs_of', 'stop_stage_on_signals', 'guard_stage_kernel', 'StageError', 'run_stage', 'run_stage_cli',
+           'changed_outputs', 'uncached_outputs', 'keep_failed_notebooks', 'recover', 'recover_cli']
 
 # %% ../notebooks/00_core.ipynb #1504f3be
 import ast
@@ -587,3 +588,69 @@ def run_stage_cli(argv=None):
             raise
         sys.exit(f"run-stage: {err}")
     print(f"run-stage: {args[0]} done; report: {page}")
+
+# %% ../notebooks/00_core.ipynb #e7c1c002
+def changed_outputs(status) -> list:
+    "The outputs that `dvc status --json` output `status` reports as changed (modified, deleted, new), in order."
+    entries = [e for stage in status.values() for e in stage if isinstance(e, dict)]
+    return [path for entry in entries for path in entry.get("changed outs", {})]
+
+
+def uncached_outputs(root) -> set:
+    "The outputs `dvc.yaml` declares with `cache: false`: kept in git, not in DVC's cache."
+    stages = load_yaml(Path(root) / "dvc.yaml")["stages"]
+    entries = [e for s in stages.values() for key in ("outs", "metrics", "plots") for e in s.get(key) or []]
+    return {
+        next(iter(e)) for e in entries if isinstance(e, dict) and (next(iter(e.values())) or {}).get("cache") is False
+    }
+
+# %% ../notebooks/00_core.ipynb #e7c1c004
+def keep_failed_notebooks(root, changed, when) -> list:
+    "Move the executed notebooks among the `changed` outputs to `reports/failed/<name>-<when>.ipynb`; returns them."
+    kept = []
+    for path in (Path(root) / p for p in changed if p.startswith("reports/executed/")):
+        if path.is_file():
+            target = Path(root) / "reports/failed" / f"{path.stem}-{when}{path.suffix}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(path, target)
+            kept.append(str(target.relative_to(root)))
+    return kept
+
+# %% ../notebooks/00_core.ipynb #e7c1c006
+def _tool(root, *command):
+    "Run `dvc` or `git` (the environment's own dvc first) in `root`; returns the CompletedProcess."
+    import subprocess
+
+    own = Path(sys.executable).parent / command[0]
+    program = str(own) if own.exists() else command[0]
+    return subprocess.run([program, *command[1:]], cwd=root, capture_output=True, text=True)
+
+
+def recover(root, when) -> dict:
+    """Restore the last good state of the outputs: failed executed notebooks moved to `reports/failed/`, cached outputs
+    from DVC's cache, uncached ones from the last commit. Returns what it did and what is still out of step."""
+    changed = changed_outputs(json.loads(_tool(root, "dvc", "status", "--json").stdout or "{}"))
+    kept = keep_failed_notebooks(root, changed, when)
+    uncached = uncached_outputs(root)
+    from_cache, from_git = [p for p in changed if p not in uncached], [p for p in changed if p in uncached]
+    if from_cache:
+        _tool(root, "dvc", "checkout", "--force", *from_cache)
+    restored = [p for p in from_git if _tool(root, "git", "checkout", "HEAD", "--", p).returncode == 0]
+    left = changed_outputs(json.loads(_tool(root, "dvc", "status", "--json").stdout or "{}"))
+    return {"kept": kept, "from_cache": from_cache, "from_git": restored, "left": left}
+
+
+def recover_cli():
+    "Command line: `recover-pipeline` (`make recover`)."
+    done = recover(project_root(), time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    said = {
+        "kept": "failed notebook(s) kept in",
+        "from_cache": "restored from DVC's cache",
+        "from_git": "restored from git (HEAD)",
+    }
+    for key, what in said.items():
+        if done[key]:
+            print(f"recover-pipeline: {what}: {', '.join(done[key])}")
+    if done["left"]:
+        sys.exit(f"recover-pipeline: still out of step with dvc.lock: {', '.join(done['left'])}; see `dvc status`")
+    print("recover-pipeline: every output matches dvc.lock again; `dvc repro` reruns what changed")

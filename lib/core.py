@@ -500,9 +500,9 @@ def guard_stage_kernel(poll_s=0.2):
 
 
 # The kernel of a stage runs the guard at start-up, in place of ipykernel's own parent poller (which would exit
-# without ending the runs).
+# without ending the runs): parent handle 1 (init, never gone) turns that poller off and keeps the kernel quiet.
 KERNEL_ARGUMENTS = [
-    "--IPKernelApp.parent_handle=0",
+    "--IPKernelApp.parent_handle=1",
     "--IPKernelApp.exec_lines=__import__('lib.core').core.guard_stage_kernel()",
 ]
 

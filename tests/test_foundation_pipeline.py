@@ -119,6 +119,30 @@ def test_a_failing_cell_fails_the_stage_and_keeps_the_executed_notebook(project_
     assert STAGE not in locked_stages(project_copy)
 
 
+def test_the_mlflow_runs_of_a_failed_stage_end_failed_not_finished(project_copy):
+    """A run that finished before a later cell failed, and one left open, both end FAILED: nothing of a stage that did
+    not complete reads as a finished run."""
+    insert_cell(
+        project_copy,
+        """import os
+import mlflow
+from lib.core import connect_mlflow
+connect_mlflow(root, os.environ, "failing")  # its first call creates the experiment without activating it
+with mlflow.start_run(run_name="done before the failure"):
+    pass
+mlflow.start_run(run_name="open at the failure")
+raise RuntimeError("charter source unavailable")""",
+    )
+    proc = run(["dvc", "repro", STAGE], project_copy, check=False)
+    assert proc.returncode != 0 and "charter source unavailable" in proc.stderr
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri(project_copy, {}))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED"], proc.stderr[-3000:]
+    assert len({r.data.tags["stage_run"] for r in runs}) == 1
+
+
 def test_an_early_exit_with_status_0_still_fails_the_stage(project_copy):
     insert_cell(project_copy, "import sys\nsys.exit(0)")
     proc = run(["dvc", "repro", STAGE], project_copy, check=False)

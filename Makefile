@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed-$(PINS)
 LAB_ARGS ?=
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-fast system-packages lab bench audit lint export team-up team-down
+.PHONY: setup run test test-fast system-packages lab bench audit lint export team-up team-down recover
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ lab: setup
 
 bench: setup
 	python benchmarks/benchmark.py
+
+# After a failed stage: failed executed notebooks to reports/failed/, every other output back to the last good state.
+recover: setup
+	recover-pipeline
 
 audit: setup
 	pip-audit --strict --no-deps --disable-pip -r requirements.lock

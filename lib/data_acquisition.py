@@ -7,22 +7,25 @@ __all__ = ['TABLES', 'SOURCE_TABLES', 'PROCESSED_TABLES', 'UNKNOWN', 'BANDS', 'D
            'FIRST_DAY', 'LAST_DAY', 'HOUSEHOLD', 'CONTRACTS', 'PROCESSED_CONTRACTS', 'SCORECARD_COLUMNS',
            'FOREIGN_KEYS', 'SNAPSHOT_COLUMNS', 'SOURCE_KINDS', 'CSV_OPTIONS', 'EXTRA_COLUMN_POLICIES', 'ARROW_TYPES',
            'FIRST_NAMES', 'LAST_NAMES', 'DEMO_NOTE', 'CONTACT_KEY_VAR', 'DEVELOPMENT_KEY', 'HOUSEHOLD_TABLES',
-           'LOCATIONS', 'DEVELOPMENT_KEY_WARNING', 'DEMO_CONTACTS_NOTE', 'SPEC', 'column', 'ContractError', 'violation',
-           'score_contract', 'raise_for_failures', 'check_contract', 'foreign_key_rule', 'interval_rule',
-           'campaign_window_rule', 'week_rule', 'meaning_rules', 'check_meaning', 'describe_column', 'take_snapshot',
-           'column_psi', 'compare_snapshot', 'SnapshotError', 'check_snapshot', 'Source', 'files_source',
-           'package_source', 'sql_source', 'source_url', 'resolve_source', 'has_table', 'source_columns', 'iter_source',
-           'text_dtypes', 'select_columns', 'coerce_table', 'arrow_schema', 'ingest_table', 'stream_table',
-           'generate_contacts', 'DevelopmentKeyWarning', 'pseudonym_key', 'pseudonymize', 'sample_households',
-           'drop_duplicate_rows', 'standardize_demographics', 'fill_unknown_text', 'to_categories', 'find_home_stores',
-           'pseudonymize_contacts', 'sort_by_key', 'process_tables', 'promotion_rows', 'promotion_reducer',
-           'process_promotions', 'Acquisition', 'ingest_contacts', 'source_households', 'sample_filter', 'acquire',
-           'write_tables', 'load_processed', 'quality_scores', 'quality_metrics', 'catalog_entry', 'build_catalog',
-           'profile_table', 'profile_tables', 'has_pii', 'blanket_offers', 'kpi_tables', 'acquisition_summary',
-           'source_notes', 'plot_quality', 'profile_links', 'catalog_table', 'pii_table', 'rule_summary',
-           'processing_log', 'promotion_volume', 'baseline_table', 'plot_baseline', 'check_params']
+           'LOCATIONS', 'DEVELOPMENT_KEY_WARNING', 'DEMO_CONTACTS_NOTE', 'SPEC', 'FINGERPRINT_FILE', 'column',
+           'ContractError', 'violation', 'score_contract', 'raise_for_failures', 'check_contract', 'foreign_key_rule',
+           'interval_rule', 'campaign_window_rule', 'week_rule', 'meaning_rules', 'check_meaning', 'describe_column',
+           'take_snapshot', 'column_psi', 'compare_snapshot', 'SnapshotError', 'check_snapshot', 'Source',
+           'files_source', 'package_source', 'sql_source', 'source_url', 'resolve_source', 'reading', 'has_table',
+           'source_columns', 'iter_source', 'text_dtypes', 'select_columns', 'coerce_table', 'arrow_schema',
+           'ingest_table', 'stream_table', 'generate_contacts', 'DevelopmentKeyWarning', 'pseudonym_key',
+           'pseudonymize', 'sample_households', 'drop_duplicate_rows', 'standardize_demographics', 'fill_unknown_text',
+           'to_categories', 'find_home_stores', 'pseudonymize_contacts', 'sort_by_key', 'process_tables',
+           'promotion_rows', 'promotion_reducer', 'process_promotions', 'Acquisition', 'ingest_contacts',
+           'source_households', 'sample_filter', 'acquire', 'write_tables', 'load_processed', 'quality_scores',
+           'quality_metrics', 'catalog_entry', 'build_catalog', 'profile_table', 'profile_tables', 'has_pii',
+           'blanket_offers', 'kpi_tables', 'acquisition_summary', 'source_notes', 'plot_quality', 'profile_links',
+           'catalog_table', 'pii_table', 'rule_summary', 'processing_log', 'promotion_volume', 'baseline_table',
+           'plot_baseline', 'check_params', 'source_fingerprint', 'fingerprint_source_cli']
 
 # %% ../notebooks/02_data_acquisition.ipynb #93cdfefe
+import codecs
+import contextlib
 import copy
 import glob
 import hashlib
@@ -30,6 +33,7 @@ import hmac
 import importlib.metadata
 import importlib.util
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -40,7 +44,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .core import ParamsError, file_sha256
+from .core import ParamsError, file_sha256, load_params, project_root, save_json
 from .kpis import measurable_campaigns
 
 # %% ../notebooks/02_data_acquisition.ipynb #9ebbd01c
@@ -617,9 +621,10 @@ class Source:
     url: str = field(default="", repr=False)  # sql: SQLAlchemy URL, perhaps with a password: never shown
     queries: dict = field(default_factory=dict)  # sql: table → query replacing SELECT * FROM <table>
     csv_delimiter: str = ","
+    csv_encoding: str = "utf-8-sig"  # utf-8-sig reads plain UTF-8 too, and drops a byte-order mark
 
 
-def files_source(pattern, root=".", csv_delimiter=",", label=None) -> Source:
+def files_source(pattern, root=".", csv_delimiter=",", label=None, csv_encoding="utf-8-sig") -> Source:
     "A source of `<table>.parquet` / `<table>.csv` files in folder or glob `pattern` (relative to `root`)."
     path = Path(root) / pattern
     found = sorted(path.iterdir()) if path.is_dir() else sorted(Path(p) for p in glob.glob(str(path)))
@@ -628,7 +633,9 @@ def files_source(pattern, root=".", csv_delimiter=",", label=None) -> Source:
         if p.stem in files:
             raise violation(p.stem, "*", "one_file_per_table", 2, detail=f"{files[p.stem].name} and {p.name}")
         files[p.stem] = p
-    return Source("files", label or f"files {pattern}", files=files, csv_delimiter=csv_delimiter)
+    return Source(
+        "files", label or f"files {pattern}", files=files, csv_delimiter=csv_delimiter, csv_encoding=csv_encoding
+    )
 
 # %% ../notebooks/02_data_acquisition.ipynb #167c5dcb
 def package_source() -> Source:
@@ -668,19 +675,43 @@ def resolve_source(spec, root, environ) -> Source:
     if spec["kind"] == "package":
         return package_source()
     if spec["kind"] == "files":
-        return files_source(spec["path"], root, spec["csv_delimiter"])
+        return files_source(spec["path"], root, spec["csv_delimiter"], csv_encoding=spec["csv_encoding"])
     if spec["kind"] == "sql":
         return sql_source(source_url(environ, spec["url_env"]), spec["queries"])
     raise ParamsError(f"data_acquisition.source.kind must be one of {', '.join(SOURCE_KINDS)}, got {spec['kind']!r}")
 
 # %% ../notebooks/02_data_acquisition.ipynb #d55b4300
-CSV_OPTIONS = dict(dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8-sig")
+CSV_OPTIONS = dict(dtype=str, keep_default_na=False, na_values=[""])
 
 
-def _csv_columns(path, table, delimiter) -> list:
+@contextlib.contextmanager
+def reading(path, table, encoding="utf-8-sig"):
+    "Turn a source file that cannot be read into a `ContractError` naming the file, its table and the fix."
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        raise violation(
+            table,
+            "*",
+            "csv_encoding",
+            detail=f"{path} is not {encoding} text ({err.reason} at byte {err.start}): "
+            "set data_acquisition.source.csv_encoding to the file's encoding, e.g. latin-1 or cp1252",
+        ) from None
+    except (pa.ArrowException, OSError) as err:
+        raise violation(
+            table,
+            "*",
+            "readable_parquet",
+            detail=f"{path} is not a readable parquet file ({err}): it may be truncated or empty; "
+            "replace it with a complete copy",
+        ) from None
+
+
+def _csv_columns(path, table, delimiter, encoding="utf-8-sig") -> list:
     "The header of a CSV file; an empty file or a likely wrong delimiter is an error."
     try:
-        columns = list(pd.read_csv(path, sep=delimiter, nrows=0, encoding="utf-8-sig").columns)
+        with reading(path, table, encoding):
+            columns = list(pd.read_csv(path, sep=delimiter, nrows=0, encoding=encoding).columns)
     except pd.errors.EmptyDataError:
         raise violation(table, "*", "non_empty", detail=f"{Path(path).name} is empty, not even a header") from None
     others = [d for d in (",", ";", "\t", "|") if d != delimiter and len(columns) == 1 and d in columns[0]]
@@ -729,8 +760,9 @@ def source_columns(source, table) -> list:
             engine.dispose()
     path = source.files[table]
     if path.suffix == ".csv":
-        return _csv_columns(path, table, source.csv_delimiter)
-    return list(pq.ParquetFile(path).schema_arrow.names)
+        return _csv_columns(path, table, source.csv_delimiter, source.csv_encoding)
+    with reading(path, table):
+        return list(pq.ParquetFile(path).schema_arrow.names)
 
 
 def _iter_sql(source, table, columns, chunk_rows):
@@ -752,12 +784,14 @@ def iter_source(source, table, columns, chunk_rows):
         yield from _iter_sql(source, table, columns, chunk_rows)
         return
     path = source.files[table]
-    if path.suffix == ".csv":
-        for chunk in pd.read_csv(path, sep=source.csv_delimiter, usecols=columns, chunksize=chunk_rows, **CSV_OPTIONS):
-            yield chunk[columns]
-        return
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=columns):
-        yield batch.to_pandas()
+    with reading(path, table, source.csv_encoding):
+        if path.suffix == ".csv":
+            options = dict(sep=source.csv_delimiter, usecols=columns, encoding=source.csv_encoding, **CSV_OPTIONS)
+            for chunk in pd.read_csv(path, chunksize=chunk_rows, **options):
+                yield chunk[columns]
+            return
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=columns):
+            yield batch.to_pandas()
 
 
 def text_dtypes(source, table) -> set:
@@ -1586,6 +1620,7 @@ SPEC = {
         "kind": str,  # package | files | sql
         "path": str,  # files: a folder or glob of <table>.parquet / <table>.csv, relative to the project root
         "csv_delimiter": str,  # files: the CSV field delimiter
+        "csv_encoding": str,  # files: the CSV text encoding (utf-8-sig, latin-1, cp1252, ...)
         "url_env": str,  # sql: the environment variable holding the SQLAlchemy URL (never the URL itself)
         "queries": dict,  # sql: table → SELECT yielding it (default SELECT * FROM <table>)
     },
@@ -1603,13 +1638,21 @@ SPEC = {
 }
 
 
+def _known_encoding(name) -> bool:
+    try:
+        return bool(codecs.lookup(name))
+    except LookupError:
+        return False
+
+
 def check_params(params) -> dict:
-    "Meaning checks beyond types: known kinds, policies and tables, a positive chunk size."
+    "Meaning checks beyond types: known kinds, policies, encodings and tables, a positive chunk size."
     src = params["source"]
     checks = [
         (src["kind"] in SOURCE_KINDS, f"source.kind must be one of {', '.join(SOURCE_KINDS)}, got {src['kind']!r}"),
         (src["kind"] != "files" or bool(src["path"]), "source.path is required for kind files"),
         (src["kind"] != "sql" or bool(src["url_env"]), "source.url_env is required for kind sql"),
+        (_known_encoding(src["csv_encoding"]), f"source.csv_encoding: unknown encoding {src['csv_encoding']!r}"),
         (
             params["extra_columns"] in EXTRA_COLUMN_POLICIES,
             f"extra_columns must be error or drop, got {params['extra_columns']!r}",
@@ -1627,3 +1670,52 @@ def check_params(params) -> dict:
         if not ok:
             raise ParamsError(f"data_acquisition.{message}")
     return params
+
+# %% ../notebooks/02_data_acquisition.ipynb #e7c1b003
+FINGERPRINT_FILE = "data/source_fingerprint.json"
+
+
+def _sql_fingerprint(source, table) -> dict:
+    "Row count and latest value of each date column of SQL `table`."
+    import sqlalchemy
+
+    present = set(source_columns(source, table))
+    spec = CONTRACTS.get(table, {}).get("columns", {})
+    dates = [c for c, s in spec.items() if s["dtype"] == "datetime64[ns]" and c in present]
+    engine = sqlalchemy.create_engine(source.url)
+    quote = engine.dialect.identifier_preparer.quote
+    columns = ", ".join(["COUNT(*)", *(f"MAX({quote(c)})" for c in dates)])
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(
+                sqlalchemy.text(f"SELECT {columns} FROM ({_sql_query(source, table, engine)}) AS q")
+            ).one()
+    finally:
+        engine.dispose()
+    return {"rows": int(row[0]), "latest": {c: str(v) for c, v in zip(dates, row[1:], strict=True)}}
+
+
+def source_fingerprint(source, tables=SOURCE_TABLES) -> dict:
+    """What `source` holds now, cheaply: per file its name, size and content hash; per SQL table its row count and
+    latest dates. Free of local paths, so the same data gives the same fingerprint on any machine."""
+    present = [t for t in tables if has_table(source, t)]
+    if source.kind == "sql":
+        return {"kind": "sql", "tables": {t: _sql_fingerprint(source, t) for t in present}}
+    files = {t: source.files[t] for t in present}
+    return {
+        "kind": "files",
+        "tables": {t: {"file": p.name, "bytes": p.stat().st_size, "sha256": file_sha256(p)} for t, p in files.items()},
+    }
+
+# %% ../notebooks/02_data_acquisition.ipynb #e7c1b005
+def fingerprint_source_cli(argv=None):
+    "Command line: `source-fingerprint [PARAMS_FILE]` writes `data/source_fingerprint.json` for the declared source."
+    args = list(sys.argv[1:] if argv is None else argv)
+    root = project_root()
+    try:
+        params = check_params(load_params(root / (args[0] if args else "params.yaml"), "data_acquisition", SPEC))
+        fingerprint = source_fingerprint(resolve_source(params["source"], root, os.environ))
+    except Exception as err:  # a params error, an unreadable folder, a database that does not answer: say which
+        sys.exit(f"source-fingerprint: {type(err).__name__}: {err}")
+    save_json(fingerprint, root / FINGERPRINT_FILE)
+    print(f"source-fingerprint: {len(fingerprint['tables'])} table(s) of the {params['source']['kind']} source")

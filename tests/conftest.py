@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -79,11 +80,31 @@ def project_copy(tmp_path):
     return make_project_copy(tmp_path / "project")
 
 
+def measure(cmd, cwd) -> dict:
+    """Run `cmd` like `run`; returns its wall time and peak resident memory (the largest process in its tree)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = proc.stdout.read().decode(errors="replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{output[-4000:]}")
+    return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+
+
+def measure_stages(project, force=False) -> dict:
+    """Each stage of `project`'s pipeline run in order, alone (`dvc repro --single-item`): its time and peak memory."""
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    return {s: measure(["dvc", "repro", "--single-item", *(["--force"] if force else []), s], project) for s in stages}
+
+
 @pytest.fixture(scope="session")
 def smoke_pipeline(tmp_path_factory):
-    """One smoke run of the whole pipeline, shared by the tests that only read its outputs."""
+    """One smoke run of the whole pipeline, stage by stage, shared by the tests that only read its outputs; each stage's
+    time and peak memory are in `smoke_figures.json` beside the project."""
     project = make_project_copy(tmp_path_factory.mktemp("smoke") / "project")
-    run(["dvc", "repro"], project)
+    figures = measure_stages(project)
+    (project.parent / "smoke_figures.json").write_text(json.dumps({"stages": figures}, indent=2))
     return project
 
 

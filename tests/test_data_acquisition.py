@@ -1,6 +1,7 @@
 """Step 02 data acquisition: every source kind gives the same tables, bad input stops ingestion with a specific
 error, contact details stay in data/raw/, pseudonyms are keyed and stable, and outputs are reproducible."""
 
+import io
 import json
 import sqlite3
 import tempfile
@@ -31,6 +32,7 @@ from lib.data_acquisition import (
     package_source,
     pseudonym_key,
     sample_households,
+    source_fingerprint,
     sql_source,
     write_tables,
 )
@@ -159,7 +161,8 @@ def ingest_written(tmp_path, table, frame, fmt="parquet", text=None, **kw):
         frame.to_parquet(path, index=False)
     else:
         frame.to_csv(path, index=False)
-    return ingest_table(files_source(folder, csv_delimiter=kw.pop("csv_delimiter", ",")), table, CONTRACTS, **kw)
+    csv = {name: kw.pop(name) for name in ("csv_delimiter", "csv_encoding") if name in kw}
+    return ingest_table(files_source(folder, **csv), table, CONTRACTS, **kw)
 
 
 def expect_error(tmp_path, table, frame, message, **kw):
@@ -344,6 +347,26 @@ def test_empty_files_are_errors(tmp_path, small):
     expect_error(tmp_path, "campaign_descriptions", cd.iloc[:0], "campaign_descriptions.*: rule non_empty")
 
 
+def test_a_truncated_or_empty_parquet_file_is_named_with_its_table_and_the_fix(tmp_path, small):
+    whole = io.BytesIO()
+    small["campaign_descriptions"].to_parquet(whole, index=False)
+    for data in (whole.getvalue()[: len(whole.getvalue()) // 2], b""):
+        err = expect_error(
+            tmp_path, "campaign_descriptions", None, "campaign_descriptions.*: rule readable_parquet", text=data
+        )
+        assert "campaign_descriptions.parquet is not a readable parquet file" in str(err)
+        assert "replace it with a complete copy" in str(err)
+
+
+def test_a_csv_in_another_encoding_names_the_file_and_the_setting_that_reads_it(tmp_path, small):
+    products = small["products"].assign(package_size=["5 \u00bd OZ", *small["products"].package_size[1:]])
+    latin1 = csv_text(products).encode("latin-1")
+    err = expect_error(tmp_path, "products", None, "products.*: rule csv_encoding", fmt="csv", text=latin1)
+    assert "products.csv is not utf-8-sig text" in str(err) and "set data_acquisition.source.csv_encoding" in str(err)
+    frame, _, _ = ingest_written(tmp_path, "products", None, "csv", text=latin1, csv_encoding="latin-1")
+    assert frame.package_size.iloc[0] == "5 \u00bd OZ"
+
+
 def test_a_table_missing_from_the_source_is_named(tmp_path, slice_dirs):
     with pytest.raises(ContractError, match="demographics.*: rule table_present"):
         ingest_table(sql_source(f"sqlite:///{tmp_path / 'empty.db'}"), "demographics", CONTRACTS)
@@ -357,6 +380,30 @@ def test_sql_queries_replace_whole_tables(slice_dirs):
         sql_source(f"sqlite:///{slice_dirs / 'slice.db'}", {"campaigns": query}), "campaigns", CONTRACTS
     )
     assert len(frame) and (frame.campaign_id == 18).all() and list(frame.columns) == ["campaign_id", "household_id"]
+
+
+def test_the_source_fingerprint_changes_with_the_data_and_only_with_it(slice_dirs, tmp_path):
+    db = tmp_path / "source.db"
+    db.write_bytes((slice_dirs / "slice.db").read_bytes())
+    source = sql_source(f"sqlite:///{db}")
+    before = source_fingerprint(source)
+    assert before == source_fingerprint(source)  # unchanged data, the same fingerprint
+    assert before["tables"]["campaigns"]["rows"] > 0 and before["tables"]["transactions"]["latest"]
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM campaigns WHERE rowid = (SELECT MIN(rowid) FROM campaigns)")
+    after = source_fingerprint(source)
+    assert after["tables"]["campaigns"]["rows"] == before["tables"]["campaigns"]["rows"] - 1
+    files = source_fingerprint(files_source("csv", slice_dirs))
+    assert files["tables"]["coupons"]["file"] == "coupons.csv" and len(files["tables"]["coupons"]["sha256"]) == 64
+    assert str(slice_dirs) not in json.dumps(files)  # the same files give the same fingerprint on any machine
+
+
+def test_acquisition_depends_on_a_fingerprint_of_the_source_taken_at_every_repro():
+    stages = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
+    fingerprint = stages["source_fingerprint"]
+    assert fingerprint["always_changed"] is True
+    out = next(iter(fingerprint["outs"][0]))
+    assert out in stages["data_acquisition"]["deps"]
 
 
 # ---------------------------------------------------------------- end to end through DVC
@@ -472,3 +519,16 @@ def test_bad_source_data_stops_the_stage_before_any_delivery(project_copy, slice
         else {"stages": {}}
     )
     assert "data_acquisition" not in lock["stages"]
+
+
+@pytest.mark.pipeline
+def test_a_changed_source_file_reruns_acquisition_and_an_unchanged_one_does_not(project_copy, slice_tables):
+    use_source(project_copy, slice_tables)
+    run(["dvc", "repro", "data_acquisition"], project_copy)
+    again = run(["dvc", "repro", "data_acquisition"], project_copy)
+    assert "Stage 'data_acquisition' didn't change, skipping" in again.stdout
+    delivered = project_copy / "source/coupons.parquet"
+    delivered.write_bytes(delivered.read_bytes()[:100])  # a new delivery, cut short
+    proc = run(["dvc", "repro", "data_acquisition"], project_copy, check=False)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "coupons.parquet is not a readable parquet file" in proc.stderr

@@ -5,12 +5,15 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import nbformat
+import psutil
 import pytest
 import yaml
 
-from conftest import project_env, run
+from conftest import BIN, project_env, run
+from lib.core import tracking_uri
 from lib.kpis import validate_charter
 
 pytestmark = pytest.mark.pipeline
@@ -116,6 +119,30 @@ def test_a_failing_cell_fails_the_stage_and_keeps_the_executed_notebook(project_
     assert STAGE not in locked_stages(project_copy)
 
 
+def test_the_mlflow_runs_of_a_failed_stage_end_failed_not_finished(project_copy):
+    """A run that finished before a later cell failed, and one left open, both end FAILED: nothing of a stage that did
+    not complete reads as a finished run."""
+    insert_cell(
+        project_copy,
+        """import os
+import mlflow
+from lib.core import connect_mlflow
+connect_mlflow(root, os.environ, "failing")  # its first call creates the experiment without activating it
+with mlflow.start_run(run_name="done before the failure"):
+    pass
+mlflow.start_run(run_name="open at the failure")
+raise RuntimeError("charter source unavailable")""",
+    )
+    proc = run(["dvc", "repro", STAGE], project_copy, check=False)
+    assert proc.returncode != 0 and "charter source unavailable" in proc.stderr
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri(project_copy, {}))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED"], proc.stderr[-3000:]
+    assert len({r.data.tags["stage_run"] for r in runs}) == 1
+
+
 def test_an_early_exit_with_status_0_still_fails_the_stage(project_copy):
     insert_cell(project_copy, "import sys\nsys.exit(0)")
     proc = run(["dvc", "repro", STAGE], project_copy, check=False)
@@ -142,6 +169,19 @@ def test_a_wrongly_typed_parameter_stops_the_stage_naming_the_key(project_copy):
     proc = run(["dvc", "repro", STAGE], project_copy, check=False)
     assert proc.returncode != 0 and "business_understanding.kpis[0].target: expected int or float" in proc.stderr
     assert not (project_copy / "data/charter.json").exists()
+
+
+def test_the_environment_s_own_dvc_runs_the_pipeline_without_activating_it(project_copy):
+    """`.venv/bin/dvc repro`, as the README allows, finds `run-stage` although the environment is not on PATH."""
+    (project_copy / ".venv").symlink_to(BIN.parent)
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p).resolve() != BIN.resolve())
+    env = {**project_env(), "PATH": path}
+    env.pop("VIRTUAL_ENV", None)
+    proc = subprocess.run(
+        [".venv/bin/dvc", "repro", STAGE], cwd=project_copy, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert STAGE in locked_stages(project_copy)
 
 
 def start_repro(project, log):
@@ -190,3 +230,83 @@ def test_an_interrupted_repro_is_recovered_by_the_next_one(project_copy, tmp_pat
     nbformat.write(nb, project_copy / NOTEBOOK)
     run(["dvc", "repro", STAGE], project_copy)
     assert STAGE in locked_stages(project_copy) and json.loads((project_copy / "data/charter.json").read_text())["kpis"]
+
+
+def insert_cell_with_a_running_mlflow_run(project, signals):
+    """Insert a cell that starts an MLflow run, writes its id to `signals/started` and waits (bounded) for
+    `signals/release`, as a long cell of a tracked stage does. Returns the two paths."""
+    signals.mkdir()
+    started, release = signals / "started", signals / "release"
+    insert_cell(
+        project,
+        f"""import os, pathlib, time
+import mlflow
+from lib.core import connect_mlflow
+connect_mlflow(root, os.environ, "interrupted")
+tracked = mlflow.start_run(run_name="interrupted")
+pathlib.Path({str(started)!r}).write_text(tracked.info.run_id)
+deadline = time.monotonic() + 300
+while not pathlib.Path({str(release)!r}).exists():
+    assert time.monotonic() < deadline, "no release signal within 300 s"
+    time.sleep(0.1)""",
+    )
+    return started, release
+
+
+def _ended(process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE  # ended, waiting for its new parent to reap it
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _describe(process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return f"pid {process.pid}"
+
+
+def still_running(processes, timeout=30) -> list:
+    """Wait (bounded) until every process of `processes` has ended; returns a description of those still running."""
+    deadline = time.monotonic() + timeout
+    while not all(_ended(p) for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the poll interval of a bounded wait
+    return [_describe(p) for p in processes if not _ended(p)]
+
+
+# How the pipeline is stopped: Ctrl-C in a terminal signals the whole foreground process group; `kill` and `kill -9`
+# signal the `dvc` process alone (DVC ignores SIGINT while a stage runs), or the whole group.
+STOPS = {
+    "ctrl-c": (signal.SIGINT, True),
+    "kill": (signal.SIGTERM, False),
+    "kill -9": (signal.SIGKILL, False),
+    "kill -9 of the group": (signal.SIGKILL, True),
+}
+
+
+@pytest.mark.parametrize("how", STOPS)
+def test_a_killed_repro_leaves_no_stage_process_and_no_running_mlflow_run(project_copy, tmp_path, how):
+    import mlflow
+
+    sig, whole_group = STOPS[how]
+    started, release = insert_cell_with_a_running_mlflow_run(project_copy, tmp_path / "signals")
+    first, log = start_repro(project_copy, tmp_path / "first.log")
+    stage_processes = []
+    try:
+        wait_for_file(started, first, log)  # the stage is inside its long cell, with an MLflow run open
+        stage_processes = psutil.Process(first.pid).children(recursive=True)  # run-stage, its kernel, ...
+        assert any("run-stage" in _describe(p) for p in stage_processes)
+        os.killpg(first.pid, sig) if whole_group else os.kill(first.pid, sig)
+        alive = still_running(stage_processes)
+        first.wait(timeout=60)
+    finally:
+        release.touch()  # a kernel that outlived the stop stops waiting ...
+        for process in stage_processes:  # ... and whatever is left is stopped here, not left to the machine
+            if not _ended(process):
+                process.kill()
+        stop(first)
+    assert alive == [], f"still running 30 s after {how} of dvc repro: {alive}"
+    assert STAGE not in locked_stages(project_copy)
+    status = mlflow.MlflowClient(tracking_uri(project_copy, {})).get_run(started.read_text()).info.status
+    assert status in ("KILLED", "FAILED"), f"the interrupted stage's MLflow run is {status}"

@@ -100,6 +100,9 @@ def write_params(tmp_path, mutate):
         (lambda p: p["shared"].update(seed="42"), "shared.seed: expected int, got str '42'"),
         (lambda p: p["shared"].pop("kernel"), "shared.kernel: required key is missing"),
         (lambda p: p.update(model_deploymnet={}), "params.yaml: unknown key(s) model_deploymnet"),
+        (lambda p: p["shared"].update(cell_timeout_s=0), "shared.cell_timeout_s must be a positive number of seconds"),
+        (lambda p: p["shared"].update(cell_timeout_s=-1), "shared.cell_timeout_s must be a positive number of seconds"),
+        (lambda p: p["shared"].update(households_sample=-3), "shared.households_sample must be 0 (every household)"),
         (
             lambda p: p.update(business_understanding={}),
             "params.yaml: unknown key(s) business_understanding",

@@ -44,7 +44,7 @@ def test_every_step_notebook_is_a_dvc_stage(notebook):
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     stage = notebook.stem[3:]
     assert stage in stages and f"notebooks/{notebook.name}" in stages[stage]["deps"]
-    assert stages[stage]["cmd"] == f"run-stage {stage}"
+    assert stages[stage]["cmd"] == f'env PATH="$DVC_ROOT/.venv/bin:$PATH" run-stage {stage}'
 
 
 def test_lib_is_not_edited_by_hand():

@@ -382,6 +382,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'lib.model_deployment.promote': ('model_deployment.html#promote', 'lib/model_deployment.py'),
                                       'lib.model_deployment.ranking_metrics': ( 'model_deployment.html#ranking_metrics',
                                                                                 'lib/model_deployment.py'),
+                                      'lib.model_deployment.read_raw_contacts': ( 'model_deployment.html#read_raw_contacts',
+                                                                                  'lib/model_deployment.py'),
                                       'lib.model_deployment.reconcile_cli': ( 'model_deployment.html#reconcile_cli',
                                                                               'lib/model_deployment.py'),
                                       'lib.model_deployment.register_candidate': ( 'model_deployment.html#register_candidate',

@@ -10,9 +10,9 @@ __all__ = ['SPEC', 'GATE_METRICS', 'RULE_NAME', 'SEND_LIST_COLUMNS', 'DELIVERY_C
            'paired_bootstrap', 'precision_difference', 'slice_intervals', 'GateDecision', 'charter_checks', 'decide',
            'judge', 'status_quo', 'Gate', 'gate_candidate', 'version_tags', 'Deployment', 'commit_deployment',
            'campaign_rows', 'campaign_featurizer', 'household_chunks', 'score_in_chunks', 'peak_memory_mb',
-           'offers_per_household', 'capped_households', 'build_send_list', 'build_delivery', 'write_restricted',
-           'deployment_kpi_tables', 'measure_blanket_precision', 'free_port', 'split_payload', 'post_json',
-           'start_server', 'stop_server', 'wait_until_ready', 'serving', 'invoke', 'measure_latency',
+           'offers_per_household', 'capped_households', 'build_send_list', 'build_delivery', 'read_raw_contacts',
+           'write_restricted', 'deployment_kpi_tables', 'measure_blanket_precision', 'free_port', 'split_payload',
+           'post_json', 'start_server', 'stop_server', 'wait_until_ready', 'serving', 'invoke', 'measure_latency',
            'generate_dockerfile', 'load_history', 'restore_champion', 'check_registry_agrees', 'reconcile_cli',
            'history_entry', 'champion_pointer', 'flat', 'check_serving_parity', 'write_dockerfile',
            'deployment_metrics', 'serving_metrics', 'latest_kpis', 'log_deployment_run', 'gate_comparison',
@@ -668,6 +668,17 @@ def build_delivery(send_list, raw_contacts) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{missing} send-list rows have no contact in the raw CRM extract")
     return out[DELIVERY_COLUMNS]
+
+
+def read_raw_contacts(path) -> pd.DataFrame:
+    "Step 02's raw contact table; an unreadable file is an error naming it and the stage that rewrites it."
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(
+            f"{path} is not a readable parquet file ({type(err).__name__}: {err}): rewrite it with "
+            "`dvc repro --force --single-item data_acquisition`"
+        ) from None
 
 
 def write_restricted(frame, path) -> Path:

@@ -391,7 +391,9 @@ def test_a_registry_that_disagrees_with_the_committed_pointer_stops_the_stage_un
     project, uri = project_with_own_store(smoke, tmp_path / "project")
     client, committed = MlflowClient(uri), smoke["champion"]
     other = next(
-        v for v in client.search_model_versions(f"name = '{committed['name']}'") if v.version != committed["version"]
+        v
+        for v in client.search_model_versions(f"name = '{committed['name']}'")
+        if str(v.version) != committed["version"]
     )
     client.set_registered_model_alias(committed["name"], "champion", other.version)  # e.g. another commit's registry
     env = {"MLFLOW_TRACKING_URI": uri}

@@ -9,14 +9,15 @@ __all__ = ['ROOT_MARKERS', 'STEPS', 'STAGES', 'SECTIONS', 'CHARTER_FILE', 'SHARE
            'check_tracking_server', 'connect_mlflow', 'seed_everything', 'file_sha256', 'save_json', 'load_json',
            'save_csv', 'MissingOutputError', 'stage_outputs', 'check_outputs', 'check_notebook_outputs',
            'step_notebook', 'report_paths', 'check_notebook_parameters', 'render_report', 'progress', 'quiet',
-           'ipc_kernel_manager', 'watch_parent', 'stop_descendants', 'stage_run_context', 'end_stage_runs',
-           'end_runs_of', 'stop_stage_on_signals', 'guard_stage_kernel', 'StageError', 'run_stage', 'run_stage_cli',
-           'changed_outputs', 'uncached_outputs', 'keep_failed_notebooks', 'recover', 'recover_cli']
+           'ipc_kernel_manager', 'watch_parent', 'pipeline_chain', 'stop_descendants', 'stage_run_context',
+           'end_stage_runs', 'end_runs_of', 'stop_stage_on_signals', 'guard_stage_kernel', 'StageError', 'run_stage',
+           'run_stage_cli', 'changed_outputs', 'uncached_outputs', 'keep_failed_notebooks', 'recover', 'recover_cli']
 
 # %% ../notebooks/00_core.ipynb #1504f3be
 import ast
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -429,18 +430,51 @@ def ipc_kernel_manager():
     return IPCKernelManager
 
 # %% ../notebooks/00_core.ipynb #e7c1a002
-def watch_parent(on_orphaned, poll_s=0.5) -> threading.Thread:
-    "Call `on_orphaned()` from a daemon thread once this process's parent has exited (it was re-parented)."
-    parent = os.getppid()
+def _parent_of(pid):
+    "The parent pid of `pid`, or None once it has exited."
+    import psutil
+
+    try:
+        return psutil.Process(pid).ppid()
+    except psutil.NoSuchProcess:
+        return None
+
+
+def watch_parent(on_orphaned, poll_s=0.5, chain=None) -> threading.Thread:
+    """Call `on_orphaned()` from a daemon thread once a process of `chain` (pids from this process upwards; by default
+    this process and its parent) has lost its parent: that parent exited and the child was re-parented."""
+    links = list(itertools.pairwise(chain or [os.getpid(), os.getppid()]))
 
     def watch():
-        while os.getppid() == parent:
+        while all(_parent_of(child) == parent for child, parent in links):
             time.sleep(poll_s)
         on_orphaned()
 
     thread = threading.Thread(target=watch, name="watch-parent", daemon=True)
     thread.start()
     return thread
+
+
+def _is_dvc(process) -> bool:
+    "Whether `process` runs the `dvc` command (its executable or script is named dvc)."
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return any(Path(part).name == "dvc" for part in process.cmdline()[:3])
+    return False
+
+
+def pipeline_chain() -> list:
+    """Pids from this process up to the `dvc` that started it — a shell that does not exec its command (dash's
+    `sh -c`) stays in between — or this process and its parent when no `dvc` is above it."""
+    import psutil
+
+    chain = [os.getpid()]
+    for process in psutil.Process().parents():
+        chain.append(process.pid)
+        if _is_dvc(process):
+            return chain
+    return chain[:2]
 
 # %% ../notebooks/00_core.ipynb #e7c1a004
 def stop_descendants(timeout_s=5.0) -> list:
@@ -495,8 +529,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def stop_stage_on_signals(stage, stage_run, executed):
-    """In `run-stage`: on SIGINT, SIGTERM or SIGHUP, or when its parent exits, stop the kernel and every process under
-    it, end the stage's MLflow runs as KILLED and exit with 128 + the signal's number."""
+    """In `run-stage`: on SIGINT, SIGTERM or SIGHUP, or when the `dvc` above it exits, stop the kernel and every
+    process under it, end the stage's MLflow runs as KILLED and exit with 128 + the signal's number."""
 
     def interrupted(signum, frame):
         stopped = stop_descendants()
@@ -512,7 +546,7 @@ def stop_stage_on_signals(stage, stage_run, executed):
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, interrupted)
-    watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
+    watch_parent(lambda: os.kill(os.getpid(), signal.SIGTERM), chain=pipeline_chain())
 
 # %% ../notebooks/00_core.ipynb #e7c1a010
 def guard_stage_kernel(poll_s=0.2):

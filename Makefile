@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed-$(PINS)
 LAB_ARGS ?=
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-fast system-packages lab bench audit lint export team-up team-down recover
+.PHONY: setup run test test-fast system-packages lab bench audit lint export team-up team-down recover restore-restricted
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ lab: setup
 
 bench: setup
 	python benchmarks/benchmark.py
+
+# A teammate after `dvc pull`: the raw contacts and the delivery file, which are never pushed, rebuilt from the source.
+restore-restricted: setup
+	restore-restricted
 
 # After a failed stage: failed executed notebooks to reports/failed/, every other output back to the last good state.
 recover: setup

@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ import yaml
 from conftest import ROOT, make_project_copy, project_env, run
 from lib.core import TrackingStoreError, connect_mlflow, load_json, load_yaml, quiet
 from lib.data_acquisition import TABLES, package_source, sample_households
-from lib.team import answers_health, pg_ready, start_postgres, stop_postgres, team_settings
+from lib.team import RESTRICTED_FILES, answers_health, pg_ready, start_postgres, stop_postgres, team_settings
 
 pytestmark = pytest.mark.pipeline
 
@@ -256,9 +257,6 @@ def test_contact_details_stay_private_and_never_reach_the_cache_or_the_remote(te
     assert not run(["git", "ls-files", "data/raw", "data/delivery"], project).stdout  # and never committed
 
 
-RESTRICTED = {"data/raw/contacts.parquet", "data/delivery"}  # never cached nor pushed: a teammate makes their own
-
-
 def _paths(change) -> list:
     """The paths of one entry of `dvc status --json` ({"changed outs": {path: state}}, or a plain string)."""
     return [path for inner in change.values() for path in inner] if isinstance(change, dict) else [change]
@@ -289,10 +287,13 @@ def score_target_campaign(project: Path, uri: str) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def teammate_b(team_stack, teammate_a):
-    """Teammate B: a git clone of A's repository and `dvc pull` from the default remote (beside both clones)."""
+    """Teammate B: a git clone of A's repository, `dvc pull` from the default remote (beside both clones), and the
+    restricted contact files rebuilt from the warehouse."""
     b = team_stack.base / "clones/b"
     run(["git", "clone", "-q", str(teammate_a.project), str(b)], b.parent)
     run(["dvc", "pull"], b, env={"MLFLOW_TRACKING_URI": team_stack.uri})
+    restored = run(["restore-restricted"], b, env=teammate_a.env)  # B reads the warehouse A read
+    print("restore-restricted printed:\n" + restored.stdout)
     return b
 
 
@@ -305,7 +306,10 @@ def test_a_teammate_clone_pulls_then_finds_nothing_to_recompute_and_scores_as_th
     changed = {  # the source fingerprint runs at every repro by design ("always changed"): it recomputes nothing
         entry for stage in status.values() for change in stage if change != "always changed" for entry in _paths(change)
     }
-    assert changed <= RESTRICTED, f"B would recompute more than the restricted files: {status}"
+    assert not changed, f"B would recompute: {status}"
+    for path in RESTRICTED_FILES:  # rebuilt on B's machine, byte for byte A's, and as private
+        assert (teammate_b / path).read_bytes() == (teammate_a.project / path).read_bytes()
+        assert (teammate_b / path).stat().st_mode & 0o777 == 0o600
     scores = score_target_campaign(teammate_b, team_stack.uri)
     expected = pd.read_parquet(teammate_a.project / "data/scored/scores.parquet")
     pd.testing.assert_frame_equal(scores, expected[scores.columns])
@@ -384,7 +388,7 @@ def test_the_server_killed_during_model_development_then_two_clones_at_once(team
     name, base = SMOKE["model_deployment"]["registered_model"], team_stack.base
     before = champion_state(team_stack.uri, name)
     started, release = insert_waiting_cell(teammate_b, base / "signals")
-    # B reruns step 02 first (its raw contacts never travelled), from the warehouse A used
+    # B's step 03 changed (the waiting cell): B reruns from step 03, with the restored contacts
     env = {**teammate_a.env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
     process = start_repro(teammate_b, env, base / "b-killed.log")
     try:
@@ -417,3 +421,22 @@ def test_the_server_killed_during_model_development_then_two_clones_at_once(team
     assert aliases.get("previous") != aliases["champion"] == str(champion.version)  # consistent aliases
     for project in (teammate_a.project, teammate_b):  # each clone's new candidate run is on the server
         assert client.get_run(load_json(project / "models/candidate.json")["run_id"]).info.status == "FINISHED"
+    # B's experiment, as A sees it from A's clone: B's candidate run in it, and B's model loads on A's side
+    b_candidate = load_json(teammate_b / "models/candidate.json")
+    seen_by_a = run(
+        [sys.executable, "-c", SEEN_FROM_A, b_candidate["run_id"], b_candidate["model_uri"]],
+        teammate_a.project,
+        env=teammate_a.env,
+    )
+    assert seen_by_a.stdout.split() == [SMOKE["shared"]["mlflow_experiment"], "loaded"], seen_by_a.stdout
+
+
+SEEN_FROM_A = """
+import os, sys
+import mlflow
+from lib.core import project_root, tracking_uri
+mlflow.set_tracking_uri(tracking_uri(project_root(), os.environ))
+print(mlflow.get_experiment(mlflow.get_run(sys.argv[1]).info.experiment_id).name)
+mlflow.pyfunc.load_model(sys.argv[2])
+print("loaded")
+"""

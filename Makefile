@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed-$(PINS)
 LAB_ARGS ?=
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-fast system-packages lab bench audit lint export team-up team-down recover
+.PHONY: setup run test test-fast system-packages lab bench audit lint export team-up team-down recover scale-data
 
 setup: $(STAMP)
 
@@ -44,6 +44,12 @@ lab: setup
 
 bench: setup
 	python benchmarks/benchmark.py
+
+# The Complete Journey ×FACTOR as partitioned parquet in data/scaled/x$(FACTOR) (git-ignored, no DVC output), for the files
+# source: data_acquisition.source: {kind: files, path: data/scaled/x$(FACTOR)}.
+FACTOR ?= 10
+scale-data: setup
+	scale-data --factor $(FACTOR) --out data/scaled/x$(FACTOR)
 
 # After a failed stage: failed executed notebooks to reports/failed/, every other output back to the last good state.
 recover: setup

@@ -1,7 +1,8 @@
 # Two commands: `make run` (set up, then run the whole pipeline) and `make test` (system packages and set-up, then every
 # test). Both create .venv from pinned versions once; later calls reuse it. `make test-fast`: the tests that need no
 # pipeline run (lint, lib in sync, nbdev-test, unit tests). `make team-up` / `make team-down`: the team's MLflow server on
-# PostgreSQL (README, "Working as a team").
+# PostgreSQL (README, "Working as a team"). `make scale-data FACTOR=10`: the data x10 for the files source (README,
+# "The data ×N").
 
 PYTHON ?= python3.11
 VENV   := .venv

@@ -1649,7 +1649,7 @@ def plot_baseline(by_campaign, baseline):
 SPEC = {
     "source": {
         "kind": str,  # package | files | sql
-        "path": str,  # files: a folder or glob of <table>.parquet / <table>.csv, relative to the project root
+        "path": str,  # files: a folder or glob of <table>.parquet / <table>.csv / <table>/ parts, relative to the root
         "csv_delimiter": str,  # files: the CSV field delimiter
         "csv_encoding": str,  # files: the CSV text encoding (utf-8-sig, latin-1, cp1252, ...)
         "url_env": str,  # sql: the environment variable holding the SQLAlchemy URL (never the URL itself)

@@ -1,7 +1,8 @@
 # Two commands: `make run` (set up, then run the whole pipeline) and `make test` (system packages and set-up, then every
 # test). Both create .venv from pinned versions once; later calls reuse it. `make test-fast`: the tests that need no
 # pipeline run (lint, lib in sync, nbdev-test, unit tests). `make team-up` / `make team-down`: the team's MLflow server on
-# PostgreSQL (README, "Working as a team").
+# PostgreSQL (README, "Working as a team"). `make scale-data FACTOR=10`: the data x10 for the files source (README,
+# "The data ×N").
 
 PYTHON ?= python3.11
 VENV   := .venv
@@ -13,7 +14,7 @@ STAMP  := $(VENV)/.installed-$(PINS)
 LAB_ARGS ?=
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-fast system-packages lab bench audit lint export team-up team-down recover restore-restricted
+.PHONY: setup run test test-fast system-packages lab bench audit lint export team-up team-down recover restore-restricted scale-data
 
 setup: $(STAMP)
 
@@ -48,6 +49,12 @@ bench: setup
 # A teammate after `dvc pull`: the raw contacts and the delivery file, which are never pushed, rebuilt from the source.
 restore-restricted: setup
 	restore-restricted
+
+# The Complete Journey ×FACTOR as partitioned parquet in data/scaled/x$(FACTOR) (git-ignored, no DVC output), for the files
+# source: data_acquisition.source: {kind: files, path: data/scaled/x$(FACTOR)}.
+FACTOR ?= 10
+scale-data: setup
+	scale-data --factor $(FACTOR) --out data/scaled/x$(FACTOR)
 
 # After a failed stage: failed executed notebooks to reports/failed/, every other output back to the last good state.
 recover: setup

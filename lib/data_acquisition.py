@@ -11,17 +11,17 @@ __all__ = ['TABLES', 'SOURCE_TABLES', 'PROCESSED_TABLES', 'UNKNOWN', 'BANDS', 'D
            'ContractError', 'violation', 'score_contract', 'raise_for_failures', 'check_contract', 'foreign_key_rule',
            'interval_rule', 'campaign_window_rule', 'week_rule', 'meaning_rules', 'check_meaning', 'describe_column',
            'take_snapshot', 'column_psi', 'compare_snapshot', 'SnapshotError', 'check_snapshot', 'Source',
-           'files_source', 'package_source', 'sql_source', 'source_url', 'resolve_source', 'reading', 'has_table',
-           'source_columns', 'iter_source', 'text_dtypes', 'select_columns', 'coerce_table', 'arrow_schema',
-           'ingest_table', 'stream_table', 'generate_contacts', 'DevelopmentKeyWarning', 'pseudonym_key',
-           'pseudonymize', 'sample_households', 'drop_duplicate_rows', 'standardize_demographics', 'fill_unknown_text',
-           'to_categories', 'find_home_stores', 'pseudonymize_contacts', 'sort_by_key', 'process_tables',
-           'promotion_rows', 'promotion_reducer', 'process_promotions', 'Acquisition', 'ingest_contacts',
-           'source_households', 'sample_filter', 'acquire', 'write_tables', 'load_processed', 'quality_scores',
-           'quality_metrics', 'catalog_entry', 'build_catalog', 'profile_table', 'profile_tables', 'has_pii',
-           'blanket_offers', 'kpi_tables', 'acquisition_summary', 'source_notes', 'plot_quality', 'profile_links',
-           'catalog_table', 'pii_table', 'rule_summary', 'processing_log', 'promotion_volume', 'baseline_table',
-           'plot_baseline', 'check_params', 'source_fingerprint', 'fingerprint_source_cli']
+           'parquet_parts', 'table_files', 'files_source', 'package_source', 'sql_source', 'source_url',
+           'resolve_source', 'reading', 'has_table', 'source_columns', 'iter_source', 'text_dtypes', 'select_columns',
+           'coerce_table', 'arrow_schema', 'ingest_table', 'stream_table', 'generate_contacts', 'DevelopmentKeyWarning',
+           'pseudonym_key', 'pseudonymize', 'sample_households', 'drop_duplicate_rows', 'standardize_demographics',
+           'fill_unknown_text', 'to_categories', 'find_home_stores', 'pseudonymize_contacts', 'sort_by_key',
+           'process_tables', 'promotion_rows', 'promotion_reducer', 'process_promotions', 'Acquisition',
+           'ingest_contacts', 'source_households', 'sample_filter', 'acquire', 'write_tables', 'load_processed',
+           'quality_scores', 'quality_metrics', 'catalog_entry', 'build_catalog', 'profile_table', 'profile_tables',
+           'has_pii', 'blanket_offers', 'kpi_tables', 'acquisition_summary', 'source_notes', 'plot_quality',
+           'profile_links', 'catalog_table', 'pii_table', 'rule_summary', 'processing_log', 'promotion_volume',
+           'baseline_table', 'plot_baseline', 'check_params', 'source_fingerprint', 'fingerprint_source_cli']
 
 # %% ../notebooks/02_data_acquisition.ipynb #93cdfefe
 import codecs
@@ -617,19 +617,37 @@ class Source:
 
     kind: str  # files | sql
     label: str  # shown in the catalog (no credentials)
-    files: dict = field(default_factory=dict)  # files: table → path
+    files: dict = field(default_factory=dict)  # files: table → file, or folder of parquet parts
     url: str = field(default="", repr=False)  # sql: SQLAlchemy URL, perhaps with a password: never shown
     queries: dict = field(default_factory=dict)  # sql: table → query replacing SELECT * FROM <table>
     csv_delimiter: str = ","
     csv_encoding: str = "utf-8-sig"  # utf-8-sig reads plain UTF-8 too, and drops a byte-order mark
 
 
+def parquet_parts(folder) -> list:
+    "The parquet parts of a table folder, in name order; hidden and `_` files (Spark's `_SUCCESS`) are not parts."
+    return sorted(p for p in Path(folder).glob("*.parquet") if p.is_file() and not p.name.startswith(("_", ".")))
+
+
+def table_files(path) -> list:
+    "The files holding one table of a files source: the file itself, or the parts of its folder."
+    return parquet_parts(path) if Path(path).is_dir() else [Path(path)]
+
+
+def _holds_table(path) -> bool:
+    "A `<table>.parquet` / `<table>.csv` file, or a `<table>/` (or `<table>.parquet/`) folder of parquet parts."
+    if path.is_dir():
+        return path.suffix in ("", ".parquet") and bool(parquet_parts(path))
+    return path.suffix in (".parquet", ".csv")
+
+
 def files_source(pattern, root=".", csv_delimiter=",", label=None, csv_encoding="utf-8-sig") -> Source:
-    "A source of `<table>.parquet` / `<table>.csv` files in folder or glob `pattern` (relative to `root`)."
+    """A source of `<table>.parquet` / `<table>.csv` files, or `<table>/` folders of parquet parts, in folder or glob
+    `pattern` (relative to `root`)."""
     path = Path(root) / pattern
     found = sorted(path.iterdir()) if path.is_dir() else sorted(Path(p) for p in glob.glob(str(path)))
     files = {}
-    for p in (p for p in found if p.suffix in (".parquet", ".csv")):
+    for p in filter(_holds_table, found):
         if p.stem in files:
             raise violation(p.stem, "*", "one_file_per_table", 2, detail=f"{files[p.stem].name} and {p.name}")
         files[p.stem] = p
@@ -761,8 +779,19 @@ def source_columns(source, table) -> list:
     path = source.files[table]
     if path.suffix == ".csv":
         return _csv_columns(path, table, source.csv_delimiter, source.csv_encoding)
-    with reading(path, table):
-        return list(pq.ParquetFile(path).schema_arrow.names)
+    return _parquet_columns(table_files(path), table)
+
+
+def _parquet_columns(parts, table) -> list:
+    "The columns of a parquet table; the parts of a folder must all hold the same ones."
+    names = []
+    for part in parts:
+        with reading(part, table):
+            names.append(list(pq.ParquetFile(part).schema_arrow.names))
+    odd = next((p for p, n in zip(parts, names, strict=True) if n != names[0]), None)
+    if odd is not None:
+        raise violation(table, "*", "same_columns_in_every_part", detail=f"{odd.name} and {parts[0].name} differ")
+    return names[0]
 
 
 def _iter_sql(source, table, columns, chunk_rows):
@@ -784,14 +813,16 @@ def iter_source(source, table, columns, chunk_rows):
         yield from _iter_sql(source, table, columns, chunk_rows)
         return
     path = source.files[table]
-    with reading(path, table, source.csv_encoding):
-        if path.suffix == ".csv":
+    if path.suffix == ".csv":
+        with reading(path, table, source.csv_encoding):
             options = dict(sep=source.csv_delimiter, usecols=columns, encoding=source.csv_encoding, **CSV_OPTIONS)
             for chunk in pd.read_csv(path, chunksize=chunk_rows, **options):
                 yield chunk[columns]
-            return
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows, columns=columns):
-            yield batch.to_pandas()
+        return
+    for part in table_files(path):  # a folder: part after part, so memory holds one chunk whatever the parts add up to
+        with reading(part, table):
+            for batch in pq.ParquetFile(part).iter_batches(batch_size=chunk_rows, columns=columns):
+                yield batch.to_pandas()
 
 
 def text_dtypes(source, table) -> set:
@@ -1618,7 +1649,7 @@ def plot_baseline(by_campaign, baseline):
 SPEC = {
     "source": {
         "kind": str,  # package | files | sql
-        "path": str,  # files: a folder or glob of <table>.parquet / <table>.csv, relative to the project root
+        "path": str,  # files: a folder or glob of <table>.parquet / <table>.csv / <table>/ parts, relative to the root
         "csv_delimiter": str,  # files: the CSV field delimiter
         "csv_encoding": str,  # files: the CSV text encoding (utf-8-sig, latin-1, cp1252, ...)
         "url_env": str,  # sql: the environment variable holding the SQLAlchemy URL (never the URL itself)
@@ -1701,10 +1732,20 @@ def source_fingerprint(source, tables=SOURCE_TABLES) -> dict:
     present = [t for t in tables if has_table(source, t)]
     if source.kind == "sql":
         return {"kind": "sql", "tables": {t: _sql_fingerprint(source, t) for t in present}}
-    files = {t: source.files[t] for t in present}
+    return {"kind": "files", "tables": {t: _file_fingerprint(source.files[t]) for t in present}}
+
+
+def _file_fingerprint(path) -> dict:
+    "Name, size and content hash of a table's file; of a folder: its parts' count, total size, and a hash of them all."
+    if not path.is_dir():
+        return {"file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    parts = table_files(path)
+    hashes = "".join(f"{p.name} {file_sha256(p)}\n" for p in parts)
     return {
-        "kind": "files",
-        "tables": {t: {"file": p.name, "bytes": p.stat().st_size, "sha256": file_sha256(p)} for t, p in files.items()},
+        "file": path.name,
+        "parts": len(parts),
+        "bytes": sum(p.stat().st_size for p in parts),
+        "sha256": hashlib.sha256(hashes.encode()).hexdigest(),
     }
 
 # %% ../notebooks/02_data_acquisition.ipynb #e7c1b005

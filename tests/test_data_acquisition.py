@@ -398,6 +398,28 @@ def test_the_source_fingerprint_changes_with_the_data_and_only_with_it(slice_dir
     assert str(slice_dirs) not in json.dumps(files)  # the same files give the same fingerprint on any machine
 
 
+def test_a_table_as_a_folder_of_parquet_parts_reads_as_the_same_table(slice_dirs, tmp_path):
+    one_file = files_source("parquet", slice_dirs)
+    whole = pd.read_parquet(one_file.files["transactions"])
+    folder = tmp_path / "parts/transactions"
+    folder.mkdir(parents=True)
+    for i, rows in enumerate(np.array_split(np.arange(len(whole)), 3)):
+        whole.iloc[rows].to_parquet(folder / f"part-{i:05d}.parquet", index=False)
+    (folder / "_SUCCESS").touch()  # what Spark leaves beside its parts
+    parts = files_source(tmp_path / "parts")
+    expected, expected_card, expected_notes = ingest_table(one_file, "transactions", CONTRACTS, chunk_rows=5_000)
+    frame, card, notes = ingest_table(parts, "transactions", CONTRACTS, chunk_rows=5_000)
+    pd.testing.assert_frame_equal(frame, expected)
+    pd.testing.assert_frame_equal(card, expected_card)
+    assert notes == expected_notes and source_fingerprint(parts)["tables"]["transactions"]["parts"] == 3
+    whole.head(5).drop(columns="week").to_parquet(folder / "part-00003.parquet", index=False)
+    with pytest.raises(ContractError, match="same_columns_in_every_part.*part-00003.parquet and part-00000.parquet"):
+        ingest_table(parts, "transactions", CONTRACTS)
+    (folder / "part-00003.parquet").write_bytes(b"PAR1 truncated")
+    with pytest.raises(ContractError, match="part-00003.parquet is not a readable parquet file"):
+        ingest_table(parts, "transactions", CONTRACTS)
+
+
 def test_acquisition_depends_on_a_fingerprint_of_the_source_taken_at_every_repro():
     stages = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
     fingerprint = stages["source_fingerprint"]

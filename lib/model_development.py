@@ -7,21 +7,22 @@ __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES',
            'FEATURE_TABLES', 'CANDIDATES', 'MAKERS', 'METRICS', 'SLICES', 'CURVE_AXES', 'SKOPS_TRUSTED_TYPES',
            'check_params', 'build_candidates', 'label_candidates', 'history_before', 'measure_rfm',
            'measure_discount_sensitivity', 'measure_offer_purchases', 'measure_affinity', 'measure_offer_breadth',
-           'measure_offer_popularity', 'measure_past_redemptions', 'measure_offer_redeemed_before',
-           'locate_home_stores', 'complete_weeks', 'measure_promotion_exposure', 'encode_demographics',
-           'prepare_transactions', 'campaign_features', 'build_features', 'build_labelled_rows', 'split_campaigns',
-           'restrict_to_development', 'TrainingDataError', 'check_training_data', 'make_rule_baseline',
-           'make_logistic_regression', 'make_gradient_boosting', 'OfferChoice', 'make_offer_choice', 'search_grid',
-           'sample_training_rows', 'fit_arguments', 'fit_candidate', 'top_k_offers', 'precision_at_k',
-           'measure_metrics', 'measure_slices', 'measure_lift', 'measure_curves', 'check_acceptance',
-           'select_candidate', 'bin_shares', 'describe_numeric', 'describe_categorical', 'reference_statistics',
-           'Candidate', 'measure_importance', 'develop_candidate', 'with_importance', 'refit_on_development',
-           'flat_metrics', 'write_plots', 'git_commit', 'params_digest', 'lineage_tags', 'plot_curves',
-           'plot_importance', 'model_requirements', 'log_candidate', 'log_development', 'AcceptanceError',
-           'enforce_acceptance', 'candidate_pointer', 'development_settings', 'campaign_ids', 'development_rows',
-           'development_sets', 'develop_candidates', 'input_hashes', 'run_parameters', 'row_counts', 'campaign_lists',
-           'reference_document', 'development_summary', 'plot_top_k', 'model_card', 'candidate_table', 'slice_table',
-           'run_facts']
+           'count_offer_buyers', 'offer_popularity', 'measure_offer_popularity', 'measure_past_redemptions',
+           'measure_offer_redeemed_before', 'locate_home_stores', 'weeks_before', 'complete_weeks',
+           'measure_promotion_shares', 'exposure_at_home', 'measure_promotion_exposure', 'encode_demographics',
+           'prepare_transactions', 'campaign_context', 'context_from_history', 'features_in_context',
+           'campaign_features', 'build_features', 'build_labelled_rows', 'split_campaigns', 'restrict_to_development',
+           'TrainingDataError', 'check_training_data', 'make_rule_baseline', 'make_logistic_regression',
+           'make_gradient_boosting', 'OfferChoice', 'make_offer_choice', 'search_grid', 'sample_training_rows',
+           'fit_arguments', 'fit_candidate', 'top_k_offers', 'precision_at_k', 'measure_metrics', 'measure_slices',
+           'measure_lift', 'measure_curves', 'check_acceptance', 'select_candidate', 'bin_shares', 'describe_numeric',
+           'describe_categorical', 'reference_statistics', 'Candidate', 'measure_importance', 'develop_candidate',
+           'with_importance', 'refit_on_development', 'flat_metrics', 'write_plots', 'git_commit', 'params_digest',
+           'lineage_tags', 'plot_curves', 'plot_importance', 'model_requirements', 'log_candidate', 'log_development',
+           'AcceptanceError', 'enforce_acceptance', 'candidate_pointer', 'development_settings', 'campaign_ids',
+           'development_rows', 'development_sets', 'develop_candidates', 'input_hashes', 'run_parameters', 'row_counts',
+           'campaign_lists', 'reference_document', 'development_summary', 'plot_top_k', 'model_card', 'candidate_table',
+           'slice_table', 'run_facts']
 
 # %% ../notebooks/03_model_development.ipynb #ed6325e4
 import hashlib
@@ -199,15 +200,24 @@ def measure_offer_breadth(offer_products) -> pd.DataFrame:
     )
 
 
-def measure_offer_popularity(history, offer_products) -> pd.Series:
-    "Per coupon: share of the households in `history` that bought any of its products."
+def count_offer_buyers(history, offer_products) -> pd.Series:
+    "Per coupon: how many households in `history` bought any of its products (coupons nobody bought are absent)."
     pairs = (
         history[["household_id", "product_id"]]
         .drop_duplicates()
         .merge(offer_products[["coupon_upc", "product_id"]], on="product_id")
     )
-    buyers = pairs.groupby("coupon_upc").household_id.nunique()
-    return (buyers / max(history.household_id.nunique(), 1)).rename("offer_buyer_share")
+    return pairs.groupby("coupon_upc").household_id.nunique()
+
+
+def offer_popularity(buyers, n_households) -> pd.Series:
+    "Per coupon: its `buyers` as a share of `n_households`."
+    return (buyers / max(n_households, 1)).rename("offer_buyer_share")
+
+
+def measure_offer_popularity(history, offer_products) -> pd.Series:
+    "Per coupon: share of the households in `history` that bought any of its products."
+    return offer_popularity(count_offer_buyers(history, offer_products), history.household_id.nunique())
 
 # %% ../notebooks/03_model_development.ipynb #edd1e2ef
 def measure_past_redemptions(coupon_redemptions, campaigns, campaign_descriptions, start) -> pd.DataFrame:
@@ -247,17 +257,18 @@ def locate_home_stores(history) -> pd.Series:
     return ranked.drop_duplicates("household_id").set_index("household_id").store_id.rename("home_store_id")
 
 
+def weeks_before(last_week, n_weeks) -> list:
+    "The `n_weeks` weeks before week `last_week` (none when there is no week)."
+    return [] if last_week is None else list(range(max(last_week - n_weeks, 0), last_week))
+
+
 def complete_weeks(history, n_weeks) -> list:
     "The last `n_weeks` weeks that ended before the newest week in `history`."
-    if history.empty:
-        return []
-    last = int(history.week.max())
-    return list(range(max(last - n_weeks, 0), last))
+    return weeks_before(None if history.empty else int(history.week.max()), n_weeks)
 
 
-def measure_promotion_exposure(promotions, offer_products, home_stores, weeks) -> pd.DataFrame:
-    """Per (household, coupon): share of the coupon's product-weeks on display / in the mailer at the household's home
-    store."""
+def measure_promotion_shares(promotions, offer_products, weeks) -> pd.DataFrame:
+    "Per (store, coupon): share of the coupon's product-weeks in `weeks` on display / in the mailer at that store."
     promo = promotions[promotions.week.isin(weeks) & promotions.product_id.isin(offer_products.product_id)]
     promo = promo.merge(offer_products[["coupon_upc", "product_id"]], on="product_id")
     flags = pd.DataFrame(
@@ -270,11 +281,21 @@ def measure_promotion_exposure(promotions, offer_products, home_stores, weeks) -
     )
     by_store = flags.groupby(["store_id", "coupon_upc"])[["display", "mailer"]].sum()
     slots = offer_products.groupby("coupon_upc").product_id.nunique() * max(len(weeks), 1)
-    shares = by_store.div(slots.reindex(by_store.index.get_level_values("coupon_upc")).to_numpy(), axis=0).reset_index()
+    return by_store.div(slots.reindex(by_store.index.get_level_values("coupon_upc")).to_numpy(), axis=0).reset_index()
+
+
+def exposure_at_home(shares, home_stores) -> pd.DataFrame:
+    "Per (household, coupon): the promotion `shares` (from `measure_promotion_shares`) of the household's home store."
     pairs = home_stores.reset_index().merge(shares, left_on="home_store_id", right_on="store_id")
     return (
         pairs.set_index(["household_id", "coupon_upc"])[["display", "mailer"]].add_prefix("offer_").add_suffix("_share")
     )
+
+
+def measure_promotion_exposure(promotions, offer_products, home_stores, weeks) -> pd.DataFrame:
+    """Per (household, coupon): share of the coupon's product-weeks on display / in the mailer at the household's home
+    store."""
+    return exposure_at_home(measure_promotion_shares(promotions, offer_products, weeks), home_stores)
 
 # %% ../notebooks/03_model_development.ipynb #17147eb9
 DEMOGRAPHICS = ["age", "income", "home_ownership", "marital_status", "household_size", "household_comp", "kids_count"]
@@ -391,16 +412,15 @@ def _household_features(mine, households, tables, start, observed_days) -> pd.Da
     )
 
 
-def _pair_features(mine, history, offer_products, tables, start, promo_weeks) -> pd.DataFrame:
+def _pair_features(mine, context, tables, start) -> pd.DataFrame:
+    offer_products = context["offer_products"]
     return pd.concat(
         [
             measure_offer_purchases(mine, offer_products, start),
             measure_affinity(mine, offer_products, "product_category"),
             measure_affinity(mine, offer_products, "manufacturer_id"),
             measure_offer_redeemed_before(tables["coupon_redemptions"], start),
-            measure_promotion_exposure(
-                tables["promotions"], offer_products, locate_home_stores(mine), complete_weeks(history, promo_weeks)
-            ),
+            exposure_at_home(context["promotion_shares"], locate_home_stores(mine)),
         ],
         axis=1,
     )
@@ -413,29 +433,59 @@ def _fill_unseen(frame, observed_days) -> pd.DataFrame:
     )
 
 # %% ../notebooks/03_model_development.ipynb #83bb65f5
-def campaign_features(rows, transactions, tables, promo_weeks=4) -> pd.DataFrame:
-    """Features of one campaign's candidate `rows` from prepared `transactions` and `tables`, all strictly before its
-    start."""
-    start, campaign_id = rows.start_date.iloc[0], rows.campaign_id.iloc[0]
-    history = history_before(transactions, start)
-    observed_days = float(_days_between(start, history.transaction_timestamp.min())) if len(history) else 0.0
+def campaign_context(
+    start, first_transaction, offer_products, buyers, n_households, promotion_shares, n_offers
+) -> dict:
+    """What one campaign's features take from every household: the observed history's length, the offers' breadth and
+    popularity, the promotion shares per store and the number of offers."""
+    observed_days = 0.0 if first_transaction is None else float(_days_between(start, first_transaction))
+    return {
+        "observed_days": observed_days,
+        "offer_products": offer_products,
+        "offer": measure_offer_breadth(offer_products).join(offer_popularity(buyers, n_households)),
+        "promotion_shares": promotion_shares,
+        "n_offers": n_offers,
+    }
+
+
+def context_from_history(rows, history, tables, promo_weeks=4) -> dict:
+    "`campaign_context` of one campaign's candidate `rows`, measured on the `history` of every household before it."
+    offer_products = _campaign_offer_products(tables, rows.campaign_id.iloc[0])
+    weeks = complete_weeks(history, promo_weeks)
+    return campaign_context(
+        rows.start_date.iloc[0],
+        history.transaction_timestamp.min() if len(history) else None,
+        offer_products,
+        count_offer_buyers(history, offer_products),
+        history.household_id.nunique(),
+        measure_promotion_shares(tables["promotions"], offer_products, weeks),
+        float(rows.coupon_upc.nunique()),
+    )
+
+
+def features_in_context(rows, mine, context, tables) -> pd.DataFrame:
+    "Features of one campaign's candidate `rows` from their households' history `mine` and the campaign's `context`."
+    start, observed_days = rows.start_date.iloc[0], context["observed_days"]
     households = rows.household_id.unique()
-    mine = history[history.household_id.isin(households)]
-    offer_products = _campaign_offer_products(tables, campaign_id)
-    offer = measure_offer_breadth(offer_products).join(measure_offer_popularity(history, offer_products))
     out = (
         rows.join(_household_features(mine, households, tables, start, observed_days), on="household_id")
-        .join(offer, on="coupon_upc")
-        .join(
-            _pair_features(mine, history, offer_products, tables, start, promo_weeks), on=["household_id", "coupon_upc"]
-        )
+        .join(context["offer"], on="coupon_upc")
+        .join(_pair_features(mine, context, tables, start), on=["household_id", "coupon_upc"])
     )
     out = out.assign(
         history_days=observed_days,
         campaign_days=_days_between(rows.end_date, rows.start_date),
-        campaign_n_offers=float(rows.coupon_upc.nunique()),
+        campaign_n_offers=context["n_offers"],
     )
     return _fill_unseen(out, observed_days)[[*KEYS, *FEATURES]]
+
+
+def campaign_features(rows, transactions, tables, promo_weeks=4) -> pd.DataFrame:
+    """Features of one campaign's candidate `rows` from prepared `transactions` and `tables`, all strictly before its
+    start."""
+    history = history_before(transactions, rows.start_date.iloc[0])
+    mine = history[history.household_id.isin(rows.household_id.unique())]
+    return features_in_context(rows, mine, context_from_history(rows, history, tables, promo_weeks), tables)
 
 
 def build_features(candidates, tables, promo_weeks=4, say=quiet) -> pd.DataFrame:

@@ -231,6 +231,7 @@ SPARK_DEFAULTS = {
     "spark.sql.session.timeZone": "UTC",  # timestamps mean the same on every machine
     "spark.ui.showConsoleProgress": "false",  # no progress bars in notebook outputs
     "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.sql.legacy.parquet.nanosAsLong": "true",  # pandas' nanosecond timestamps: read as ns since the epoch
 }
 
 

@@ -4,25 +4,30 @@
 
 # %% auto #0
 __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES', 'FEATURE_KINDS', 'RULE_FEATURE',
-           'FEATURE_TABLES', 'CANDIDATES', 'MAKERS', 'METRICS', 'SLICES', 'CURVE_AXES', 'SKOPS_TRUSTED_TYPES',
-           'check_params', 'build_candidates', 'label_candidates', 'history_before', 'measure_rfm',
-           'measure_discount_sensitivity', 'measure_offer_purchases', 'measure_affinity', 'measure_offer_breadth',
-           'count_offer_buyers', 'offer_popularity', 'measure_offer_popularity', 'measure_past_redemptions',
-           'measure_offer_redeemed_before', 'locate_home_stores', 'weeks_before', 'complete_weeks',
-           'measure_promotion_shares', 'exposure_at_home', 'measure_promotion_exposure', 'encode_demographics',
-           'prepare_transactions', 'campaign_context', 'context_from_history', 'features_in_context',
-           'campaign_features', 'build_features', 'build_labelled_rows', 'split_campaigns', 'restrict_to_development',
-           'TrainingDataError', 'check_training_data', 'make_rule_baseline', 'make_logistic_regression',
-           'make_gradient_boosting', 'OfferChoice', 'make_offer_choice', 'search_grid', 'sample_training_rows',
-           'fit_arguments', 'fit_candidate', 'top_k_offers', 'precision_at_k', 'measure_metrics', 'measure_slices',
-           'measure_lift', 'measure_curves', 'check_acceptance', 'select_candidate', 'bin_shares', 'describe_numeric',
-           'describe_categorical', 'reference_statistics', 'Candidate', 'measure_importance', 'develop_candidate',
-           'with_importance', 'refit_on_development', 'flat_metrics', 'write_plots', 'git_commit', 'params_digest',
-           'lineage_tags', 'plot_curves', 'plot_importance', 'model_requirements', 'log_candidate', 'log_development',
-           'AcceptanceError', 'enforce_acceptance', 'candidate_pointer', 'development_settings', 'campaign_ids',
-           'development_rows', 'development_sets', 'develop_candidates', 'input_hashes', 'run_parameters', 'row_counts',
-           'campaign_lists', 'reference_document', 'development_summary', 'plot_top_k', 'model_card', 'candidate_table',
-           'slice_table', 'run_facts']
+           'FEATURE_TABLES', 'TRANSACTION_COLUMNS', 'NO_TIME', 'NO_WEEK', 'PARTIAL_COLUMNS', 'SPARK_TABLES',
+           'BROADCAST_TABLES', 'PARTIAL_SCHEMA', 'SHARES_SCHEMA', 'CANDIDATES', 'MAKERS', 'METRICS', 'SLICES',
+           'CURVE_AXES', 'SKOPS_TRUSTED_TYPES', 'check_params', 'build_candidates', 'label_candidates',
+           'history_before', 'measure_rfm', 'measure_discount_sensitivity', 'measure_offer_purchases',
+           'measure_affinity', 'measure_offer_breadth', 'count_offer_buyers', 'offer_popularity',
+           'measure_offer_popularity', 'measure_past_redemptions', 'measure_offer_redeemed_before',
+           'locate_home_stores', 'weeks_before', 'complete_weeks', 'measure_promotion_shares', 'exposure_at_home',
+           'measure_promotion_exposure', 'encode_demographics', 'prepare_transactions', 'campaign_context',
+           'context_from_history', 'features_in_context', 'campaign_features', 'build_features', 'assemble_features',
+           'build_labelled_rows', 'with_labels', 'with_timestamps', 'history_partials', 'combine_partials',
+           'campaign_weeks', 'contexts_from_partials', 'bucket_features', 'feature_schema', 'spark_tables',
+           'write_parquet_atomically', 'spark_promotion_shares', 'spark_features', 'split_campaigns',
+           'restrict_to_development', 'TrainingDataError', 'check_training_data', 'make_rule_baseline',
+           'make_logistic_regression', 'make_gradient_boosting', 'OfferChoice', 'make_offer_choice', 'search_grid',
+           'sample_training_rows', 'fit_arguments', 'fit_candidate', 'top_k_offers', 'precision_at_k',
+           'measure_metrics', 'measure_slices', 'measure_lift', 'measure_curves', 'check_acceptance',
+           'select_candidate', 'bin_shares', 'describe_numeric', 'describe_categorical', 'reference_statistics',
+           'Candidate', 'measure_importance', 'develop_candidate', 'with_importance', 'refit_on_development',
+           'flat_metrics', 'write_plots', 'git_commit', 'params_digest', 'lineage_tags', 'plot_curves',
+           'plot_importance', 'model_requirements', 'log_candidate', 'log_development', 'AcceptanceError',
+           'enforce_acceptance', 'candidate_pointer', 'development_settings', 'campaign_ids', 'development_rows',
+           'development_sets', 'develop_candidates', 'input_hashes', 'run_parameters', 'row_counts', 'campaign_lists',
+           'reference_document', 'development_summary', 'plot_top_k', 'model_card', 'candidate_table', 'slice_table',
+           'run_facts']
 
 # %% ../notebooks/03_model_development.ipynb #ed6325e4
 import hashlib
@@ -376,21 +381,23 @@ RULE_FEATURE = "offer_baskets"  # the charter's rule: the coupons whose products
 FEATURE_TABLES = TABLES  # the features read every delivered source table but the contacts
 
 
+TRANSACTION_COLUMNS = [
+    "household_id",
+    "store_id",
+    "basket_id",
+    "product_id",
+    "sales_value",
+    "retail_disc",
+    "coupon_disc",
+    "coupon_match_disc",
+    "week",
+    "transaction_timestamp",
+]
+
+
 def prepare_transactions(transactions, products) -> pd.DataFrame:
     "Transactions with each product's category and manufacturer: the columns the features need."
-    columns = [
-        "household_id",
-        "store_id",
-        "basket_id",
-        "product_id",
-        "sales_value",
-        "retail_disc",
-        "coupon_disc",
-        "coupon_match_disc",
-        "week",
-        "transaction_timestamp",
-    ]
-    return transactions[columns].merge(
+    return transactions[TRANSACTION_COLUMNS].merge(
         products[["product_id", "product_category", "manufacturer_id"]], on="product_id", how="left"
     )
 
@@ -496,6 +503,11 @@ def build_features(candidates, tables, promo_weeks=4, say=quiet) -> pd.DataFrame
     for i, (campaign_id, rows) in enumerate(campaigns, 1):
         parts.append(campaign_features(rows, transactions, tables, promo_weeks))
         say(f"features: campaign {campaign_id} ({i}/{campaigns.ngroups}), {len(rows):,} rows")
+    return assemble_features(parts)
+
+
+def assemble_features(parts) -> pd.DataFrame:
+    "Campaigns' feature frames in one, numeric features as floats, sorted by the keys."
     features = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[*KEYS, *FEATURES])
     features[NUMERIC] = features[NUMERIC].astype("float64")
     return features.sort_values(KEYS, ignore_index=True)
@@ -506,8 +518,202 @@ def build_labelled_rows(tables, campaign_ids, promo_weeks=4, say=quiet) -> pd.Da
     campaign)."""
     candidates = build_candidates(tables["campaigns"], tables["campaign_descriptions"], tables["coupons"])
     candidates = candidates[candidates.campaign_id.isin(campaign_ids)].reset_index(drop=True)
-    labels = candidates[KEYS].assign(label=label_candidates(candidates, tables["coupon_redemptions"]).to_numpy())
-    return build_features(candidates, tables, promo_weeks, say).merge(labels, on=KEYS, validate="one_to_one")
+    return with_labels(build_features(candidates, tables, promo_weeks, say), candidates, tables["coupon_redemptions"])
+
+
+def with_labels(features, candidates, coupon_redemptions) -> pd.DataFrame:
+    "`features` of `candidates` with each row's label (`label_candidates`)."
+    labels = candidates[KEYS].assign(label=label_candidates(candidates, coupon_redemptions).to_numpy())
+    return features.merge(labels, on=KEYS, validate="one_to_one")
+
+# %% ../notebooks/03_model_development.ipynb #e644d0ad
+NO_TIME = np.iinfo(np.int64).max  # a bucket without history before the campaign: no first transaction ...
+NO_WEEK = -1  # ... and no newest week
+PARTIAL_COLUMNS = ["campaign_id", "coupon_upc", "buyers", "households", "first_ns", "last_week"]
+
+
+def with_timestamps(transactions) -> pd.DataFrame:
+    "`transactions` with their timestamps as datetimes (Spark reads pandas' nanosecond ones as integers)."
+    return transactions.astype({"transaction_timestamp": "datetime64[ns]"})
+
+
+def history_partials(transactions, tables, campaign_ids) -> pd.DataFrame:
+    """Per campaign and coupon, from the `transactions` of some households before the campaign's start: the coupon's
+    buyers, the households seen, the first transaction (ns) and the newest week."""
+    starts = tables["campaign_descriptions"].set_index("campaign_id").start_date
+    transactions = with_timestamps(transactions)
+    parts = []
+    for campaign_id in campaign_ids:
+        history = history_before(transactions, starts[campaign_id])
+        offer_products = _campaign_offer_products(tables, campaign_id)
+        coupons = np.sort(offer_products.coupon_upc.unique())
+        seen = len(history) > 0
+        part = {
+            "campaign_id": campaign_id,
+            "coupon_upc": coupons,
+            "buyers": count_offer_buyers(history, offer_products).reindex(coupons, fill_value=0).to_numpy(),
+            "households": history.household_id.nunique(),
+            "first_ns": pd.Timestamp(history.transaction_timestamp.min()).value if seen else NO_TIME,
+            "last_week": int(history.week.max()) if seen else NO_WEEK,
+        }
+        parts.append(pd.DataFrame(part))
+    return pd.concat(parts, ignore_index=True).astype("int64") if parts else pd.DataFrame(columns=PARTIAL_COLUMNS)
+
+
+def combine_partials(partials) -> pd.DataFrame:
+    "`history_partials` of disjoint sets of households combined: counts add up, the first time and newest week hold."
+    g = partials.astype("int64").groupby(["campaign_id", "coupon_upc"])
+    return g.agg(
+        buyers=("buyers", "sum"),
+        households=("households", "sum"),
+        first_ns=("first_ns", "min"),
+        last_week=("last_week", "max"),
+    ).reset_index()
+
+
+def campaign_weeks(combined, promo_weeks) -> dict:
+    "Per campaign: the promotion weeks of its features (`complete_weeks` of the history before it)."
+    last = combined.groupby("campaign_id").last_week.max()
+    return {int(c): weeks_before(None if w == NO_WEEK else int(w), promo_weeks) for c, w in last.items()}
+
+
+def contexts_from_partials(combined, shares, tables) -> dict:
+    "Per campaign: its `campaign_context` from its combined partials and its promotion `shares` per store."
+    starts = tables["campaign_descriptions"].set_index("campaign_id").start_date
+    contexts = {}
+    for campaign_id, part in combined.groupby("campaign_id"):
+        first = int(part.first_ns.iloc[0])
+        contexts[int(campaign_id)] = campaign_context(
+            starts[campaign_id],
+            None if first == NO_TIME else pd.Timestamp(first),
+            _campaign_offer_products(tables, campaign_id),
+            part.set_index("coupon_upc").buyers,
+            int(part.households.iloc[0]),
+            shares[campaign_id],
+            float(part.coupon_upc.nunique()),  # the campaign's coupons: every candidate row of a household has one
+        )
+    return contexts
+
+
+def bucket_features(transactions, targeted, tables, contexts, labelled=False) -> pd.DataFrame:
+    """Features (and labels if `labelled`) of the candidate rows of the (campaign, household) pairs `targeted`, from
+    those households' `transactions` and each campaign's context: `build_features` for a bucket of households."""
+    prepared = prepare_transactions(with_timestamps(transactions), tables["products"])
+    candidates = build_candidates(targeted, tables["campaign_descriptions"], tables["coupons"])
+    parts = []
+    for campaign_id, rows in candidates.groupby("campaign_id", sort=True):
+        history = history_before(prepared, rows.start_date.iloc[0])
+        mine = history[history.household_id.isin(rows.household_id.unique())]
+        parts.append(features_in_context(rows, mine, contexts[campaign_id], tables))
+    features = assemble_features(parts)
+    return with_labels(features, candidates, tables["coupon_redemptions"]) if labelled else features
+
+# %% ../notebooks/03_model_development.ipynb #1f5773e0
+SPARK_TABLES = ("transactions", "promotions")  # read by Spark; the other feature tables are small and broadcast
+BROADCAST_TABLES = ("campaigns", "campaign_descriptions", "coupons", "coupon_redemptions", "demographics", "products")
+PARTIAL_SCHEMA = ", ".join(f"{c} long" for c in PARTIAL_COLUMNS)
+SHARES_SCHEMA = "campaign_id long, store_id long, coupon_upc long, display double, mailer double"
+
+
+def feature_schema(labelled=False) -> str:
+    "The Spark schema of `bucket_features`' frames."
+    columns = [f"{c} long" for c in KEYS] + [f"{c} double" for c in NUMERIC] + [f"{c} string" for c in CATEGORICAL]
+    return ", ".join(columns + (["label long"] if labelled else []))
+
+
+def spark_tables(spark, root) -> tuple:
+    "The feature tables under `root`'s data/processed/: the small ones as pandas frames, and Spark's `SPARK_TABLES`."
+    from lib.data_acquisition import load_processed
+
+    folder = Path(root) / "data/processed"
+    return load_processed(root, BROADCAST_TABLES), *(
+        spark.read.parquet(str(folder / f"{t}.parquet")) for t in SPARK_TABLES
+    )
+
+
+def write_parquet_atomically(frame, path) -> Path:
+    "Spark DataFrame `frame` as the parquet folder `path`: written under a temporary sibling, then renamed into place."
+    import shutil
+    import uuid
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (path.with_name(f".{path.name}.{kind}-{uuid.uuid4().hex[:8]}") for kind in ("writing", "old"))
+    try:
+        frame.write.parquet(str(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _with_bucket(frame, n_buckets):
+    from pyspark.sql import functions as F
+
+    return frame.withColumn("bucket", F.col("household_id") % n_buckets)
+
+
+def spark_promotion_shares(spark, promotions, tables, weeks) -> dict:
+    "Per campaign: `measure_promotion_shares` of its `weeks`, from Spark DataFrame `promotions`."
+    from pyspark.sql import functions as F
+
+    offers = {c: _campaign_offer_products(tables, c) for c in weeks}
+    empty = pd.DataFrame(
+        {c: pd.Series(dtype="int64") for c in ("store_id", "coupon_upc")} | {"display": [], "mailer": []}
+    )
+    wanted = [
+        o[["product_id"]].drop_duplicates().assign(campaign_id=c, first=min(weeks[c]), last=max(weeks[c]))
+        for c, o in offers.items()
+        if weeks[c]
+    ]
+    if not wanted:
+        return dict.fromkeys(weeks, empty)
+    wanted = F.broadcast(spark.createDataFrame(pd.concat(wanted, ignore_index=True)))
+    promo = promotions.join(wanted, "product_id").where(F.col("week").between(F.col("first"), F.col("last")))
+
+    def shares(frame):
+        c = int(frame.campaign_id.iloc[0])
+        return measure_promotion_shares(frame, offers[c], weeks[c]).assign(campaign_id=c)
+
+    found = promo.groupBy("campaign_id").applyInPandas(shares, SHARES_SCHEMA).toPandas()
+    by_campaign = {
+        int(c): f.drop(columns="campaign_id").reset_index(drop=True) for c, f in found.groupby("campaign_id")
+    }
+    return {c: by_campaign.get(c, empty) for c in weeks}
+
+
+def spark_features(
+    spark, tables, transactions, promotions, campaign_ids, out, promo_weeks=4, n_buckets=16, labelled=False
+):
+    """`build_features` (with labels: `build_labelled_rows`) of the candidate rows of `campaign_ids` on Spark, written
+    as the parquet folder `out`: `tables` holds the `BROADCAST_TABLES` as pandas frames, `transactions` and `promotions`
+    are Spark DataFrames."""
+    campaign_ids = [int(c) for c in campaign_ids]
+    small = spark.sparkContext.broadcast({t: tables[t] for t in BROADCAST_TABLES})
+    bucketed = _with_bucket(transactions.select(*TRANSACTION_COLUMNS), n_buckets)
+    partials = bucketed.groupBy("bucket").applyInPandas(
+        lambda t: history_partials(t, small.value, campaign_ids), PARTIAL_SCHEMA
+    )
+    combined = combine_partials(partials.toPandas())  # one row per bucket, campaign and coupon
+    shares = spark_promotion_shares(spark, promotions, small.value, campaign_weeks(combined, promo_weeks))
+    contexts = spark.sparkContext.broadcast(contexts_from_partials(combined, shares, small.value))
+    campaigns = tables["campaigns"]
+    targeted = campaigns.loc[
+        campaigns.campaign_id.isin(campaign_ids), ["campaign_id", "household_id"]
+    ].drop_duplicates()
+    targeted = _with_bucket(spark.createDataFrame(targeted), n_buckets)
+    features = (
+        bucketed.groupBy("bucket")
+        .cogroup(targeted.groupBy("bucket"))
+        .applyInPandas(
+            lambda t, c: bucket_features(t, c, small.value, contexts.value, labelled), feature_schema(labelled)
+        )
+    )
+    return write_parquet_atomically(features, out)
 
 # %% ../notebooks/03_model_development.ipynb #9981b7f3
 def split_campaigns(campaign_descriptions, first_transaction, params) -> pd.DataFrame:

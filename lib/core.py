@@ -6,14 +6,14 @@
 __all__ = ['ROOT_MARKERS', 'STEPS', 'STAGES', 'SECTIONS', 'ENGINES', 'CHARTER_FILE', 'SHARED_SPEC', 'SPARK_SPEC', 'JAVA_PACKAGE',
            'SPARK_DEFAULTS', 'REPORT_CSS', 'STAGE_RUN_TAG', 'STOP_SIGNALS', 'KERNEL_ARGUMENTS', 'project_root',
            'ParamsError', 'Optional_', 'validate_spec', 'load_yaml', 'check_shared', 'check_spark', 'load_params',
-           'merge_params', 'SparkUnavailableError', 'find_java', 'check_master', 'spark_session', 'tracking_uri',
-           'artifact_location', 'TrackingStoreError', 'check_tracking_server', 'connect_mlflow', 'seed_everything',
-           'file_sha256', 'save_json', 'load_json', 'save_csv', 'MissingOutputError', 'stage_outputs', 'check_outputs',
-           'check_notebook_outputs', 'step_notebook', 'report_paths', 'check_notebook_parameters', 'render_report',
-           'progress', 'quiet', 'ipc_kernel_manager', 'watch_parent', 'pipeline_chain', 'stop_descendants',
-           'stage_run_context', 'end_stage_runs', 'end_runs_of', 'stop_stage_on_signals', 'guard_stage_kernel',
-           'StageError', 'run_stage', 'run_stage_cli', 'changed_outputs', 'uncached_outputs', 'keep_failed_notebooks',
-           'recover', 'recover_cli']
+           'merge_params', 'SparkUnavailableError', 'find_java', 'check_master', 'spark_session', 'engine_session',
+           'tracking_uri', 'artifact_location', 'TrackingStoreError', 'check_tracking_server', 'connect_mlflow',
+           'seed_everything', 'file_sha256', 'save_json', 'load_json', 'save_csv', 'MissingOutputError',
+           'stage_outputs', 'check_outputs', 'check_notebook_outputs', 'step_notebook', 'report_paths',
+           'check_notebook_parameters', 'render_report', 'progress', 'quiet', 'ipc_kernel_manager', 'watch_parent',
+           'pipeline_chain', 'stop_descendants', 'stage_run_context', 'end_stage_runs', 'end_runs_of',
+           'stop_stage_on_signals', 'guard_stage_kernel', 'StageError', 'run_stage', 'run_stage_cli', 'changed_outputs',
+           'uncached_outputs', 'keep_failed_notebooks', 'recover', 'recover_cli']
 
 # %% ../notebooks/00_core.ipynb #1504f3be
 import ast
@@ -252,6 +252,13 @@ def spark_session(spark, app_name="offer-targeting", environ=None, timeout_s=5.0
     for key, value in {**SPARK_DEFAULTS, **spark["config"]}.items():
         builder = builder.config(key, _setting(value))
     return builder.getOrCreate()
+
+
+def engine_session(params_file):
+    "A SparkSession on section `spark` of `params_file` when its `shared.engine` is spark; None on the pandas engine."
+    if load_params(params_file, "shared", SHARED_SPEC).get("engine", "pandas") != "spark":
+        return None
+    return spark_session(load_params(params_file, "spark", SPARK_SPEC))
 
 # %% ../notebooks/00_core.ipynb #117c1cb5
 def tracking_uri(root, environ) -> str:

@@ -14,20 +14,20 @@ __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES',
            'measure_promotion_exposure', 'encode_demographics', 'prepare_transactions', 'campaign_context',
            'context_from_history', 'features_in_context', 'campaign_features', 'build_features', 'assemble_features',
            'build_labelled_rows', 'with_labels', 'with_timestamps', 'history_partials', 'combine_partials',
-           'campaign_weeks', 'contexts_from_partials', 'bucket_features', 'feature_schema', 'spark_tables',
-           'write_parquet_atomically', 'spark_promotion_shares', 'spark_features', 'split_campaigns',
-           'restrict_to_development', 'TrainingDataError', 'check_training_data', 'make_rule_baseline',
-           'make_logistic_regression', 'make_gradient_boosting', 'OfferChoice', 'make_offer_choice', 'search_grid',
-           'sample_training_rows', 'fit_arguments', 'fit_candidate', 'top_k_offers', 'precision_at_k',
-           'measure_metrics', 'measure_slices', 'measure_lift', 'measure_curves', 'check_acceptance',
-           'select_candidate', 'bin_shares', 'describe_numeric', 'describe_categorical', 'reference_statistics',
-           'Candidate', 'measure_importance', 'develop_candidate', 'with_importance', 'refit_on_development',
-           'flat_metrics', 'write_plots', 'git_commit', 'params_digest', 'lineage_tags', 'plot_curves',
-           'plot_importance', 'model_requirements', 'log_candidate', 'log_development', 'AcceptanceError',
-           'enforce_acceptance', 'candidate_pointer', 'development_settings', 'campaign_ids', 'development_rows',
-           'development_sets', 'develop_candidates', 'input_hashes', 'run_parameters', 'row_counts', 'campaign_lists',
-           'reference_document', 'development_summary', 'plot_top_k', 'model_card', 'candidate_table', 'slice_table',
-           'run_facts']
+           'campaign_weeks', 'contexts_from_partials', 'bucket_features', 'feature_schema', 'read_spark_tables',
+           'spark_tables', 'write_parquet_atomically', 'spark_promotion_shares', 'spark_features',
+           'labelled_rows_on_spark', 'split_campaigns', 'restrict_to_development', 'TrainingDataError',
+           'check_training_data', 'make_rule_baseline', 'make_logistic_regression', 'make_gradient_boosting',
+           'OfferChoice', 'make_offer_choice', 'search_grid', 'sample_training_rows', 'fit_arguments', 'fit_candidate',
+           'top_k_offers', 'precision_at_k', 'measure_metrics', 'measure_slices', 'measure_lift', 'measure_curves',
+           'check_acceptance', 'select_candidate', 'bin_shares', 'describe_numeric', 'describe_categorical',
+           'reference_statistics', 'Candidate', 'measure_importance', 'develop_candidate', 'with_importance',
+           'refit_on_development', 'flat_metrics', 'write_plots', 'git_commit', 'params_digest', 'lineage_tags',
+           'plot_curves', 'plot_importance', 'model_requirements', 'log_candidate', 'log_development',
+           'AcceptanceError', 'enforce_acceptance', 'candidate_pointer', 'development_settings', 'campaign_ids',
+           'development_rows', 'development_sets', 'develop_candidates', 'input_hashes', 'run_parameters', 'row_counts',
+           'campaign_lists', 'reference_document', 'development_summary', 'plot_top_k', 'model_card', 'candidate_table',
+           'slice_table', 'run_facts']
 
 # %% ../notebooks/03_model_development.ipynb #ed6325e4
 import hashlib
@@ -621,14 +621,17 @@ def feature_schema(labelled=False) -> str:
     return ", ".join(columns + (["label long"] if labelled else []))
 
 
+def read_spark_tables(spark, root) -> tuple:
+    "The `SPARK_TABLES` under `root`'s data/processed/ as Spark DataFrames."
+    folder = Path(root) / "data/processed"
+    return tuple(spark.read.parquet(str(folder / f"{t}.parquet")) for t in SPARK_TABLES)
+
+
 def spark_tables(spark, root) -> tuple:
-    "The feature tables under `root`'s data/processed/: the small ones as pandas frames, and Spark's `SPARK_TABLES`."
+    "The feature tables under `root`'s data/processed/: the small ones as pandas frames, then `read_spark_tables`."
     from lib.data_acquisition import load_processed
 
-    folder = Path(root) / "data/processed"
-    return load_processed(root, BROADCAST_TABLES), *(
-        spark.read.parquet(str(folder / f"{t}.parquet")) for t in SPARK_TABLES
-    )
+    return load_processed(root, BROADCAST_TABLES), *read_spark_tables(spark, root)
 
 
 def write_parquet_atomically(frame, path) -> Path:
@@ -714,6 +717,19 @@ def spark_features(
         )
     )
     return write_parquet_atomically(features, out)
+
+
+def labelled_rows_on_spark(spark, tables, campaign_ids, promo_weeks, root, say=quiet) -> pd.DataFrame:
+    """`build_labelled_rows` on Spark: `spark_features` with labels, from the small `tables` and the big ones under
+    `root`, read back sorted."""
+    import tempfile
+
+    say(f"features on Spark ({spark.sparkContext.master}): {len(campaign_ids)} campaigns")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = spark_features(
+            spark, tables, *read_spark_tables(spark, root), campaign_ids, Path(tmp) / "rows", promo_weeks, labelled=True
+        )
+        return pd.read_parquet(path).sort_values(KEYS, ignore_index=True)
 
 # %% ../notebooks/03_model_development.ipynb #9981b7f3
 def split_campaigns(campaign_descriptions, first_transaction, params) -> pd.DataFrame:
@@ -1378,11 +1394,14 @@ def campaign_ids(split, *sets) -> list:
     return sorted(split.campaign_id[split.set.isin(sets)].tolist())
 
 
-def development_rows(tables, split, promo_weeks=4, say=quiet) -> pd.DataFrame:
-    "Labelled rows with features of the training and held-out campaigns, each marked with its `set`."
-    rows = build_labelled_rows(
-        restrict_to_development(tables, split), campaign_ids(split, "train", "held_out"), promo_weeks, say
-    )
+def development_rows(tables, split, promo_weeks=4, say=quiet, spark=None, root=None) -> pd.DataFrame:
+    """Labelled rows with features of the training and held-out campaigns, each marked with its `set`: built here, or
+    on Spark session `spark` from the tables under `root`."""
+    development, ids = restrict_to_development(tables, split), campaign_ids(split, "train", "held_out")
+    if spark is None:
+        rows = build_labelled_rows(development, ids, promo_weeks, say)
+    else:
+        rows = labelled_rows_on_spark(spark, development, ids, promo_weeks, root, say)
     return rows.assign(set=rows.campaign_id.map(split.set_index("campaign_id").set))
 
 

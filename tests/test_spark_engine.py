@@ -12,6 +12,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from conftest import ROOT, make_project_copy, run
@@ -103,3 +104,20 @@ def test_spark_features_scores_and_send_list_equal_the_pandas_ones(deployed_smok
         send_lists = [dep.build_send_list(s, TOP_K, [], contacts) for s in target]
         columns = ["household_id", "campaign_id", "coupon_upc", "rank"]
         pd.testing.assert_frame_equal(send_lists[1][columns], send_lists[0][columns])
+
+
+@pytest.mark.pipeline
+def test_engine_spark_runs_steps_03_and_04_with_the_same_development_rows(deployed_smoke):
+    """Last in this module: it switches the shared smoke copy to the Spark engine and reruns steps 03 and 04."""
+    project = deployed_smoke
+    on_pandas = pd.read_parquet(project / "data/features/development.parquet")
+    params = load_yaml(project / "params.yaml")
+    params["shared"]["engine"], params["spark"] = "spark", LOCAL
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stages = [run(["dvc", "repro", "--single-item", s], project) for s in ("model_development", "model_deployment")]
+    said = [proc.stdout + proc.stderr for proc in stages]
+    assert "features on Spark (local[2])" in said[0] and "scoring on Spark (local[2])" in said[1]
+    on_spark = pd.read_parquet(project / "data/features/development.parquet")
+    pd.testing.assert_frame_equal(on_spark, on_pandas, check_exact=True)
+    scores = pd.read_parquet(project / "data/scored/scores.parquet")
+    assert len(scores) > 0 and scores.score.between(0, 1).all()

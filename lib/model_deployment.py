@@ -9,10 +9,11 @@ __all__ = ['SPEC', 'GATE_METRICS', 'RULE_NAME', 'SEND_LIST_COLUMNS', 'DELIVERY_C
            'CharterRule', 'log_rule_model', 'group_codes', 'ranking_metrics', 'top_k_by_group', 'resampled_counts',
            'paired_bootstrap', 'precision_difference', 'slice_intervals', 'GateDecision', 'charter_checks', 'decide',
            'judge', 'status_quo', 'Gate', 'gate_candidate', 'version_tags', 'Deployment', 'commit_deployment',
-           'campaign_rows', 'campaign_featurizer', 'household_chunks', 'score_in_chunks', 'peak_memory_mb',
-           'offers_per_household', 'capped_households', 'build_send_list', 'build_delivery', 'read_raw_contacts',
-           'write_restricted', 'deployment_kpi_tables', 'measure_blanket_precision', 'free_port', 'split_payload',
-           'post_json', 'start_server', 'stop_server', 'wait_until_ready', 'serving', 'invoke', 'measure_latency',
+           'campaign_rows', 'campaign_featurizer', 'household_chunks', 'score_in_chunks', 'champion_model_uri',
+           'spark_scores', 'score_on_spark', 'score_campaign', 'peak_memory_mb', 'offers_per_household',
+           'capped_households', 'build_send_list', 'build_delivery', 'read_raw_contacts', 'write_restricted',
+           'deployment_kpi_tables', 'measure_blanket_precision', 'free_port', 'split_payload', 'post_json',
+           'start_server', 'stop_server', 'wait_until_ready', 'serving', 'invoke', 'measure_latency',
            'generate_dockerfile', 'load_history', 'restore_champion', 'check_registry_agrees', 'reconcile_cli',
            'history_entry', 'champion_pointer', 'flat', 'check_serving_parity', 'write_dockerfile',
            'deployment_metrics', 'serving_metrics', 'latest_kpis', 'log_deployment_run', 'gate_comparison',
@@ -588,6 +589,59 @@ def score_in_chunks(rows, featurize, predictors, chunk_households, say=quiet) ->
         say(f"scoring: {done:,} of {len(rows):,} rows ({len(timings)} chunks)")
     scored = pd.concat(parts, ignore_index=True).sort_values(md.KEYS, ignore_index=True)
     return scored, pd.DataFrame(timings)
+
+# %% ../notebooks/04_model_deployment.ipynb #b5712d5a
+def champion_model_uri(client, name) -> str:
+    "`models:/<name>/<version>` of the version that `@champion` points to now."
+    version = champion_version(client, name)
+    if version is None:
+        raise RegistryStateError(f"registered model {name!r} has no @champion to score with")
+    return f"models:/{name}/{version.version}"
+
+
+def spark_scores(spark, features, model_uri, out) -> Path:
+    """Scores of pyfunc `model_uri` for Spark DataFrame `features` (keys and step 03's features), written as the
+    parquet folder `out`: the keys and `score`, the positive class's probability."""
+    import mlflow
+    from pyspark.sql import functions as F
+
+    predict = mlflow.pyfunc.spark_udf(spark, model_uri, result_type="array<double>", env_manager="local")
+    answer = predict(*[F.col(c) for c in md.FEATURES])
+    scored = features.select(*md.KEYS, F.element_at(answer, -1).alias("score"))  # a (n,) answer has one column
+    return md.write_parquet_atomically(scored, out)
+
+
+def score_on_spark(spark, tables, root, campaign_id, model_uri, promo_weeks=4, say=quiet) -> tuple:
+    """(keys with `score`, timings) of every candidate row of `campaign_id` on Spark: step 03's `spark_features` from
+    the small `tables` and the big ones under `root`, then `spark_scores`."""
+    import tempfile
+
+    say(f"scoring on Spark ({spark.sparkContext.master}): campaign {campaign_id}")
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        features = md.spark_features(
+            spark, tables, *md.read_spark_tables(spark, root), [campaign_id], Path(tmp) / "features", promo_weeks
+        )
+        features_s = time.perf_counter() - started
+        scores = spark_scores(spark, spark.read.parquet(str(features)), model_uri, Path(tmp) / "scores")
+        scored = pd.read_parquet(scores).sort_values(md.KEYS, ignore_index=True)
+    score_s = time.perf_counter() - started - features_s
+    timing = {
+        "households": scored.household_id.nunique(),
+        "rows": len(scored),
+        "features_s": features_s,
+        "score_s": score_s,
+    }
+    return scored, pd.DataFrame([timing])
+
+
+def score_campaign(spark, rows, featurize, scorer, model_uri, chunk_households, tables, root, promo_weeks, say=quiet):
+    """(keys with `score`, timings) of a campaign's candidate `rows`: chunk by chunk here (`featurize`, pyfunc `scorer`)
+    when `spark` is None, else on Spark (`score_on_spark` with `model_uri`)."""
+    if spark is None:
+        predict = {"score": lambda f: predict_scores(scorer, f)}
+        return score_in_chunks(rows, featurize, predict, chunk_households, say)
+    return score_on_spark(spark, tables, root, rows.campaign_id.iloc[0], model_uri, promo_weeks, say)
 
 # %% ../notebooks/04_model_deployment.ipynb #27c61125
 def _memory_mb(key) -> float:

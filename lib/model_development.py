@@ -4,24 +4,30 @@
 
 # %% auto #0
 __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES', 'FEATURE_KINDS', 'RULE_FEATURE',
-           'FEATURE_TABLES', 'CANDIDATES', 'MAKERS', 'METRICS', 'SLICES', 'CURVE_AXES', 'SKOPS_TRUSTED_TYPES',
-           'check_params', 'build_candidates', 'label_candidates', 'history_before', 'measure_rfm',
-           'measure_discount_sensitivity', 'measure_offer_purchases', 'measure_affinity', 'measure_offer_breadth',
+           'FEATURE_TABLES', 'TRANSACTION_COLUMNS', 'NO_TIME', 'NO_WEEK', 'PARTIAL_COLUMNS', 'SPARK_TABLES',
+           'BROADCAST_TABLES', 'PARTIAL_SCHEMA', 'SHARES_SCHEMA', 'CANDIDATES', 'MAKERS', 'METRICS', 'SLICES',
+           'CURVE_AXES', 'SKOPS_TRUSTED_TYPES', 'check_params', 'build_candidates', 'label_candidates',
+           'history_before', 'measure_rfm', 'measure_discount_sensitivity', 'measure_offer_purchases',
+           'measure_affinity', 'measure_offer_breadth', 'count_offer_buyers', 'offer_popularity',
            'measure_offer_popularity', 'measure_past_redemptions', 'measure_offer_redeemed_before',
-           'locate_home_stores', 'complete_weeks', 'measure_promotion_exposure', 'encode_demographics',
-           'prepare_transactions', 'campaign_features', 'build_features', 'build_labelled_rows', 'split_campaigns',
-           'restrict_to_development', 'TrainingDataError', 'check_training_data', 'make_rule_baseline',
-           'make_logistic_regression', 'make_gradient_boosting', 'OfferChoice', 'make_offer_choice', 'search_grid',
-           'sample_training_rows', 'fit_arguments', 'fit_candidate', 'top_k_offers', 'precision_at_k',
-           'measure_metrics', 'measure_slices', 'measure_lift', 'measure_curves', 'check_acceptance',
-           'select_candidate', 'bin_shares', 'describe_numeric', 'describe_categorical', 'reference_statistics',
-           'Candidate', 'measure_importance', 'develop_candidate', 'with_importance', 'refit_on_development',
-           'flat_metrics', 'write_plots', 'git_commit', 'params_digest', 'lineage_tags', 'plot_curves',
-           'plot_importance', 'model_requirements', 'log_candidate', 'log_development', 'AcceptanceError',
-           'enforce_acceptance', 'candidate_pointer', 'development_settings', 'campaign_ids', 'development_rows',
-           'development_sets', 'develop_candidates', 'input_hashes', 'run_parameters', 'row_counts', 'campaign_lists',
-           'reference_document', 'development_summary', 'plot_top_k', 'model_card', 'candidate_table', 'slice_table',
-           'run_facts']
+           'locate_home_stores', 'weeks_before', 'complete_weeks', 'measure_promotion_shares', 'exposure_at_home',
+           'measure_promotion_exposure', 'encode_demographics', 'prepare_transactions', 'campaign_context',
+           'context_from_history', 'features_in_context', 'campaign_features', 'build_features', 'assemble_features',
+           'build_labelled_rows', 'with_labels', 'with_timestamps', 'history_partials', 'combine_partials',
+           'campaign_weeks', 'contexts_from_partials', 'bucket_features', 'feature_schema', 'read_spark_tables',
+           'spark_tables', 'write_parquet_atomically', 'spark_promotion_shares', 'spark_features',
+           'labelled_rows_on_spark', 'split_campaigns', 'restrict_to_development', 'TrainingDataError',
+           'check_training_data', 'make_rule_baseline', 'make_logistic_regression', 'make_gradient_boosting',
+           'OfferChoice', 'make_offer_choice', 'search_grid', 'sample_training_rows', 'fit_arguments', 'fit_candidate',
+           'top_k_offers', 'precision_at_k', 'measure_metrics', 'measure_slices', 'measure_lift', 'measure_curves',
+           'check_acceptance', 'select_candidate', 'bin_shares', 'describe_numeric', 'describe_categorical',
+           'reference_statistics', 'Candidate', 'measure_importance', 'develop_candidate', 'with_importance',
+           'refit_on_development', 'flat_metrics', 'write_plots', 'git_commit', 'params_digest', 'lineage_tags',
+           'plot_curves', 'plot_importance', 'model_requirements', 'log_candidate', 'log_development',
+           'AcceptanceError', 'enforce_acceptance', 'candidate_pointer', 'development_settings', 'campaign_ids',
+           'development_rows', 'development_sets', 'develop_candidates', 'input_hashes', 'run_parameters', 'row_counts',
+           'campaign_lists', 'reference_document', 'development_summary', 'plot_top_k', 'model_card', 'candidate_table',
+           'slice_table', 'run_facts']
 
 # %% ../notebooks/03_model_development.ipynb #ed6325e4
 import hashlib
@@ -199,15 +205,24 @@ def measure_offer_breadth(offer_products) -> pd.DataFrame:
     )
 
 
-def measure_offer_popularity(history, offer_products) -> pd.Series:
-    "Per coupon: share of the households in `history` that bought any of its products."
+def count_offer_buyers(history, offer_products) -> pd.Series:
+    "Per coupon: how many households in `history` bought any of its products (coupons nobody bought are absent)."
     pairs = (
         history[["household_id", "product_id"]]
         .drop_duplicates()
         .merge(offer_products[["coupon_upc", "product_id"]], on="product_id")
     )
-    buyers = pairs.groupby("coupon_upc").household_id.nunique()
-    return (buyers / max(history.household_id.nunique(), 1)).rename("offer_buyer_share")
+    return pairs.groupby("coupon_upc").household_id.nunique()
+
+
+def offer_popularity(buyers, n_households) -> pd.Series:
+    "Per coupon: its `buyers` as a share of `n_households`."
+    return (buyers / max(n_households, 1)).rename("offer_buyer_share")
+
+
+def measure_offer_popularity(history, offer_products) -> pd.Series:
+    "Per coupon: share of the households in `history` that bought any of its products."
+    return offer_popularity(count_offer_buyers(history, offer_products), history.household_id.nunique())
 
 # %% ../notebooks/03_model_development.ipynb #edd1e2ef
 def measure_past_redemptions(coupon_redemptions, campaigns, campaign_descriptions, start) -> pd.DataFrame:
@@ -247,17 +262,18 @@ def locate_home_stores(history) -> pd.Series:
     return ranked.drop_duplicates("household_id").set_index("household_id").store_id.rename("home_store_id")
 
 
+def weeks_before(last_week, n_weeks) -> list:
+    "The `n_weeks` weeks before week `last_week` (none when there is no week)."
+    return [] if last_week is None else list(range(max(last_week - n_weeks, 0), last_week))
+
+
 def complete_weeks(history, n_weeks) -> list:
     "The last `n_weeks` weeks that ended before the newest week in `history`."
-    if history.empty:
-        return []
-    last = int(history.week.max())
-    return list(range(max(last - n_weeks, 0), last))
+    return weeks_before(None if history.empty else int(history.week.max()), n_weeks)
 
 
-def measure_promotion_exposure(promotions, offer_products, home_stores, weeks) -> pd.DataFrame:
-    """Per (household, coupon): share of the coupon's product-weeks on display / in the mailer at the household's home
-    store."""
+def measure_promotion_shares(promotions, offer_products, weeks) -> pd.DataFrame:
+    "Per (store, coupon): share of the coupon's product-weeks in `weeks` on display / in the mailer at that store."
     promo = promotions[promotions.week.isin(weeks) & promotions.product_id.isin(offer_products.product_id)]
     promo = promo.merge(offer_products[["coupon_upc", "product_id"]], on="product_id")
     flags = pd.DataFrame(
@@ -270,11 +286,21 @@ def measure_promotion_exposure(promotions, offer_products, home_stores, weeks) -
     )
     by_store = flags.groupby(["store_id", "coupon_upc"])[["display", "mailer"]].sum()
     slots = offer_products.groupby("coupon_upc").product_id.nunique() * max(len(weeks), 1)
-    shares = by_store.div(slots.reindex(by_store.index.get_level_values("coupon_upc")).to_numpy(), axis=0).reset_index()
+    return by_store.div(slots.reindex(by_store.index.get_level_values("coupon_upc")).to_numpy(), axis=0).reset_index()
+
+
+def exposure_at_home(shares, home_stores) -> pd.DataFrame:
+    "Per (household, coupon): the promotion `shares` (from `measure_promotion_shares`) of the household's home store."
     pairs = home_stores.reset_index().merge(shares, left_on="home_store_id", right_on="store_id")
     return (
         pairs.set_index(["household_id", "coupon_upc"])[["display", "mailer"]].add_prefix("offer_").add_suffix("_share")
     )
+
+
+def measure_promotion_exposure(promotions, offer_products, home_stores, weeks) -> pd.DataFrame:
+    """Per (household, coupon): share of the coupon's product-weeks on display / in the mailer at the household's home
+    store."""
+    return exposure_at_home(measure_promotion_shares(promotions, offer_products, weeks), home_stores)
 
 # %% ../notebooks/03_model_development.ipynb #17147eb9
 DEMOGRAPHICS = ["age", "income", "home_ownership", "marital_status", "household_size", "household_comp", "kids_count"]
@@ -355,21 +381,23 @@ RULE_FEATURE = "offer_baskets"  # the charter's rule: the coupons whose products
 FEATURE_TABLES = TABLES  # the features read every delivered source table but the contacts
 
 
+TRANSACTION_COLUMNS = [
+    "household_id",
+    "store_id",
+    "basket_id",
+    "product_id",
+    "sales_value",
+    "retail_disc",
+    "coupon_disc",
+    "coupon_match_disc",
+    "week",
+    "transaction_timestamp",
+]
+
+
 def prepare_transactions(transactions, products) -> pd.DataFrame:
     "Transactions with each product's category and manufacturer: the columns the features need."
-    columns = [
-        "household_id",
-        "store_id",
-        "basket_id",
-        "product_id",
-        "sales_value",
-        "retail_disc",
-        "coupon_disc",
-        "coupon_match_disc",
-        "week",
-        "transaction_timestamp",
-    ]
-    return transactions[columns].merge(
+    return transactions[TRANSACTION_COLUMNS].merge(
         products[["product_id", "product_category", "manufacturer_id"]], on="product_id", how="left"
     )
 
@@ -391,16 +419,15 @@ def _household_features(mine, households, tables, start, observed_days) -> pd.Da
     )
 
 
-def _pair_features(mine, history, offer_products, tables, start, promo_weeks) -> pd.DataFrame:
+def _pair_features(mine, context, tables, start) -> pd.DataFrame:
+    offer_products = context["offer_products"]
     return pd.concat(
         [
             measure_offer_purchases(mine, offer_products, start),
             measure_affinity(mine, offer_products, "product_category"),
             measure_affinity(mine, offer_products, "manufacturer_id"),
             measure_offer_redeemed_before(tables["coupon_redemptions"], start),
-            measure_promotion_exposure(
-                tables["promotions"], offer_products, locate_home_stores(mine), complete_weeks(history, promo_weeks)
-            ),
+            exposure_at_home(context["promotion_shares"], locate_home_stores(mine)),
         ],
         axis=1,
     )
@@ -413,29 +440,59 @@ def _fill_unseen(frame, observed_days) -> pd.DataFrame:
     )
 
 # %% ../notebooks/03_model_development.ipynb #83bb65f5
-def campaign_features(rows, transactions, tables, promo_weeks=4) -> pd.DataFrame:
-    """Features of one campaign's candidate `rows` from prepared `transactions` and `tables`, all strictly before its
-    start."""
-    start, campaign_id = rows.start_date.iloc[0], rows.campaign_id.iloc[0]
-    history = history_before(transactions, start)
-    observed_days = float(_days_between(start, history.transaction_timestamp.min())) if len(history) else 0.0
+def campaign_context(
+    start, first_transaction, offer_products, buyers, n_households, promotion_shares, n_offers
+) -> dict:
+    """What one campaign's features take from every household: the observed history's length, the offers' breadth and
+    popularity, the promotion shares per store and the number of offers."""
+    observed_days = 0.0 if first_transaction is None else float(_days_between(start, first_transaction))
+    return {
+        "observed_days": observed_days,
+        "offer_products": offer_products,
+        "offer": measure_offer_breadth(offer_products).join(offer_popularity(buyers, n_households)),
+        "promotion_shares": promotion_shares,
+        "n_offers": n_offers,
+    }
+
+
+def context_from_history(rows, history, tables, promo_weeks=4) -> dict:
+    "`campaign_context` of one campaign's candidate `rows`, measured on the `history` of every household before it."
+    offer_products = _campaign_offer_products(tables, rows.campaign_id.iloc[0])
+    weeks = complete_weeks(history, promo_weeks)
+    return campaign_context(
+        rows.start_date.iloc[0],
+        history.transaction_timestamp.min() if len(history) else None,
+        offer_products,
+        count_offer_buyers(history, offer_products),
+        history.household_id.nunique(),
+        measure_promotion_shares(tables["promotions"], offer_products, weeks),
+        float(rows.coupon_upc.nunique()),
+    )
+
+
+def features_in_context(rows, mine, context, tables) -> pd.DataFrame:
+    "Features of one campaign's candidate `rows` from their households' history `mine` and the campaign's `context`."
+    start, observed_days = rows.start_date.iloc[0], context["observed_days"]
     households = rows.household_id.unique()
-    mine = history[history.household_id.isin(households)]
-    offer_products = _campaign_offer_products(tables, campaign_id)
-    offer = measure_offer_breadth(offer_products).join(measure_offer_popularity(history, offer_products))
     out = (
         rows.join(_household_features(mine, households, tables, start, observed_days), on="household_id")
-        .join(offer, on="coupon_upc")
-        .join(
-            _pair_features(mine, history, offer_products, tables, start, promo_weeks), on=["household_id", "coupon_upc"]
-        )
+        .join(context["offer"], on="coupon_upc")
+        .join(_pair_features(mine, context, tables, start), on=["household_id", "coupon_upc"])
     )
     out = out.assign(
         history_days=observed_days,
         campaign_days=_days_between(rows.end_date, rows.start_date),
-        campaign_n_offers=float(rows.coupon_upc.nunique()),
+        campaign_n_offers=context["n_offers"],
     )
     return _fill_unseen(out, observed_days)[[*KEYS, *FEATURES]]
+
+
+def campaign_features(rows, transactions, tables, promo_weeks=4) -> pd.DataFrame:
+    """Features of one campaign's candidate `rows` from prepared `transactions` and `tables`, all strictly before its
+    start."""
+    history = history_before(transactions, rows.start_date.iloc[0])
+    mine = history[history.household_id.isin(rows.household_id.unique())]
+    return features_in_context(rows, mine, context_from_history(rows, history, tables, promo_weeks), tables)
 
 
 def build_features(candidates, tables, promo_weeks=4, say=quiet) -> pd.DataFrame:
@@ -446,6 +503,11 @@ def build_features(candidates, tables, promo_weeks=4, say=quiet) -> pd.DataFrame
     for i, (campaign_id, rows) in enumerate(campaigns, 1):
         parts.append(campaign_features(rows, transactions, tables, promo_weeks))
         say(f"features: campaign {campaign_id} ({i}/{campaigns.ngroups}), {len(rows):,} rows")
+    return assemble_features(parts)
+
+
+def assemble_features(parts) -> pd.DataFrame:
+    "Campaigns' feature frames in one, numeric features as floats, sorted by the keys."
     features = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[*KEYS, *FEATURES])
     features[NUMERIC] = features[NUMERIC].astype("float64")
     return features.sort_values(KEYS, ignore_index=True)
@@ -456,8 +518,218 @@ def build_labelled_rows(tables, campaign_ids, promo_weeks=4, say=quiet) -> pd.Da
     campaign)."""
     candidates = build_candidates(tables["campaigns"], tables["campaign_descriptions"], tables["coupons"])
     candidates = candidates[candidates.campaign_id.isin(campaign_ids)].reset_index(drop=True)
-    labels = candidates[KEYS].assign(label=label_candidates(candidates, tables["coupon_redemptions"]).to_numpy())
-    return build_features(candidates, tables, promo_weeks, say).merge(labels, on=KEYS, validate="one_to_one")
+    return with_labels(build_features(candidates, tables, promo_weeks, say), candidates, tables["coupon_redemptions"])
+
+
+def with_labels(features, candidates, coupon_redemptions) -> pd.DataFrame:
+    "`features` of `candidates` with each row's label (`label_candidates`)."
+    labels = candidates[KEYS].assign(label=label_candidates(candidates, coupon_redemptions).to_numpy())
+    return features.merge(labels, on=KEYS, validate="one_to_one")
+
+# %% ../notebooks/03_model_development.ipynb #e644d0ad
+NO_TIME = np.iinfo(np.int64).max  # a bucket without history before the campaign: no first transaction ...
+NO_WEEK = -1  # ... and no newest week
+PARTIAL_COLUMNS = ["campaign_id", "coupon_upc", "buyers", "households", "first_ns", "last_week"]
+
+
+def with_timestamps(transactions) -> pd.DataFrame:
+    "`transactions` with their timestamps as datetimes (Spark reads pandas' nanosecond ones as integers)."
+    return transactions.astype({"transaction_timestamp": "datetime64[ns]"})
+
+
+def history_partials(transactions, tables, campaign_ids) -> pd.DataFrame:
+    """Per campaign and coupon, from the `transactions` of some households before the campaign's start: the coupon's
+    buyers, the households seen, the first transaction (ns) and the newest week."""
+    starts = tables["campaign_descriptions"].set_index("campaign_id").start_date
+    transactions = with_timestamps(transactions)
+    parts = []
+    for campaign_id in campaign_ids:
+        history = history_before(transactions, starts[campaign_id])
+        offer_products = _campaign_offer_products(tables, campaign_id)
+        coupons = np.sort(offer_products.coupon_upc.unique())
+        seen = len(history) > 0
+        part = {
+            "campaign_id": campaign_id,
+            "coupon_upc": coupons,
+            "buyers": count_offer_buyers(history, offer_products).reindex(coupons, fill_value=0).to_numpy(),
+            "households": history.household_id.nunique(),
+            "first_ns": pd.Timestamp(history.transaction_timestamp.min()).value if seen else NO_TIME,
+            "last_week": int(history.week.max()) if seen else NO_WEEK,
+        }
+        parts.append(pd.DataFrame(part))
+    return pd.concat(parts, ignore_index=True).astype("int64") if parts else pd.DataFrame(columns=PARTIAL_COLUMNS)
+
+
+def combine_partials(partials) -> pd.DataFrame:
+    "`history_partials` of disjoint sets of households combined: counts add up, the first time and newest week hold."
+    g = partials.astype("int64").groupby(["campaign_id", "coupon_upc"])
+    return g.agg(
+        buyers=("buyers", "sum"),
+        households=("households", "sum"),
+        first_ns=("first_ns", "min"),
+        last_week=("last_week", "max"),
+    ).reset_index()
+
+
+def campaign_weeks(combined, promo_weeks) -> dict:
+    "Per campaign: the promotion weeks of its features (`complete_weeks` of the history before it)."
+    last = combined.groupby("campaign_id").last_week.max()
+    return {int(c): weeks_before(None if w == NO_WEEK else int(w), promo_weeks) for c, w in last.items()}
+
+
+def contexts_from_partials(combined, shares, tables) -> dict:
+    "Per campaign: its `campaign_context` from its combined partials and its promotion `shares` per store."
+    starts = tables["campaign_descriptions"].set_index("campaign_id").start_date
+    contexts = {}
+    for campaign_id, part in combined.groupby("campaign_id"):
+        first = int(part.first_ns.iloc[0])
+        contexts[int(campaign_id)] = campaign_context(
+            starts[campaign_id],
+            None if first == NO_TIME else pd.Timestamp(first),
+            _campaign_offer_products(tables, campaign_id),
+            part.set_index("coupon_upc").buyers,
+            int(part.households.iloc[0]),
+            shares[campaign_id],
+            float(part.coupon_upc.nunique()),  # the campaign's coupons: every candidate row of a household has one
+        )
+    return contexts
+
+
+def bucket_features(transactions, targeted, tables, contexts, labelled=False) -> pd.DataFrame:
+    """Features (and labels if `labelled`) of the candidate rows of the (campaign, household) pairs `targeted`, from
+    those households' `transactions` and each campaign's context: `build_features` for a bucket of households."""
+    prepared = prepare_transactions(with_timestamps(transactions), tables["products"])
+    candidates = build_candidates(targeted, tables["campaign_descriptions"], tables["coupons"])
+    parts = []
+    for campaign_id, rows in candidates.groupby("campaign_id", sort=True):
+        history = history_before(prepared, rows.start_date.iloc[0])
+        mine = history[history.household_id.isin(rows.household_id.unique())]
+        parts.append(features_in_context(rows, mine, contexts[campaign_id], tables))
+    features = assemble_features(parts)
+    return with_labels(features, candidates, tables["coupon_redemptions"]) if labelled else features
+
+# %% ../notebooks/03_model_development.ipynb #1f5773e0
+SPARK_TABLES = ("transactions", "promotions")  # read by Spark; the other feature tables are small and broadcast
+BROADCAST_TABLES = ("campaigns", "campaign_descriptions", "coupons", "coupon_redemptions", "demographics", "products")
+PARTIAL_SCHEMA = ", ".join(f"{c} long" for c in PARTIAL_COLUMNS)
+SHARES_SCHEMA = "campaign_id long, store_id long, coupon_upc long, display double, mailer double"
+
+
+def feature_schema(labelled=False) -> str:
+    "The Spark schema of `bucket_features`' frames."
+    columns = [f"{c} long" for c in KEYS] + [f"{c} double" for c in NUMERIC] + [f"{c} string" for c in CATEGORICAL]
+    return ", ".join(columns + (["label long"] if labelled else []))
+
+
+def read_spark_tables(spark, root) -> tuple:
+    "The `SPARK_TABLES` under `root`'s data/processed/ as Spark DataFrames."
+    folder = Path(root) / "data/processed"
+    return tuple(spark.read.parquet(str(folder / f"{t}.parquet")) for t in SPARK_TABLES)
+
+
+def spark_tables(spark, root) -> tuple:
+    "The feature tables under `root`'s data/processed/: the small ones as pandas frames, then `read_spark_tables`."
+    from lib.data_acquisition import load_processed
+
+    return load_processed(root, BROADCAST_TABLES), *read_spark_tables(spark, root)
+
+
+def write_parquet_atomically(frame, path) -> Path:
+    "Spark DataFrame `frame` as the parquet folder `path`: written under a temporary sibling, then renamed into place."
+    import shutil
+    import uuid
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (path.with_name(f".{path.name}.{kind}-{uuid.uuid4().hex[:8]}") for kind in ("writing", "old"))
+    try:
+        frame.write.parquet(str(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _with_bucket(frame, n_buckets):
+    from pyspark.sql import functions as F
+
+    return frame.withColumn("bucket", F.col("household_id") % n_buckets)
+
+
+def spark_promotion_shares(spark, promotions, tables, weeks) -> dict:
+    "Per campaign: `measure_promotion_shares` of its `weeks`, from Spark DataFrame `promotions`."
+    from pyspark.sql import functions as F
+
+    offers = {c: _campaign_offer_products(tables, c) for c in weeks}
+    empty = pd.DataFrame(
+        {c: pd.Series(dtype="int64") for c in ("store_id", "coupon_upc")} | {"display": [], "mailer": []}
+    )
+    wanted = [
+        o[["product_id"]].drop_duplicates().assign(campaign_id=c, first=min(weeks[c]), last=max(weeks[c]))
+        for c, o in offers.items()
+        if weeks[c]
+    ]
+    if not wanted:
+        return dict.fromkeys(weeks, empty)
+    wanted = F.broadcast(spark.createDataFrame(pd.concat(wanted, ignore_index=True)))
+    promo = promotions.join(wanted, "product_id").where(F.col("week").between(F.col("first"), F.col("last")))
+
+    def shares(frame):
+        c = int(frame.campaign_id.iloc[0])
+        return measure_promotion_shares(frame, offers[c], weeks[c]).assign(campaign_id=c)
+
+    found = promo.groupBy("campaign_id").applyInPandas(shares, SHARES_SCHEMA).toPandas()
+    by_campaign = {
+        int(c): f.drop(columns="campaign_id").reset_index(drop=True) for c, f in found.groupby("campaign_id")
+    }
+    return {c: by_campaign.get(c, empty) for c in weeks}
+
+
+def spark_features(
+    spark, tables, transactions, promotions, campaign_ids, out, promo_weeks=4, n_buckets=16, labelled=False
+):
+    """`build_features` (with labels: `build_labelled_rows`) of the candidate rows of `campaign_ids` on Spark, written
+    as the parquet folder `out`: `tables` holds the `BROADCAST_TABLES` as pandas frames, `transactions` and `promotions`
+    are Spark DataFrames."""
+    campaign_ids = [int(c) for c in campaign_ids]
+    small = spark.sparkContext.broadcast({t: tables[t] for t in BROADCAST_TABLES})
+    bucketed = _with_bucket(transactions.select(*TRANSACTION_COLUMNS), n_buckets)
+    partials = bucketed.groupBy("bucket").applyInPandas(
+        lambda t: history_partials(t, small.value, campaign_ids), PARTIAL_SCHEMA
+    )
+    combined = combine_partials(partials.toPandas())  # one row per bucket, campaign and coupon
+    shares = spark_promotion_shares(spark, promotions, small.value, campaign_weeks(combined, promo_weeks))
+    contexts = spark.sparkContext.broadcast(contexts_from_partials(combined, shares, small.value))
+    campaigns = tables["campaigns"]
+    targeted = campaigns.loc[
+        campaigns.campaign_id.isin(campaign_ids), ["campaign_id", "household_id"]
+    ].drop_duplicates()
+    targeted = _with_bucket(spark.createDataFrame(targeted), n_buckets)
+    features = (
+        bucketed.groupBy("bucket")
+        .cogroup(targeted.groupBy("bucket"))
+        .applyInPandas(
+            lambda t, c: bucket_features(t, c, small.value, contexts.value, labelled), feature_schema(labelled)
+        )
+    )
+    return write_parquet_atomically(features, out)
+
+
+def labelled_rows_on_spark(spark, tables, campaign_ids, promo_weeks, root, say=quiet) -> pd.DataFrame:
+    """`build_labelled_rows` on Spark: `spark_features` with labels, from the small `tables` and the big ones under
+    `root`, read back sorted."""
+    import tempfile
+
+    say(f"features on Spark ({spark.sparkContext.master}): {len(campaign_ids)} campaigns")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = spark_features(
+            spark, tables, *read_spark_tables(spark, root), campaign_ids, Path(tmp) / "rows", promo_weeks, labelled=True
+        )
+        return pd.read_parquet(path).sort_values(KEYS, ignore_index=True)
 
 # %% ../notebooks/03_model_development.ipynb #9981b7f3
 def split_campaigns(campaign_descriptions, first_transaction, params) -> pd.DataFrame:
@@ -1122,11 +1394,14 @@ def campaign_ids(split, *sets) -> list:
     return sorted(split.campaign_id[split.set.isin(sets)].tolist())
 
 
-def development_rows(tables, split, promo_weeks=4, say=quiet) -> pd.DataFrame:
-    "Labelled rows with features of the training and held-out campaigns, each marked with its `set`."
-    rows = build_labelled_rows(
-        restrict_to_development(tables, split), campaign_ids(split, "train", "held_out"), promo_weeks, say
-    )
+def development_rows(tables, split, promo_weeks=4, say=quiet, spark=None, root=None) -> pd.DataFrame:
+    """Labelled rows with features of the training and held-out campaigns, each marked with its `set`: built here, or
+    on Spark session `spark` from the tables under `root`."""
+    development, ids = restrict_to_development(tables, split), campaign_ids(split, "train", "held_out")
+    if spark is None:
+        rows = build_labelled_rows(development, ids, promo_weeks, say)
+    else:
+        rows = labelled_rows_on_spark(spark, development, ids, promo_weeks, root, say)
     return rows.assign(set=rows.campaign_id.map(split.set_index("campaign_id").set))
 
 

@@ -6,9 +6,8 @@ set -euo pipefail
 PACKAGES='
 chromium                  command -v chromium
 postgresql                compgen -G "/usr/lib/postgresql/*/bin/initdb"
+openjdk-17-jre-headless   compgen -G "/usr/lib/jvm/java-17-openjdk-*/bin/java"
 '
-# Lines to add when tests need them:
-#   openjdk-17-jre-headless   compgen -G "/usr/lib/jvm/java-17-openjdk-*/bin/java"
 
 missing() {
   while read -r package check; do

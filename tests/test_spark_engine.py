@@ -1,16 +1,26 @@
-"""The Spark engine: its session fails clearly without Java or with a master that does not answer, and on the smoke
-slice it builds the same feature table, the same scores and the same send list as the pandas engine."""
+"""The Spark engine: its session fails clearly without Java or with a master that does not answer; on the smoke slice
+it builds the same feature table, the same scores and the same send list as the pandas engine, in local mode and on a
+standalone cluster of a master and two workers; and a Python worker killed while features are written fails the write
+without leaving output, after which a rerun succeeds."""
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import types
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
+import psutil
+import pyspark
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -24,6 +34,8 @@ from lib.data_acquisition import load_processed
 LOCAL = {"master": "local[2]", "config": {"spark.sql.shuffle.partitions": 4}}
 CAMPAIGNS = [16, 17, 18]  # the smoke slice's gate campaigns and the target campaign of step 04
 TOP_K = 3
+SPARK_HOME = Path(pyspark.__file__).parent  # pyspark's own distribution: bin/spark-class, jars/
+FAULTS = Path(__file__).parent / "spark_faults"  # pyspark_stall_worker, a Python worker that waits to be killed
 
 
 def test_the_shipped_params_run_on_pandas_unless_told():
@@ -61,7 +73,7 @@ def deployed_smoke(tmp_path_factory):
     return project
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def spark():
     session = spark_session(LOCAL)
     yield session
@@ -75,20 +87,28 @@ def _scores_both_ways(spark, model_uri, rows, features_path, out):
     return rows[md.KEYS].assign(score=on_pandas), on_spark
 
 
-@pytest.mark.pipeline
-def test_spark_features_scores_and_send_list_equal_the_pandas_ones(deployed_smoke, spark, tmp_path):
-    project = deployed_smoke
+def _rows_on_pandas(project):
+    "The labelled rows of `CAMPAIGNS` built by the pandas engine, and the `promo_weeks` of the project."
     promo_weeks = load_yaml(project / "params.yaml")["model_development"]["promo_weeks"]
-    tables = load_processed(project, md.FEATURE_TABLES)
-    on_pandas = md.build_labelled_rows(tables, CAMPAIGNS, promo_weeks)
+    return md.build_labelled_rows(load_processed(project, md.FEATURE_TABLES), CAMPAIGNS, promo_weeks), promo_weeks
 
+
+def _features_on_spark(spark, project, out, promo_weeks):
     small, transactions, promotions = md.spark_tables(spark, project)
-    features_path = md.spark_features(
-        spark, small, transactions, promotions, CAMPAIGNS, tmp_path / "features", promo_weeks, 8, labelled=True
-    )
+    return md.spark_features(spark, small, transactions, promotions, CAMPAIGNS, out, promo_weeks, 8, labelled=True)
+
+
+def _assert_same_features(features_path, on_pandas):
     on_spark = pd.read_parquet(features_path).sort_values(md.KEYS, ignore_index=True)
     pd.testing.assert_frame_equal(on_spark, on_pandas, check_exact=True)  # same values, same dtypes
-    assert not list(tmp_path.glob(".features.*"))  # the temporary folder was renamed into place
+    assert not list(features_path.parent.glob(f".{features_path.name}.*"))  # the temporary folder was renamed
+
+
+def _assert_same_answers(spark, project, tmp_path):
+    "On `spark`: the same features as pandas, and scores and send lists of the champion and candidate as pandas'."
+    on_pandas, promo_weeks = _rows_on_pandas(project)
+    features_path = _features_on_spark(spark, project, tmp_path / "features", promo_weeks)
+    _assert_same_features(features_path, on_pandas)
 
     store = f"sqlite:///{project / 'mlflow.db'}"
     mlflow.set_tracking_uri(store)
@@ -104,6 +124,201 @@ def test_spark_features_scores_and_send_list_equal_the_pandas_ones(deployed_smok
         send_lists = [dep.build_send_list(s, TOP_K, [], contacts) for s in target]
         columns = ["household_id", "campaign_id", "coupon_upc", "rank"]
         pd.testing.assert_frame_equal(send_lists[1][columns], send_lists[0][columns])
+
+
+@pytest.mark.pipeline
+def test_spark_features_scores_and_send_list_equal_the_pandas_ones(deployed_smoke, spark, tmp_path):
+    _assert_same_answers(spark, deployed_smoke, tmp_path)
+
+
+def _wait_for(what, check, timeout_s, procs=()):
+    "The first true answer of `check()`, polled until `timeout_s`; fails early when one of `procs` exits."
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise AssertionError(f"{proc.args[1]} exited with {proc.returncode} while waiting for {what}")
+        found = check()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"no {what} within {timeout_s} s")
+
+
+def _answers(address) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(address, timeout=1):
+        return True
+    return False
+
+
+def _alive_workers(webui) -> int:
+    "The number of ALIVE workers that the master's web UI reports (0 while it does not answer)."
+    with contextlib.suppress(OSError, ValueError):
+        with urllib.request.urlopen(f"http://127.0.0.1:{webui}/json/", timeout=2) as answer:
+            return sum(w["state"] == "ALIVE" for w in json.load(answer)["workers"])
+    return 0
+
+
+def _stop_process_groups(procs, timeout_s=30):
+    "Stop each of `procs` with its process group and every descendant (executors, Python daemons); returns survivors."
+    family = []
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            family += [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)  # each was started in a session of its own: its group id is its pid
+        for member in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.send_signal(sig)
+        _, alive = psutil.wait_procs(family, timeout=timeout_s)
+        if not alive:
+            break
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout_s)
+    return [p for p in family if _running(p)]
+
+
+def _running(process) -> bool:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    return False
+
+
+@pytest.fixture(scope="module")
+def standalone_cluster(tmp_path_factory):
+    """A standalone Spark cluster on 127.0.0.1 from pyspark's own distribution, a master and two one-core workers,
+    once the master's web UI counts both workers ALIVE; every process of it is stopped afterwards."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    env = os.environ | {
+        "SPARK_HOME": str(SPARK_HOME),
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "SPARK_LOG_DIR": str(tmp / "logs"),
+        "SPARK_WORKER_DIR": str(tmp / "work"),
+        "SPARK_DAEMON_MEMORY": "256m",  # the master and worker daemons; executors get spark.executor.memory
+    }
+    port, webui = _free_port(), _free_port()
+    master = f"spark://127.0.0.1:{port}"
+    commands = {
+        "master": ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port)],
+        **{
+            f"worker{i}": ["org.apache.spark.deploy.worker.Worker", master, "--host", "127.0.0.1", "--cores", "1"]
+            + ["--memory", "1g"]
+            for i in (1, 2)
+        },
+    }
+    procs = {}
+    try:
+        for name, args in commands.items():
+            with open(tmp / f"{name}.log", "w") as log:  # the child keeps its own descriptor
+                procs[name] = subprocess.Popen(
+                    [
+                        str(SPARK_HOME / "bin/spark-class"),
+                        *args,
+                        "--webui-port",
+                        str(webui if name == "master" else _free_port()),
+                    ],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            if name == "master":
+                _wait_for(
+                    f"master answering on port {port}", lambda: _answers(("127.0.0.1", port)), 120, [procs["master"]]
+                )
+        _wait_for("2 ALIVE workers", lambda: _alive_workers(webui) == 2, 120, procs.values())
+        yield types.SimpleNamespace(master=master, procs=procs, logs=tmp)
+    finally:
+        left = _stop_process_groups(list(procs.values()))
+        assert not left, f"processes of the cluster still running: {[p.cmdline()[:3] for p in left]}"
+
+
+@contextlib.contextmanager
+def cluster_session(cluster, **config):
+    "A SparkSession with the standalone `cluster` as master (and `config`), the process's other session stopped."
+    from pyspark.sql import SparkSession
+
+    if (active := SparkSession.getActiveSession()) is not None:
+        active.stop()
+    settings = {
+        "spark.sql.shuffle.partitions": 4,
+        "spark.driver.host": "127.0.0.1",  # executors call the driver back here
+        "spark.driver.bindAddress": "127.0.0.1",
+        "spark.ui.enabled": False,
+        "spark.executor.memory": "512m",
+        # SparkSession.builder keeps the options of the process's earlier sessions: the fault test's are reset here
+        "spark.task.maxFailures": 4,
+        "spark.python.worker.reuse": True,
+        "spark.python.worker.module": "pyspark.worker",
+        "spark.executorEnv.STALL_WHEN": "",
+    }
+    session = spark_session({"master": cluster.master, "config": settings | config})
+    try:
+        yield session
+    finally:
+        session.stop()
+
+
+def _executor_pythons(spark) -> set:
+    "The Python interpreters of the executors' workers, with one task per worker core."
+    return set(spark.sparkContext.parallelize(range(4), 4).map(lambda _: sys.executable).collect())
+
+
+@pytest.mark.pipeline
+def test_a_standalone_cluster_gives_the_same_features_scores_and_send_list(
+    deployed_smoke, standalone_cluster, tmp_path
+):
+    with cluster_session(standalone_cluster) as spark:
+        assert spark.sparkContext.master == standalone_cluster.master
+        assert _executor_pythons(spark) == {sys.executable}  # the project's Python (PYSPARK_PYTHON) on the executors
+        status = spark.sparkContext._jsc.sc().getExecutorMemoryStatus  # the driver and each executor
+        _wait_for("an executor on each worker", lambda: status().size() == 3, 120, standalone_cluster.procs.values())
+        _assert_same_answers(spark, deployed_smoke, tmp_path)
+
+
+def _cluster_descendants(cluster) -> set:
+    return {p.pid for w in cluster.procs.values() for p in psutil.Process(w.pid).children(recursive=True)}
+
+
+@pytest.mark.pipeline
+def test_a_python_worker_killed_while_features_are_written_fails_the_write_and_a_rerun_succeeds(
+    deployed_smoke, standalone_cluster, tmp_path
+):
+    """Every Python worker of the write stage waits, once the write's temporary folder exists; one is killed: with one
+    attempt per task the job fails, no features folder is left (nor its temporary one), and a rerun writes them."""
+    on_pandas, promo_weeks = _rows_on_pandas(deployed_smoke)
+    out, markers = tmp_path / "features", tmp_path / "stalled"
+    markers.mkdir()
+    stalling = {
+        "spark.task.maxFailures": 1,
+        "spark.python.worker.reuse": False,  # a reused worker enters its main before its next task is assigned
+        "spark.python.worker.module": "pyspark_stall_worker",
+        "spark.executorEnv.PYTHONPATH": str(FAULTS),
+        "spark.executorEnv.STALL_WHEN": str(tmp_path / f".{out.name}.writing-*"),
+        "spark.executorEnv.STALL_MARKERS": str(markers),
+    }
+    with cluster_session(standalone_cluster, **stalling) as spark, ThreadPoolExecutor(1) as pool:
+        writing = pool.submit(_features_on_spark, spark, deployed_smoke, out, promo_weeks)
+
+        def stalled():
+            if writing.done():
+                raise AssertionError(f"the write ended before any worker stalled: {writing.exception()!r}")
+            return next((int(m.name) for m in markers.iterdir() if m.name.isdigit()), None)
+
+        pid = _wait_for("a Python worker stalled in the write stage", stalled, 300, standalone_cluster.procs.values())
+        assert pid in _cluster_descendants(standalone_cluster)  # a real Python worker under a worker's executor
+        psutil.Process(pid).kill()
+        with pytest.raises(Exception, match="failed 1 times") as failure:
+            writing.result(timeout=300)
+    assert "Python worker exited unexpectedly" in str(failure.value) or "crashed" in str(failure.value)
+    assert not out.exists()
+    assert not list(tmp_path.glob(f".{out.name}.*"))  # the temporary folder of the failed write was removed
+
+    with cluster_session(standalone_cluster) as spark:
+        _assert_same_features(_features_on_spark(spark, deployed_smoke, out, promo_weeks), on_pandas)
 
 
 @pytest.mark.pipeline

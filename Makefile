@@ -2,7 +2,7 @@
 # test). Both create .venv from pinned versions once; later calls reuse it. `make test-fast`: the tests that need no
 # pipeline run (lint, lib in sync, nbdev-test, unit tests). `make team-up` / `make team-down`: the team's MLflow server on
 # PostgreSQL (README, "Working as a team"). `make scale-data FACTOR=10`: the data x10 for the files source (README,
-# "The data ×N").
+# "The data ×N"). `make bench-scale`: the pipeline on the data ×1 and ×10 with both engines (README, "Scaling out").
 
 PYTHON ?= python3.11
 VENV   := .venv
@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.installed-$(PINS)
 LAB_ARGS ?=
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-fast system-packages lab bench audit lint export team-up team-down recover restore-restricted scale-data
+.PHONY: setup run test test-fast system-packages lab bench audit lint export team-up team-down recover restore-restricted scale-data bench-scale
 
 setup: $(STAMP)
 
@@ -45,6 +45,10 @@ lab: setup
 
 bench: setup
 	python benchmarks/benchmark.py
+
+# The real data ×1 and ×N (FACTORS, default 1 10) on both engines: time, memory, rows/s, same answers (README).
+bench-scale: setup
+	python benchmarks/scale.py $(if $(FACTORS),--factors $(FACTORS))
 
 # A teammate after `dvc pull`: the raw contacts and the delivery file, which are never pushed, rebuilt from the source.
 restore-restricted: setup

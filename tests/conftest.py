@@ -25,6 +25,7 @@ NOT_COPIED = shutil.ignore_patterns(
     "mlartifacts",
     ".team",
     "cache",
+    "scaled",  # data/scaled: the data ×N of `make scale-data`, never part of a copy
     "tmp",
     "__pycache__",
     ".pytest_cache",

@@ -1,0 +1,99 @@
+"""`make bench-scale`'s own parts: the memory of a whole process tree, the skip rules for disk and memory, the engine
+comparison that must catch a difference, and the goals read from the figures."""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from scale import goals, markdown, run_measured, same_answers, skip_reason, tree_rss_mb  # noqa: E402
+
+HOLD = "import sys; b = bytearray({mb} * 2**20); b[::4096] = b'x' * len(b[::4096]); print('ready', flush=True); {end}"
+
+
+def test_the_tree_memory_counts_the_children_of_a_shell():
+    child = HOLD.format(mb=300, end="sys.stdin.read()")
+    shell = subprocess.Popen(
+        ["bash", "-c", f'{sys.executable} -c "{child}"; true'], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert shell.stdout.readline().strip() == "ready"  # the child holds its 300 MB now
+        assert tree_rss_mb(shell.pid) >= 300
+    finally:
+        shell.stdin.close()
+        shell.wait(timeout=60)
+    assert tree_rss_mb(shell.pid) == 0
+
+
+def test_a_measured_command_reports_its_largest_process_and_a_failure_stops_with_its_log(tmp_path):
+    figures = run_measured([sys.executable, "-c", HOLD.format(mb=200, end="")], tmp_path, tmp_path / "log")
+    assert figures["peak_rss_mb"] >= 200 and figures["seconds"] > 0
+    assert (tmp_path / "log").read_text().strip() == "ready"
+    with pytest.raises(SystemExit, match=r"failed in (?s:.*)no such stage"):
+        run_measured([sys.executable, "-c", "raise SystemExit('no such stage')"], tmp_path, tmp_path / "log")
+
+
+GB = 10**9
+
+
+def test_a_factor_is_skipped_for_disk_or_for_step_02s_memory_and_says_which():
+    memory = 24 * 2**30
+    assert skip_reason(10, ["pandas", "spark"], 0.04 * GB, 50 * GB, memory, {1: 2700}) == ""  # no slope yet: it runs
+    assert "needs about 52 GB of disk, 50 GB free" in skip_reason(100, ["pandas", "spark"], 0.04 * GB, 50 * GB, 0, {})
+    assert skip_reason(20, ["spark"], 0.04 * GB, 500 * GB, memory, {1: 2700, 10: 6100}) == ""  # about 10 GB
+    too_much = skip_reason(100, ["spark"], 0.04 * GB, 500 * GB, memory, {1: 2700, 10: 6100})
+    assert "2,700 MB on ×1 and 6,100 MB on ×10, so ×100 would need about 39 GB" in too_much and "24 GB" in too_much
+
+
+KEYS = ["household_id", "campaign_id", "coupon_upc"]
+
+
+def _answers():
+    features = pd.DataFrame({"household_id": [1, 2], "campaign_id": [18, 18], "coupon_upc": [7, 8], "spend": [1.5, 2]})
+    scores = features[KEYS].assign(score=[0.25, 0.5])
+    return features, scores, scores[KEYS]
+
+
+def test_the_engine_comparison_passes_equal_answers_and_catches_each_difference():
+    features, scores, sends = _answers()
+    same = same_answers((features, features.copy()), (scores, scores.copy()), (sends, sends.copy()))
+    assert same["features_identical"] and same["scores_within_tolerance"] and same["send_lists_equal"]
+
+    moved = features.assign(spend=[1.5, 2.0000001])
+    assert not same_answers((features, moved), (scores, scores), (sends, sends))["features_identical"]
+    off = same_answers((features, features), (scores, scores.assign(score=[0.25, 0.5 + 1e-6])), (sends, sends))
+    assert not off["scores_within_tolerance"] and off["max_score_difference"] == pytest.approx(1e-6)
+    missing = same_answers((features, features), (scores, scores.head(1)), (sends, sends))
+    assert missing["unmatched_score_rows"] == 1 and not missing["scores_within_tolerance"]
+    assert not same_answers((features, features), (scores, scores), (sends, sends.head(1)))["send_lists_equal"]
+
+
+def _run(seconds, tree_mb):
+    stages = {"data_acquisition": {"seconds": seconds, "peak_rss_mb": tree_mb, "tree_rss_mb": tree_mb}}
+    rate = {"rows": 10, "seconds": 1.0, "rows_per_s": 10}
+    return {"stages": stages, "throughput": {"features": rate, "scoring": rate}}
+
+
+def test_the_goals_are_read_from_the_figures_and_the_table_shows_every_run():
+    results = {
+        "runs": {
+            1: {"pandas": _run(100, 2000), "spark": _run(150, 2500)},
+            10: {"pandas": _run(1200, 9000), "spark": _run(900, 4500)},
+        },
+        "same_answers": {},
+        "skipped": {100: "needs about 52 GB of disk, 50 GB free"},
+        "machine": {"cpus": 2, "memory_gb": 24, "python": "3.11", "spark_master": "local[*]"},
+    }
+    assert goals(results) == [
+        "×10 on Spark, every stage within 4,096 MB (whole process tree): missed: data_acquisition",
+        "pandas: ×10 data took 12.0× the time of ×1 (goal ≤ 10×): missed",
+        "spark: ×10 data took 6.0× the time of ×1 (goal ≤ 10×): met",
+        "×1: Spark took 1.50× the time of pandas (goal ≤ 2×): met",
+    ]
+    table = markdown(results)
+    assert "| ×10 | spark | data_acquisition | 900.0 | 4,500 | 4,500 |" in table
+    assert "- ×100: skipped, needs about 52 GB of disk, 50 GB free" in table

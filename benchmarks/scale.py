@@ -137,14 +137,14 @@ def cell_seconds(notebook, marker) -> float:
     raise ValueError(f"{notebook}: no code cell holds {marker!r}")
 
 
-def throughput(project) -> dict:
-    "Feature rows and scored rows per second of the engine's own cells (papermill durations)."
-    rows = {
-        "features": pq.read_metadata(project / "data/features/development.parquet").num_rows,
-        "scoring": pq.read_metadata(project / "data/scored/scores.parquet").num_rows,
-    }
+def throughput(project, stages) -> dict:
+    "Feature rows and scored rows per second of the engine's own cells (papermill durations), of the `stages` run."
+    paths = {"features": "data/features/development.parquet", "scoring": "data/scored/scores.parquet"}
     out = {}
     for part, (stage, marker) in TIMED_CELLS.items():
+        if stage not in stages:
+            continue
+        rows = {part: pq.read_metadata(project / paths[part]).num_rows}
         seconds = cell_seconds(project / f"reports/executed/{step_number(project, stage)}_{stage}.ipynb", marker)
         out[part] = {"rows": rows[part], "seconds": round(seconds, 1), "rows_per_s": round(rows[part] / seconds)}
     return out
@@ -159,15 +159,23 @@ def pipeline_stages(project) -> list:
     return list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
 
 
-def bench_run(project, say=print) -> dict:
-    "Every stage of `project`, in order, alone and forced: its figures; then the throughput of the engine's cells."
-    stages = {}
-    for stage in pipeline_stages(project):
-        stages[stage] = run_measured(
+def stages_until(project, until="") -> list:
+    "The stages of `project` in pipeline order, up to and including `until` (every stage when empty)."
+    stages = pipeline_stages(project)
+    return stages[: stages.index(until) + 1] if until else stages
+
+
+def bench_run(project, figures, stages, save, say=print):
+    """`stages` of `project`, in order, each alone and forced, into `figures` (saved after each); then the throughput of
+    the engine's cells."""
+    figures.update(stages={}, throughput={})
+    for stage in stages:
+        figures["stages"][stage] = run_measured(
             ["dvc", "repro", "--single-item", "--force", stage], project, project.parent / "repro.log"
         )
-        say(f"    {stage}: {stages[stage]}")
-    return {"stages": stages, "throughput": throughput(project)}
+        say(f"    {stage}: {figures['stages'][stage]}")
+        save()
+    figures["throughput"] = throughput(project, stages)
 
 
 # ---------------------------------------------------------------- the same answers
@@ -209,6 +217,13 @@ def same_answers(features, scores, sends, tolerance=1e-9) -> dict:
 # ---------------------------------------------------------------- the goals and the table
 
 
+def time_ratio(stages, baseline) -> tuple:
+    "Total seconds of `stages` over those of `baseline`, on the stages both ran; and which stages, in words."
+    common = [s for s in stages if s in baseline]
+    ratio = sum(stages[s]["seconds"] for s in common) / sum(baseline[s]["seconds"] for s in common)
+    return ratio, "every stage" if len(common) == len(baseline) else f"the stages up to {common[-1]}"
+
+
 def goals(results, budget_mb=STAGE_BUDGET_MB) -> list:
     """The three scale goals checked on `results` ({"runs": {factor: {engine: run}}}), one line each: every Spark stage
     of the largest factor within the budget (whole tree); time at most linear in the factor; Spark at most 2× pandas on
@@ -223,10 +238,12 @@ def goals(results, budget_mb=STAGE_BUDGET_MB) -> list:
         lines.append(f"×{largest} on Spark, every stage within {budget_mb:,} MB (whole process tree): {verdict}")
     if 1 in runs and largest > 1:
         for engine in sorted(set(runs[1]) & set(runs[largest])):
-            total = {f: sum(m["seconds"] for m in runs[f][engine]["stages"].values()) for f in (1, largest)}
-            ratio = total[largest] / total[1]
+            ratio, stages = time_ratio(runs[largest][engine]["stages"], runs[1][engine]["stages"])
             verdict = "met" if ratio <= largest else "missed"
-            lines.append(f"{engine}: ×{largest} data took {ratio:.1f}× the time of ×1 (goal ≤ {largest}×): {verdict}")
+            lines.append(
+                f"{engine}: ×{largest} data took {ratio:.1f}× the time of ×1 over {stages} "
+                f"(goal ≤ {largest}×): {verdict}"
+            )
     if 1 in runs and {"pandas", "spark"} <= set(runs[1]):
         total = {e: sum(m["seconds"] for m in runs[1][e]["stages"].values()) for e in ("pandas", "spark")}
         ratio = total["spark"] / total["pandas"]
@@ -248,10 +265,11 @@ def markdown(results) -> str:
                     f"| ×{factor} | {engine} | {stage} | {m['seconds']:,.1f} | {m['peak_rss_mb']:,} | "
                     f"{m['tree_rss_mb']:,} |"
                 )
-            f, s = run["throughput"]["features"], run["throughput"]["scoring"]
-            rates.append(
-                f"| ×{factor} | {engine} | {f['rows']:,} | {f['rows_per_s']:,} | {s['rows']:,} | {s['rows_per_s']:,} |"
-            )
+            cells = [
+                f"{r['rows']:,} | {r['rows_per_s']:,}" if r else "— | —"
+                for r in (run.get("throughput", {}).get(part) for part in TIMED_CELLS)
+            ]
+            rates.append(f"| ×{factor} | {engine} | {' | '.join(cells)} |")
     same = [
         f"- ×{factor}: features identical: {c['features_identical']} ({c['feature_rows'][0]:,} rows); scores within "
         f"1e-9: {c['scores_within_tolerance']} (largest difference {c['max_score_difference']:.2e}); send lists "
@@ -289,16 +307,24 @@ def markdown(results) -> str:
 # ---------------------------------------------------------------- main
 
 
-def bench_scale(factors, engines, spark_master, workdir, save, say=print) -> dict:
-    """Every factor on every engine (smallest first), the engines compared per factor, and what was skipped and why;
-    `save(results)` after each factor, so that a long benchmark keeps what it measured."""
-    results, stage02 = {"runs": {}, "same_answers": {}, "skipped": {}, "machine": machine(spark_master)}, {}
+def bench_scale(factors, engines, spark_master, workdir, save, until="", results=None, say=print) -> dict:
+    """Every factor on every engine (smallest first), up to stage `until`, added to `results`; the engines compared
+    per factor, and what was skipped and why. `save(results)` after each stage, so a long benchmark keeps what it
+    measured."""
+    results = results or {"runs": {}, "same_answers": {}, "skipped": {}}
+    results["machine"] = machine(spark_master)
+    stage02 = {
+        int(f): r["stages"]["data_acquisition"]["tree_rss_mb"]
+        for f, engines_run in results["runs"].items()
+        for r in engines_run.values()
+        if "data_acquisition" in r["stages"]
+    }
     memory, x1_bytes = psutil.virtual_memory().total, folder_bytes(scaled_data(1))
     for factor in sorted(factors):
         reason = skip_reason(factor, engines, x1_bytes, shutil.disk_usage(workdir).free, memory, stage02)
         if reason:
             say(f"×{factor}: skipped, {reason}")
-            results["skipped"][factor] = reason
+            results["skipped"][str(factor)] = reason
             continue
         source, projects = scaled_data(factor), {}
         for engine in engines:
@@ -306,11 +332,12 @@ def bench_scale(factors, engines, spark_master, workdir, save, say=print) -> dic
             overlay = Path(workdir) / f"x{factor}-{engine}.yaml"
             overlay.write_text(yaml.safe_dump(overlay_for(source, engine, spark_master)))
             projects[engine] = make_project_copy(Path(workdir) / f"x{factor}-{engine}" / "project", overlay)
-            results["runs"].setdefault(factor, {})[engine] = bench_run(projects[engine], say)
-            stage02[factor] = results["runs"][factor][engine]["stages"]["data_acquisition"]["tree_rss_mb"]
-        if {"pandas", "spark"} <= set(projects):
-            results["same_answers"][factor] = compare_engines(projects["pandas"], projects["spark"])
-            say(f"×{factor}: {results['same_answers'][factor]}")
+            figures = results["runs"].setdefault(str(factor), {}).setdefault(engine, {})
+            bench_run(projects[engine], figures, stages_until(projects[engine], until), lambda: save(results), say)
+            stage02[factor] = figures["stages"]["data_acquisition"]["tree_rss_mb"]
+        if {"pandas", "spark"} <= set(projects) and not until:
+            results["same_answers"][str(factor)] = compare_engines(projects["pandas"], projects["spark"])
+            say(f"×{factor}: {results['same_answers'][str(factor)]}")
         for project in projects.values():
             shutil.rmtree(project.parent)  # the next factor needs the room
         save(results)
@@ -341,11 +368,14 @@ def main():
     parser.add_argument("--factors", type=int, nargs="+", default=[1, 10], help="data factors (default: 1 10)")
     parser.add_argument("--engines", nargs="+", default=["pandas", "spark"], choices=["pandas", "spark"])
     parser.add_argument("--spark-master", default="local[*]", help="the Spark master of the spark runs")
+    parser.add_argument("--until", default="", help="the last stage to run (default: every stage)")
+    parser.add_argument("--keep", action="store_true", help="add to the figures of other runs already in <out>.json")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/scale"), help="writes <out>.json and <out>.md")
     args = parser.parse_args()
-    save = saver(args.out)
+    save, kept = saver(args.out), Path(f"{args.out}.json")
+    results = json.loads(kept.read_text()) if args.keep and kept.exists() else None
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
-        results = bench_scale(args.factors, args.engines, args.spark_master, tmp, save)
+        results = bench_scale(args.factors, args.engines, args.spark_master, tmp, save, args.until, results)
     save(results)
     print(markdown(results))
 

@@ -129,12 +129,14 @@ def overlay_for(source_folder, engine, spark_master) -> dict:
 
 
 def cell_seconds(notebook, marker) -> float:
-    "The papermill duration of the first code cell of executed `notebook` whose source holds `marker`."
+    """The papermill duration of the first run cell (`#| stage`) of executed `notebook` whose source holds `marker`:
+    the cell that calls a function, not the one that defines it."""
     cells = json.loads(Path(notebook).read_text())["cells"]
     for cell in cells:
-        if cell["cell_type"] == "code" and marker in "".join(cell["source"]):
+        source = "".join(cell["source"])
+        if cell["cell_type"] == "code" and source.startswith("#| stage") and marker in source:
             return float(cell["metadata"]["papermill"]["duration"])
-    raise ValueError(f"{notebook}: no code cell holds {marker!r}")
+    raise ValueError(f"{notebook}: no run cell holds {marker!r}")
 
 
 def throughput(project, stages) -> dict:

@@ -38,6 +38,7 @@ from lib.model_development import (
     FEATURES,
     bin_shares,
     build_labelled_rows,
+    labelled_rows_on_spark,
     measure_metrics,
     reference_statistics,
     top_k_offers,
@@ -558,11 +559,13 @@ def overlay_batch(tables, batch) -> dict:
     return out
 
 
-def batch_rows(tables, batch, promo_weeks=4) -> pd.DataFrame:
-    "The batch's labelled rows with features: step 03's `build_labelled_rows` on the tables overlaid with the batch."
-    return build_labelled_rows(
-        overlay_batch(tables, batch), batch["campaign_descriptions"].campaign_id.tolist(), promo_weeks
-    )
+def batch_rows(tables, batch, promo_weeks=4, spark=None, root=None) -> pd.DataFrame:
+    """The batch's labelled rows with features: step 03's `build_labelled_rows` on the tables overlaid with the batch,
+    here or on Spark session `spark` (transactions and promotions read from `root`'s data/processed/)."""
+    overlaid, ids = overlay_batch(tables, batch), batch["campaign_descriptions"].campaign_id.tolist()
+    if spark is None:
+        return build_labelled_rows(overlaid, ids, promo_weeks)
+    return labelled_rows_on_spark(spark, overlaid, ids, promo_weeks, root)
 
 # %% ../notebooks/05_model_monitoring.ipynb #4c66cab8
 def measure_performance(frame, scores, k, min_positives) -> dict:
@@ -670,6 +673,8 @@ class Monitor:
     promo_weeks: int = 4
     seed: int = 42
     window_days: int = 14
+    spark: object = None  # a SparkSession: each batch's features built on Spark (None: in pandas)
+    root: Path | None = None  # the project root, whose data/processed/ Spark reads
 
 
 def drilled_batch(m: Monitor, campaign_id) -> dict:
@@ -772,7 +777,7 @@ def monitor_batch(row, m: Monitor) -> tuple:
         violations, failures = metrics["schema_violations"], metrics["contract_failures"]
         reason = f"{violations} schema violation(s), {failures} failed quality rule(s): not scored"
         return _batch_result(row, "blocked", reason, metrics, seconds=seconds), None
-    features = batch_rows(m.tables, batch, m.promo_weeks)
+    features = batch_rows(m.tables, batch, m.promo_weeks, m.spark, m.root)
     metrics["rows"] = int(len(features))
     seconds["features"] = time.perf_counter() - started - seconds["checks"]
     reason = assess_sufficiency(
@@ -1258,7 +1263,7 @@ def close_the_loop(
         return {**out, "reasons": [f"{trigger['batch']} has no labels yet: the gate waits for them"]}
     train = build_labelled_rows(m.tables, campaigns, m.promo_weeks)
     model, _ = fit_candidate(family, train, development, m.seed)
-    frame = batch_rows(m.tables, drilled_batch(m, trigger["campaign_id"]), m.promo_weeks)
+    frame = batch_rows(m.tables, drilled_batch(m, trigger["campaign_id"]), m.promo_weeks, m.spark, m.root)
     verdict = gate_challenger(
         frame, model.predict_proba(frame[FEATURES])[:, 1], np.asarray(m.score(frame[FEATURES])), charter, gate
     )
@@ -1297,9 +1302,9 @@ def reference_resampling(params, seed) -> dict:
     }
 
 
-def build_monitor(tables, training, score, deployed, charter, params, settings, seed) -> Monitor:
+def build_monitor(tables, training, score, deployed, charter, params, settings, seed, spark=None, root=None) -> Monitor:
     """The replay's shared state: the drift reference per campaign type from step 03's training rows, scored by the
-    deployed model."""
+    deployed model; with a Spark session `spark`, the batches' features are built on Spark from `root`."""
     references = reference_by_type(
         training,
         score(training[FEATURES]),
@@ -1319,6 +1324,8 @@ def build_monitor(tables, training, score, deployed, charter, params, settings, 
         settings["promo_weeks"],
         seed,
         kpi_window(charter["kpis"]),
+        spark,
+        root,
     )
 
 
@@ -1500,14 +1507,14 @@ def profile_latest(results, state_dir, reference, path, profile, seed) -> str | 
 
 # %% ../notebooks/05_model_monitoring.ipynb #ff26c14c
 def replay_header(deployed, m: Monitor, batches, computed) -> str:
-    """One line on the replay: the model, its training cutoff, the data end, and how many batches were computed or
-    reused."""
+    """One line on the replay: the model, its training cutoff, the data end, what built the features, and how many
+    batches were computed or reused."""
     version = f"version {deployed['version']}" if deployed.get("version") else ""
+    engine = "pandas" if m.spark is None else f"Spark (`{m.spark.sparkContext.master}`)"
     return (
         f"**Model:** {deployed['pointer']} `{deployed.get('name', '')}` {version} (training data until "
-        f"{m.model['trained_until']}) · **data end:** {m.as_of.date()} · **batches:** {batches} ({computed} computed "
-        "in "
-        f"this run, {batches - computed} reused)"
+        f"{m.model['trained_until']}) · **data end:** {m.as_of.date()} · **features:** {engine} · **batches:** "
+        f"{batches} ({computed} computed in this run, {batches - computed} reused)"
     )
 
 

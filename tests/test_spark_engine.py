@@ -1,9 +1,11 @@
 """The Spark engine: its session fails clearly without Java or with a master that does not answer; on the smoke slice
 it builds the same feature table, the same scores and the same send list as the pandas engine, in local mode and on a
-standalone cluster of a master and two workers; and a Python worker killed while features are written fails the write
-without leaving output, after which a rerun succeeds."""
+standalone cluster of a master and two workers, and the monitoring replay gives the same batch rows and results; and a
+Python worker killed while features are written fails the write without leaving output, after which a rerun
+succeeds."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -28,7 +30,8 @@ from mlflow import MlflowClient
 from conftest import ROOT, make_project_copy, run
 from lib import model_deployment as dep
 from lib import model_development as md
-from lib.core import SparkUnavailableError, load_yaml, spark_session
+from lib import model_monitoring as mon
+from lib.core import SparkUnavailableError, load_json, load_params, load_yaml, spark_session
 from lib.data_acquisition import load_processed
 
 LOCAL = {"master": "local[2]", "config": {"spark.sql.shuffle.partitions": 4}}
@@ -129,6 +132,84 @@ def _assert_same_answers(spark, project, tmp_path):
 @pytest.mark.pipeline
 def test_spark_features_scores_and_send_list_equal_the_pandas_ones(deployed_smoke, spark, tmp_path):
     _assert_same_answers(spark, deployed_smoke, tmp_path)
+
+
+def _monitor_on_pandas(project):
+    "Step 05's monitor of `project` as its run cells build it on the pandas engine, and the replay's plan of batches."
+    charter, seed = load_json(project / "data/charter.json"), load_yaml(project / "params.yaml")["shared"]["seed"]
+    kpi_ids = [k["id"] for k in charter["kpis"]]
+    params = mon.check_params(load_params(project / "params.yaml", "model_monitoring", mon.SPEC), kpi_ids)
+    settings = md.development_settings(load_json(project / "models/candidate.json"))
+    tables = load_processed(project, [*md.FEATURE_TABLES, "households"])
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    deployed = mon.deployed_model(project)
+    training = pd.read_parquet(project / "data/features/development.parquet").query("set == 'train'")
+    score = mon.load_scorer(mon.scoring_uri(deployed))
+    m = mon.build_monitor(tables, training.reset_index(drop=True), score, deployed, charter, params, settings, seed)
+    plan = mon.plan_batches(tables["campaign_descriptions"], settings["production_from"], m.as_of, "")
+    return m, plan
+
+
+def _kept(monkeypatch, name) -> list:
+    "The frames that `lib.model_monitoring.<name>` returns from now on, in call order."
+    real, frames = getattr(mon, name), []
+
+    def keeping(*args, **kwargs):
+        frames.append(real(*args, **kwargs))
+        return frames[-1]
+
+    monkeypatch.setattr(mon, name, keeping)
+    return frames
+
+
+def _assert_close(got, want, where=""):
+    "Equal nested results, floats within 1e-9."
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), where
+        for key in want:
+            _assert_close(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _assert_close(g, w, f"{where}[{i}]")
+    elif isinstance(want, float) and not isinstance(got, bool):
+        assert got == pytest.approx(want, abs=1e-9, nan_ok=True), where
+    else:
+        assert got == want, where
+
+
+@pytest.mark.pipeline
+def test_the_monitoring_replay_on_spark_gives_the_pandas_batch_rows_and_results(deployed_smoke, spark, monkeypatch):
+    """Every production batch of the smoke slice, and a demographic-shift drill (which retargets the batch: the
+    features must see the drilled targeting), give the same labelled rows, scores and batch results on both engines."""
+    on_pandas, plan = _monitor_on_pandas(deployed_smoke)
+    on_spark = dataclasses.replace(on_pandas, spark=spark, root=deployed_smoke)
+    drill = {**on_pandas.settings, "scenario": "demographic_shift"}
+    labelled = plan[plan.labelled].head(1)
+    cases = [
+        (on_pandas, on_spark, plan),
+        (dataclasses.replace(on_pandas, settings=drill), dataclasses.replace(on_spark, settings=drill), labelled),
+    ]
+    rows = {"pandas": _kept(monkeypatch, "build_labelled_rows"), "spark": _kept(monkeypatch, "labelled_rows_on_spark")}
+    built = 0
+    for m_pandas, m_spark, batches in cases:
+        for row in batches.itertuples():
+            (want, want_scored), (got, got_scored) = (mon.monitor_batch(row, m) for m in (m_pandas, m_spark))
+            assert want["status"] != "blocked", want["reason"]  # every case builds features
+            built += 1
+            assert len(rows["pandas"]) == len(rows["spark"]) == built  # each engine built this batch's rows itself
+            pd.testing.assert_frame_equal(rows["spark"][-1], rows["pandas"][-1], check_exact=True)
+            _assert_close(*({k: v for k, v in r.items() if k != "seconds"} for r in (got, want)), row.batch)
+            if want_scored is not None:
+                keys = (
+                    got_scored.sort_values(md.KEYS, ignore_index=True),
+                    want_scored.sort_values(md.KEYS, ignore_index=True),
+                )
+                pd.testing.assert_frame_equal(*(k.drop(columns="prediction") for k in keys), check_exact=True)
+                assert np.abs(keys[0].prediction.to_numpy() - keys[1].prediction.to_numpy()).max() <= 1e-9
+    assert built == len(plan) + 1 and plan.labelled.any()
+    drilled = mon.drilled_batch(cases[1][0], labelled.campaign_id.iloc[0])["campaigns"].household_id
+    assert set(rows["spark"][-1].household_id) == set(drilled)  # the drill's households, not the delivered ones
 
 
 def _wait_for(what, check, timeout_s, procs=()):
@@ -322,17 +403,24 @@ def test_a_python_worker_killed_while_features_are_written_fails_the_write_and_a
 
 
 @pytest.mark.pipeline
-def test_engine_spark_runs_steps_03_and_04_with_the_same_development_rows(deployed_smoke):
-    """Last in this module: it switches the shared smoke copy to the Spark engine and reruns steps 03 and 04."""
+def test_engine_spark_runs_steps_03_to_05_with_the_same_development_rows(deployed_smoke):
+    """Last in this module: it switches the shared smoke copy to the Spark engine and reruns steps 03 and 04, then runs
+    step 05, whose replay builds each batch's features on Spark."""
     project = deployed_smoke
     on_pandas = pd.read_parquet(project / "data/features/development.parquet")
     params = load_yaml(project / "params.yaml")
     params["shared"]["engine"], params["spark"] = "spark", LOCAL
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    stages = [run(["dvc", "repro", "--single-item", s], project) for s in ("model_development", "model_deployment")]
+    stages = [
+        run(["dvc", "repro", "--single-item", s], project)
+        for s in ("model_development", "model_deployment", "model_monitoring")
+    ]
     said = [proc.stdout + proc.stderr for proc in stages]
     assert "features on Spark (local[2])" in said[0] and "scoring on Spark (local[2])" in said[1]
     on_spark = pd.read_parquet(project / "data/features/development.parquet")
     pd.testing.assert_frame_equal(on_spark, on_pandas, check_exact=True)
     scores = pd.read_parquet(project / "data/scored/scores.parquet")
     assert len(scores) > 0 and scores.score.between(0, 1).all()
+    executed = (project / "reports/executed/05_model_monitoring.ipynb").read_text()
+    assert "**features:** Spark (`local[2]`)" in executed  # the replay's header names the engine that built features
+    assert load_json(project / "metrics/monitoring.json")

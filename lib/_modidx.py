@@ -516,6 +516,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                'lib/model_development.py'),
                                        'lib.model_development.check_training_data': ( 'model_development.html#check_training_data',
                                                                                       'lib/model_development.py'),
+                                       'lib.model_development.clear_unfinished_writes': ( 'model_development.html#clear_unfinished_writes',
+                                                                                          'lib/model_development.py'),
                                        'lib.model_development.combine_partials': ( 'model_development.html#combine_partials',
                                                                                    'lib/model_development.py'),
                                        'lib.model_development.complete_weeks': ( 'model_development.html#complete_weeks',

@@ -15,15 +15,15 @@ __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES',
            'context_from_history', 'features_in_context', 'campaign_features', 'build_features', 'assemble_features',
            'build_labelled_rows', 'with_labels', 'with_timestamps', 'history_partials', 'combine_partials',
            'campaign_weeks', 'contexts_from_partials', 'bucket_features', 'feature_schema', 'read_spark_tables',
-           'spark_tables', 'write_parquet_atomically', 'spark_promotion_shares', 'spark_features',
-           'labelled_rows_on_spark', 'split_campaigns', 'restrict_to_development', 'TrainingDataError',
-           'check_training_data', 'make_rule_baseline', 'make_logistic_regression', 'make_gradient_boosting',
-           'OfferChoice', 'make_offer_choice', 'search_grid', 'sample_training_rows', 'fit_arguments', 'fit_candidate',
-           'top_k_offers', 'precision_at_k', 'measure_metrics', 'measure_slices', 'measure_lift', 'measure_curves',
-           'check_acceptance', 'select_candidate', 'bin_shares', 'describe_numeric', 'describe_categorical',
-           'reference_statistics', 'Candidate', 'measure_importance', 'develop_candidate', 'with_importance',
-           'refit_on_development', 'flat_metrics', 'write_plots', 'git_commit', 'params_digest', 'lineage_tags',
-           'plot_curves', 'plot_importance', 'model_requirements', 'log_candidate', 'log_development',
+           'spark_tables', 'clear_unfinished_writes', 'write_parquet_atomically', 'spark_promotion_shares',
+           'spark_features', 'labelled_rows_on_spark', 'split_campaigns', 'restrict_to_development',
+           'TrainingDataError', 'check_training_data', 'make_rule_baseline', 'make_logistic_regression',
+           'make_gradient_boosting', 'OfferChoice', 'make_offer_choice', 'search_grid', 'sample_training_rows',
+           'fit_arguments', 'fit_candidate', 'top_k_offers', 'precision_at_k', 'measure_metrics', 'measure_slices',
+           'measure_lift', 'measure_curves', 'check_acceptance', 'select_candidate', 'bin_shares', 'describe_numeric',
+           'describe_categorical', 'reference_statistics', 'Candidate', 'measure_importance', 'develop_candidate',
+           'with_importance', 'refit_on_development', 'flat_metrics', 'write_plots', 'git_commit', 'params_digest',
+           'lineage_tags', 'plot_curves', 'plot_importance', 'model_requirements', 'log_candidate', 'log_development',
            'AcceptanceError', 'enforce_acceptance', 'candidate_pointer', 'development_settings', 'campaign_ids',
            'development_rows', 'development_sets', 'develop_candidates', 'input_hashes', 'run_parameters', 'row_counts',
            'campaign_lists', 'reference_document', 'development_summary', 'plot_top_k', 'model_card', 'candidate_table',
@@ -634,13 +634,27 @@ def spark_tables(spark, root) -> tuple:
     return load_processed(root, BROADCAST_TABLES), *read_spark_tables(spark, root)
 
 
+def clear_unfinished_writes(path) -> list:
+    """Remove the temporary siblings of `path` (`.<name>.writing-*`, `.<name>.old-*`) that a writer killed outright left
+    behind; returns their names. DVC's lock keeps two writers of one output apart, so none is in use."""
+    import shutil
+
+    path = Path(path)
+    left = sorted(p for kind in ("writing", "old") for p in path.parent.glob(f".{path.name}.{kind}-*"))
+    for p in left:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in left]
+
+
 def write_parquet_atomically(frame, path) -> Path:
-    "Spark DataFrame `frame` as the parquet folder `path`: written under a temporary sibling, then renamed into place."
+    """Spark DataFrame `frame` as the parquet folder `path`: written under a temporary sibling, then renamed into place;
+    what an earlier writer killed outright left behind is cleared first."""
     import shutil
     import uuid
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clear_unfinished_writes(path)
     tmp, old = (path.with_name(f".{path.name}.{kind}-{uuid.uuid4().hex[:8]}") for kind in ("writing", "old"))
     try:
         frame.write.parquet(str(tmp))
@@ -900,7 +914,8 @@ def sample_training_rows(train, rate, seed) -> tuple:
 
 def _halving_search(model, grid, params, seed):
     """A seeded successive-halving search: every draw is scored on a third of the rows, the best third go on with all of
-    them."""
+    them. Its fits run in parallel, one per core: each fit is seeded, so the result is the same on any number of
+    cores."""
     from sklearn.experimental import enable_halving_search_cv  # noqa: F401
     from sklearn.model_selection import HalvingRandomSearchCV, StratifiedGroupKFold
 
@@ -915,6 +930,7 @@ def _halving_search(model, grid, params, seed):
         cv=folds,
         random_state=seed,
         error_score="raise",
+        n_jobs=-1,
     )
 
 
@@ -1109,7 +1125,8 @@ class Candidate:
 
 
 def measure_importance(model, frame, params, seed) -> pd.DataFrame:
-    "Permutation importance of each feature on `frame`: the mean drop in average precision when it is shuffled."
+    """Permutation importance of each feature on `frame`: the mean drop in average precision when it is shuffled; the
+    features are shuffled in parallel, one per core, with the same seeded shuffles on any number of cores."""
     from sklearn.inspection import permutation_importance
 
     result = permutation_importance(
@@ -1120,7 +1137,7 @@ def measure_importance(model, frame, params, seed) -> pd.DataFrame:
         n_repeats=params["importance_repeats"],
         max_samples=params["importance_max_samples"],
         random_state=seed,
-        n_jobs=1,
+        n_jobs=-1,
     )
     return pd.DataFrame(
         {"feature": FEATURES, "importance": result.importances_mean, "std": result.importances_std}

@@ -31,6 +31,7 @@ from conftest import make_project_copy, project_env  # noqa: E402
 STAGE_BUDGET_MB = 4096  # the peak-memory budget of a stage (benchmarks/benchmark.py)
 COPY_SIZE_FACTOR = 6  # a project copy holds the source about this many times over: raw, processed, features, DVC cache
 KEYS = ["household_id", "campaign_id", "coupon_upc"]
+RUNNER = "papermill"  # the cell metadata key under which the notebook runner records each cell's duration
 TIMED_CELLS = {  # the run cell whose papermill duration is the feature build, and the scoring, of each engine
     "features": ("model_development", "development_rows("),
     "scoring": ("model_deployment", "score_campaign("),
@@ -135,7 +136,7 @@ def cell_seconds(notebook, marker) -> float:
     for cell in cells:
         source = "".join(cell["source"])
         if cell["cell_type"] == "code" and source.startswith("#| stage") and marker in source:
-            return float(cell["metadata"]["papermill"]["duration"])
+            return float(cell["metadata"][RUNNER]["duration"])
     raise ValueError(f"{notebook}: no run cell holds {marker!r}")
 
 

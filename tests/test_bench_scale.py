@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from scale import cell_seconds, goals, markdown, run_measured, same_answers, skip_reason, tree_rss_mb  # noqa: E402
+from scale import RUNNER, cell_seconds, goals, markdown, run_measured, same_answers, skip_reason, tree_rss_mb  # noqa: E402
 
 HOLD = "import sys; b = bytearray({mb} * 2**20); b[::4096] = b'x' * len(b[::4096]); print('ready', flush=True); {end}"
 
@@ -119,7 +119,7 @@ def test_a_run_that_stopped_early_is_compared_on_the_stages_it_ran():
 
 def test_the_throughput_is_timed_on_the_run_cell_that_calls_the_function_not_the_one_that_defines_it(tmp_path):
     def cell(source, seconds):
-        return {"cell_type": "code", "source": [source], "metadata": {"papermill": {"duration": seconds}}}
+        return {"cell_type": "code", "source": [source], "metadata": {RUNNER: {"duration": seconds}}}
 
     cells = [cell("def development_rows(tables):\n    ...", 0.01), cell("#| stage\nrows = development_rows(t)", 42.5)]
     (tmp_path / "03.ipynb").write_text(json.dumps({"cells": cells}))

@@ -5,7 +5,7 @@ missing): each stage's wall time, the peak memory of its largest process and of 
 kernel, Spark's JVM and Python workers), feature and scoring rows per second; then whether the two engines gave the
 same feature table, scores and send list. A factor is skipped, and the reason said, when the disk lacks room for it or
 when step 02, which still holds whole tables in memory, would need more memory than the machine has (extrapolated from
-the largest factor measured). Writes benchmarks/scale.json and benchmarks/scale.md.
+the two largest factors measured). Writes benchmarks/scale.json and benchmarks/scale.md.
 """
 
 import argparse
@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -27,10 +28,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import make_project_copy, project_env  # noqa: E402
+from lib.model_development import KEYS  # noqa: E402  (household, campaign, coupon: a row of the feature table)
 
 STAGE_BUDGET_MB = 4096  # the peak-memory budget of a stage (benchmarks/benchmark.py)
 COPY_SIZE_FACTOR = 6  # a project copy holds the source about this many times over: raw, processed, features, DVC cache
-KEYS = ["household_id", "campaign_id", "coupon_upc"]
 RUNNER = "papermill"  # the cell metadata key under which the notebook runner records each cell's duration
 TIMED_CELLS = {  # the run cell whose papermill duration is the feature build, and the scoring, of each engine
     "features": ("model_development", "development_rows("),
@@ -59,8 +60,9 @@ def tree_rss_mb(pid) -> float:
 
 def run_measured(cmd, cwd, log_path, interval_s=0.5) -> dict:
     """Run `cmd` in `cwd` (output to `log_path`): wall time, peak memory of its largest process (exact, from the
-    kernel) and of its whole tree (sampled every `interval_s`). A failure stops the benchmark with the log's tail."""
-    started, peak, done = pd.Timestamp.now(), [0.0], threading.Event()
+    operating system) and of its whole tree (sampled every `interval_s`). A failure stops the benchmark with the log's
+    tail."""
+    started, peak, done = time.perf_counter(), [0.0], threading.Event()
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, env=project_env(), stdout=log, stderr=subprocess.STDOUT)
 
@@ -73,7 +75,7 @@ def run_measured(cmd, cwd, log_path, interval_s=0.5) -> dict:
         _, status, usage = os.wait4(proc.pid, 0)
         done.set()
         sampler.join()
-    seconds = (pd.Timestamp.now() - started).total_seconds()
+    seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         tail = Path(log_path).read_text(errors="replace")[-3000:]
         raise SystemExit(f"bench-scale: {' '.join(cmd)} failed in {cwd}:\n{tail}")
@@ -147,9 +149,9 @@ def throughput(project, stages) -> dict:
     for part, (stage, marker) in TIMED_CELLS.items():
         if stage not in stages:
             continue
-        rows = {part: pq.read_metadata(project / paths[part]).num_rows}
+        rows = pq.read_metadata(project / paths[part]).num_rows
         seconds = cell_seconds(project / f"reports/executed/{step_number(project, stage)}_{stage}.ipynb", marker)
-        out[part] = {"rows": rows[part], "seconds": round(seconds, 1), "rows_per_s": round(rows[part] / seconds)}
+        out[part] = {"rows": rows, "seconds": round(seconds, 1), "rows_per_s": round(rows / seconds)}
     return out
 
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from scale import RUNNER, cell_seconds, goals, markdown, run_measured, same_answers, skip_reason, tree_rss_mb  # noqa: E402
+from scale import KEYS, RUNNER, cell_seconds, goals, markdown, run_measured, same_answers, skip_reason, tree_rss_mb  # noqa: E402
 
 HOLD = "import sys; b = bytearray({mb} * 2**20); b[::4096] = b'x' * len(b[::4096]); print('ready', flush=True); {end}"
 
@@ -48,9 +48,6 @@ def test_a_factor_is_skipped_for_disk_or_for_step_02s_memory_and_says_which():
     assert skip_reason(20, ["spark"], 0.04 * GB, 500 * GB, memory, {1: 2700, 10: 6100}) == ""  # about 10 GB
     too_much = skip_reason(100, ["spark"], 0.04 * GB, 500 * GB, memory, {1: 2700, 10: 6100})
     assert "2,700 MB on ×1 and 6,100 MB on ×10, so ×100 would need about 39 GB" in too_much and "24 GB" in too_much
-
-
-KEYS = ["household_id", "campaign_id", "coupon_upc"]
 
 
 def _answers():

@@ -27,6 +27,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from benchmark import stages as pipeline_stages  # noqa: E402
+
 from conftest import make_project_copy, project_env  # noqa: E402
 from lib.model_development import KEYS  # noqa: E402  (household, campaign, coupon: a row of the feature table)
 
@@ -160,13 +162,9 @@ def step_number(project, stage) -> str:
     return next(p.name[:2] for p in (project / "notebooks").glob(f"[0-9][0-9]_{stage}.ipynb"))
 
 
-def pipeline_stages(project) -> list:
-    return list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
-
-
 def stages_until(project, until="") -> list:
     "The stages of `project` in pipeline order, up to and including `until` (every stage when empty)."
-    stages = pipeline_stages(project)
+    stages = pipeline_stages(project)  # benchmark.py's: the stages of dvc.yaml in order
     return stages[: stages.index(until) + 1] if until else stages
 
 

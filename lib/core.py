@@ -6,12 +6,12 @@
 __all__ = ['ROOT_MARKERS', 'STEPS', 'STAGES', 'SECTIONS', 'ENGINES', 'CHARTER_FILE', 'SHARED_SPEC', 'SPARK_SPEC', 'JAVA_PACKAGE',
            'SPARK_DEFAULTS', 'REPORT_CSS', 'STAGE_RUN_TAG', 'STOP_SIGNALS', 'KERNEL_ARGUMENTS', 'project_root',
            'ParamsError', 'Optional_', 'validate_spec', 'load_yaml', 'check_shared', 'check_spark', 'load_params',
-           'merge_params', 'SparkUnavailableError', 'find_java', 'check_master', 'spark_session', 'engine_session',
-           'tracking_uri', 'artifact_location', 'TrackingStoreError', 'check_tracking_server', 'connect_mlflow',
-           'seed_everything', 'file_sha256', 'save_json', 'load_json', 'save_csv', 'MissingOutputError',
-           'stage_outputs', 'check_outputs', 'check_notebook_outputs', 'step_notebook', 'report_paths',
-           'check_notebook_parameters', 'render_report', 'progress', 'quiet', 'ipc_kernel_manager', 'watch_parent',
-           'pipeline_chain', 'stop_descendants', 'stage_run_context', 'end_stage_runs', 'end_runs_of',
+           'merge_params', 'SparkUnavailableError', 'find_java', 'check_master', 'unmet_settings', 'spark_session',
+           'engine_session', 'tracking_uri', 'artifact_location', 'TrackingStoreError', 'check_tracking_server',
+           'connect_mlflow', 'seed_everything', 'file_sha256', 'save_json', 'load_json', 'save_csv',
+           'MissingOutputError', 'stage_outputs', 'check_outputs', 'check_notebook_outputs', 'step_notebook',
+           'report_paths', 'check_notebook_parameters', 'render_report', 'progress', 'quiet', 'ipc_kernel_manager',
+           'watch_parent', 'pipeline_chain', 'stop_descendants', 'stage_run_context', 'end_stage_runs', 'end_runs_of',
            'stop_stage_on_signals', 'guard_stage_kernel', 'StageError', 'run_stage', 'run_stage_cli', 'changed_outputs',
            'uncached_outputs', 'keep_failed_notebooks', 'recover', 'recover_cli']
 
@@ -239,6 +239,12 @@ def _setting(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def unmet_settings(conf, master, settings) -> list:
+    "The keys of `settings` (and `spark.master`) that a running session's SparkConf `conf` does not hold as asked."
+    wanted = {"spark.master": master, **settings}
+    return [key for key, value in wanted.items() if conf.get(key, None) != value]
+
+
 def spark_session(spark, app_name="offer-targeting", environ=None, timeout_s=5.0):
     """A SparkSession on section `spark` of params.yaml (`master`, extra `config`), with Python workers running this
     interpreter; raises `SparkUnavailableError` when Java is missing or a cluster master does not answer."""
@@ -248,9 +254,13 @@ def spark_session(spark, app_name="offer-targeting", environ=None, timeout_s=5.0
     os.environ["PYSPARK_PYTHON"] = os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
     from pyspark.sql import SparkSession
 
+    settings = {key: _setting(value) for key, value in {**SPARK_DEFAULTS, **spark["config"]}.items()}
+    active = SparkSession.getActiveSession()
+    if active is not None and unmet_settings(active.sparkContext.getConf(), spark["master"], settings):
+        active.stop()  # `getOrCreate` would return it unchanged: its master and startup settings cannot change
     builder = SparkSession.builder.master(spark["master"]).appName(app_name)
-    for key, value in {**SPARK_DEFAULTS, **spark["config"]}.items():
-        builder = builder.config(key, _setting(value))
+    for key, value in settings.items():
+        builder = builder.config(key, value)
     return builder.getOrCreate()
 
 

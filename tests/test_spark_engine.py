@@ -68,6 +68,18 @@ def test_an_unreachable_master_is_named_within_the_wait():
     assert time.perf_counter() - started < 10
 
 
+def test_a_second_session_with_other_settings_gets_them(spark):
+    settings = {"master": "local[1]", "config": {"spark.sql.shuffle.partitions": 3}}
+    again = spark_session(settings)
+    try:
+        conf = again.sparkContext.getConf()
+        assert (conf.get("spark.master"), conf.get("spark.sql.shuffle.partitions")) == ("local[1]", "3")
+        assert spark.sparkContext._jsc is None  # the first session was stopped, not returned unchanged
+        assert spark_session(settings) is again  # the same settings: the running session is kept
+    finally:
+        again.stop()
+
+
 @pytest.fixture(scope="module")
 def deployed_smoke(tmp_path_factory):
     """A smoke-slice copy of the project run up to step 04: processed data, a candidate and a registered @champion."""

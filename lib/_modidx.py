@@ -652,6 +652,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                        'lib.model_development.run_facts': ('model_development.html#run_facts', 'lib/model_development.py'),
                                        'lib.model_development.run_parameters': ( 'model_development.html#run_parameters',
                                                                                  'lib/model_development.py'),
+                                       'lib.model_development.sample_note': ( 'model_development.html#sample_note',
+                                                                              'lib/model_development.py'),
                                        'lib.model_development.sample_training_rows': ( 'model_development.html#sample_training_rows',
                                                                                        'lib/model_development.py'),
                                        'lib.model_development.search_grid': ( 'model_development.html#search_grid',

@@ -26,8 +26,8 @@ __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES',
            'lineage_tags', 'plot_curves', 'plot_importance', 'model_requirements', 'log_candidate', 'log_development',
            'AcceptanceError', 'enforce_acceptance', 'candidate_pointer', 'development_settings', 'campaign_ids',
            'development_rows', 'development_sets', 'develop_candidates', 'input_hashes', 'run_parameters', 'row_counts',
-           'campaign_lists', 'reference_document', 'development_summary', 'plot_top_k', 'model_card', 'candidate_table',
-           'slice_table', 'run_facts']
+           'campaign_lists', 'reference_document', 'development_summary', 'plot_top_k', 'sample_note', 'model_card',
+           'candidate_table', 'slice_table', 'run_facts']
 
 # %% ../notebooks/03_model_development.ipynb #ed6325e4
 import hashlib
@@ -1531,7 +1531,19 @@ def plot_top_k(developed, k):
     return fig
 
 # %% ../notebooks/03_model_development.ipynb #0b1c2d3c
-def model_card(selection, ml, params, train, held_out, enforced=True) -> str:
+def sample_note(train, rate, seed) -> str:
+    "What the candidates are fitted on: `sample_training_rows`' sample of `train`, and how many rows it stands for."
+    if rate >= 1:
+        return f"The candidates are fitted on every one of the {len(train):,} training rows."
+    rows, weights = sample_training_rows(train, rate, seed)
+    return (
+        f"The candidates are fitted on a sample of them: every redeemed row and a seeded {rate:.0%} of the others, "
+        f"{len(rows):,} rows, each unredeemed one weighted {1 / rate:g}× so that the sample stands for all "
+        f"{len(train):,} (weights summing to {weights.sum():,.0f})."
+    )
+
+
+def model_card(selection, ml, params, train, held_out, enforced=True, seed=42) -> str:
     "The model card as Markdown: verdict, intended use, data and the charter's acceptance thresholds."
     verdict = (
         "**Accepted.**"
@@ -1566,6 +1578,7 @@ before
 campaigns starting {params["train_before"]} – {params["production_from"]}. Campaigns from {params["production_from"]}
 on are the
 production period: never read here. Features use only data from before each campaign's start.
+{sample_note(train, params.get("negative_sample_rate", 1.0), seed)}
 
 **Final fit.** After selection, the chosen configuration was fitted again on every labelled development campaign
 (training and held out: {len(train) + len(held_out):,} rows); that refit is the model registered. The held-out metrics

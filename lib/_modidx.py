@@ -571,6 +571,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                'lib/model_development.py'),
                                        'lib.model_development.label_candidates': ( 'model_development.html#label_candidates',
                                                                                    'lib/model_development.py'),
+                                       'lib.model_development.labelled_rows': ( 'model_development.html#labelled_rows',
+                                                                                'lib/model_development.py'),
                                        'lib.model_development.labelled_rows_on_spark': ( 'model_development.html#labelled_rows_on_spark',
                                                                                          'lib/model_development.py'),
                                        'lib.model_development.lineage_tags': ( 'model_development.html#lineage_tags',

@@ -16,7 +16,7 @@ __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES',
            'build_labelled_rows', 'with_labels', 'with_timestamps', 'history_partials', 'combine_partials',
            'campaign_weeks', 'contexts_from_partials', 'bucket_features', 'feature_schema', 'read_spark_tables',
            'spark_tables', 'clear_unfinished_writes', 'write_parquet_atomically', 'spark_promotion_shares',
-           'spark_features', 'labelled_rows_on_spark', 'split_campaigns', 'restrict_to_development',
+           'spark_features', 'labelled_rows_on_spark', 'labelled_rows', 'split_campaigns', 'restrict_to_development',
            'TrainingDataError', 'check_training_data', 'make_rule_baseline', 'make_logistic_regression',
            'make_gradient_boosting', 'OfferChoice', 'make_offer_choice', 'search_grid', 'sample_training_rows',
            'fit_arguments', 'fit_candidate', 'top_k_offers', 'precision_at_k', 'measure_metrics', 'measure_slices',
@@ -745,6 +745,14 @@ def labelled_rows_on_spark(spark, tables, campaign_ids, promo_weeks, root, say=q
         )
         return pd.read_parquet(path).sort_values(KEYS, ignore_index=True)
 
+
+def labelled_rows(tables, campaign_ids, promo_weeks=4, say=quiet, spark=None, root=None) -> pd.DataFrame:
+    """The labelled rows with features of `campaign_ids`, sorted: `build_labelled_rows` here, or with a Spark session
+    `spark` on Spark (`labelled_rows_on_spark`, the big tables read from `root`'s data/processed/)."""
+    if spark is None:
+        return build_labelled_rows(tables, campaign_ids, promo_weeks, say)
+    return labelled_rows_on_spark(spark, tables, campaign_ids, promo_weeks, root, say)
+
 # %% ../notebooks/03_model_development.ipynb #9981b7f3
 def split_campaigns(campaign_descriptions, first_transaction, params) -> pd.DataFrame:
     "Each campaign's set — train, held_out, production or dropped — and why."
@@ -1415,10 +1423,7 @@ def development_rows(tables, split, promo_weeks=4, say=quiet, spark=None, root=N
     """Labelled rows with features of the training and held-out campaigns, each marked with its `set`: built here, or
     on Spark session `spark` from the tables under `root`."""
     development, ids = restrict_to_development(tables, split), campaign_ids(split, "train", "held_out")
-    if spark is None:
-        rows = build_labelled_rows(development, ids, promo_weeks, say)
-    else:
-        rows = labelled_rows_on_spark(spark, development, ids, promo_weeks, root, say)
+    rows = labelled_rows(development, ids, promo_weeks, say, spark, root)
     return rows.assign(set=rows.campaign_id.map(split.set_index("campaign_id").set))
 
 

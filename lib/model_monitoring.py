@@ -37,8 +37,7 @@ from lib.model_development import (
     FEATURE_KINDS,
     FEATURES,
     bin_shares,
-    build_labelled_rows,
-    labelled_rows_on_spark,
+    labelled_rows,
     measure_metrics,
     reference_statistics,
     top_k_offers,
@@ -563,9 +562,7 @@ def batch_rows(tables, batch, promo_weeks=4, spark=None, root=None) -> pd.DataFr
     """The batch's labelled rows with features: step 03's `build_labelled_rows` on the tables overlaid with the batch,
     here or on Spark session `spark` (transactions and promotions read from `root`'s data/processed/)."""
     overlaid, ids = overlay_batch(tables, batch), batch["campaign_descriptions"].campaign_id.tolist()
-    if spark is None:
-        return build_labelled_rows(overlaid, ids, promo_weeks)
-    return labelled_rows_on_spark(spark, overlaid, ids, promo_weeks, root)
+    return labelled_rows(overlaid, ids, promo_weeks, spark=spark, root=root)
 
 # %% ../notebooks/05_model_monitoring.ipynb #4c66cab8
 def measure_performance(frame, scores, k, min_positives) -> dict:
@@ -1261,7 +1258,7 @@ def close_the_loop(
         0
     ]:
         return {**out, "reasons": [f"{trigger['batch']} has no labels yet: the gate waits for them"]}
-    train = build_labelled_rows(m.tables, campaigns, m.promo_weeks)
+    train = labelled_rows(m.tables, campaigns, m.promo_weeks, spark=m.spark, root=m.root)
     model, _ = fit_candidate(family, train, development, m.seed)
     frame = batch_rows(m.tables, drilled_batch(m, trigger["campaign_id"]), m.promo_weeks, m.spark, m.root)
     verdict = gate_challenger(

@@ -163,14 +163,14 @@ def _monitor_on_pandas(project):
 
 
 def _kept(monkeypatch, name) -> list:
-    "The frames that `lib.model_monitoring.<name>` returns from now on, in call order."
-    real, frames = getattr(mon, name), []
+    "The frames that `lib.model_development.<name>` (called by step 05 through `labelled_rows`) returns from now on."
+    real, frames = getattr(md, name), []
 
     def keeping(*args, **kwargs):
         frames.append(real(*args, **kwargs))
         return frames[-1]
 
-    monkeypatch.setattr(mon, name, keeping)
+    monkeypatch.setattr(md, name, keeping)
     return frames
 
 
@@ -429,6 +429,7 @@ def test_engine_spark_runs_steps_03_to_05_with_the_same_development_rows(deploye
     ]
     said = [proc.stdout + proc.stderr for proc in stages]
     assert "features on Spark (local[2])" in said[0] and "scoring on Spark (local[2])" in said[1]
+    assert "features on Spark (local[2]): 2 campaigns" in said[1]  # the gate's rows of campaigns 16 and 17
     on_spark = pd.read_parquet(project / "data/features/development.parquet")
     pd.testing.assert_frame_equal(on_spark, on_pandas, check_exact=True)
     scores = pd.read_parquet(project / "data/scored/scores.parquet")

@@ -16,7 +16,9 @@ ruff format --check --quiet notebooks tests benchmarks
 echo "== lib/ and notebooks/ in sync (nbdev-export and nbdev-clean change nothing)"
 pytest -q --no-header "$SYNC"
 echo "== nbdev-test"
-nbdev-test --n-workers 1
+# In this process (0 workers), one notebook after the other: a forked worker would wait, when it ends, for the idle
+# joblib workers of a notebook's parallel search to time out (300 s).
+nbdev-test --n-workers 0
 echo "== pytest, unit tier (-m 'not pipeline')"
 pytest -m "not pipeline" --deselect "$SYNC" "$@"
 echo "== fast tier passed in ${SECONDS} s"

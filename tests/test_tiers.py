@@ -3,8 +3,12 @@
 none."""
 
 import json
+import re
+import shlex
 import sys
 from pathlib import Path
+
+import nbformat
 
 from conftest import TIERS, run
 
@@ -34,3 +38,27 @@ def test_every_test_that_needs_a_pipeline_run_is_marked(request, tmp_path):
         "mark these @pytest.mark.pipeline (or the module with pytestmark = pytest.mark.pipeline):\n"
         + "\n".join(f"{nodeid}: {'; '.join(reasons)}" for nodeid, reasons in sorted(unmarked.items()))
     )
+
+
+def fast_tier_nbdev_test() -> list:
+    "The nbdev-test command line of the fast tier (tests/run_all.sh)."
+    line = re.search(r"^nbdev-test\b.*$", (TESTS / "run_all.sh").read_text(), re.MULTILINE)
+    assert line, "tests/run_all.sh runs no nbdev-test"
+    return shlex.split(line.group(0))
+
+
+def test_the_fast_tier_s_nbdev_test_ends_with_the_notebooks_not_with_idle_joblib_workers(tmp_path):
+    """A demonstration that shares an array with joblib workers, as step 03's parallel search does, leaves idle workers
+    behind; the fast tier's nbdev-test must end when the notebook does, not wait for them to time out (300 s, far beyond
+    the timeout here)."""
+    (tmp_path / "pyproject.toml").write_text('[tool.nbdev]\nnbs_path = "nbs"\n')
+    (tmp_path / "nbs").mkdir()
+    code = (
+        "import numpy as np\nfrom joblib import Parallel, delayed\n\n"
+        "shared = np.zeros(1_000_000)  # large enough to be memory-mapped to the workers\n"
+        "assert Parallel(n_jobs=2)(delayed(np.sum)(shared) for _ in range(4)) == [0.0] * 4"
+    )
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    nbformat.write(notebook, tmp_path / "nbs/workers.ipynb")
+    proc = run([*fast_tier_nbdev_test(), "nbs/workers.ipynb"], tmp_path, timeout=150)
+    assert "Success." in proc.stdout

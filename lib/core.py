@@ -756,6 +756,8 @@ def run_stage_cli(argv=None):
     stop_stage_on_signals(args[0], stage_run, report_paths(args[0], root)[0].relative_to(root))
     try:
         page = run_stage(args[0], parameters=_parse_assignments(args[1:]))
+    except ParamsError as err:  # raised before the kernel starts: no MLflow run to end
+        sys.exit(f"run-stage: {err}")
     except Exception as err:
         end_runs_of(root, os.environ, stage_run, "FAILED")
         if not isinstance(err, (StageError, ParamsError, MissingOutputError)):

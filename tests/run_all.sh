@@ -15,12 +15,21 @@ ruff check lib tests benchmarks notebooks
 ruff format --check --quiet notebooks tests benchmarks
 echo "== lib/ and notebooks/ in sync (nbdev-export and nbdev-clean change nothing)"
 pytest -q --no-header "$SYNC"
+echo "== pytest, unit tier (-m 'not pipeline'), with nbdev-test (the notebooks' demonstrations) beside it on the other core"
+# nbdev-test runs the notebooks in its own process (0 workers): a forked worker would wait, when it ends, for the idle
+# joblib workers of a notebook's parallel search to time out (300 s). Its output follows the unit tier's.
+notebook_log=$(mktemp)
+nbdev-test --n-workers 0 >"$notebook_log" 2>&1 &
+notebooks=$!
+trap 'kill "$notebooks" 2>/dev/null || true; rm -f "$notebook_log"' EXIT
+unit=0
+pytest -m "not pipeline" --deselect "$SYNC" "$@" || unit=$?
+notebook=0
+wait "$notebooks" || notebook=$?
 echo "== nbdev-test"
-# In this process (0 workers), one notebook after the other: a forked worker would wait, when it ends, for the idle
-# joblib workers of a notebook's parallel search to time out (300 s).
-nbdev-test --n-workers 0
-echo "== pytest, unit tier (-m 'not pipeline')"
-pytest -m "not pipeline" --deselect "$SYNC" "$@"
+cat "$notebook_log"
+[ "$notebook" -eq 0 ] || { echo "nbdev-test failed (exit $notebook)" >&2; exit "$notebook"; }
+[ "$unit" -eq 0 ] || exit "$unit"
 echo "== fast tier passed in ${SECONDS} s"
 [ "$tier" = fast ] && exit 0
 echo "== pytest, pipeline tier (-m pipeline)"

@@ -3,12 +3,15 @@
 none."""
 
 import json
+import os
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
 import nbformat
+import pytest
 
 from conftest import TIERS, run
 
@@ -42,7 +45,7 @@ def test_every_test_that_needs_a_pipeline_run_is_marked(request, tmp_path):
 
 def fast_tier_nbdev_test() -> list:
     "The nbdev-test command line of the fast tier (tests/run_all.sh)."
-    line = re.search(r"^nbdev-test\b.*$", (TESTS / "run_all.sh").read_text(), re.MULTILINE)
+    line = re.search(r"^nbdev-test\b[^>&|]*", (TESTS / "run_all.sh").read_text(), re.MULTILINE)
     assert line, "tests/run_all.sh runs no nbdev-test"
     return shlex.split(line.group(0))
 
@@ -62,3 +65,20 @@ def test_the_fast_tier_s_nbdev_test_ends_with_the_notebooks_not_with_idle_joblib
     nbformat.write(notebook, tmp_path / "nbs/workers.ipynb")
     proc = run([*fast_tier_nbdev_test(), "nbs/workers.ipynb"], tmp_path, timeout=150)
     assert "Success." in proc.stdout
+
+
+@pytest.mark.parametrize("failing", ["nbdev-test", "unit tier"])
+def test_the_fast_tier_fails_when_either_of_its_side_by_side_parts_fails(tmp_path, failing):
+    """nbdev-test runs in the background beside the unit tier: a failure of either still fails the tier, and its
+    output is shown."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    fails = {"nbdev-test": "nbdev-test*", "unit tier": '*"not pipeline"*'}[failing]
+    for tool in ("ruff", "pytest", "nbdev-test"):
+        (tools / tool).write_text(f'#!/bin/sh\necho {tool} said $*\ncase "{tool} $*" in {fails}) exit 1;; esac\n')
+        (tools / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(TESTS / "run_all.sh"), "fast"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "pytest said -m not pipeline" in proc.stdout and "nbdev-test said --n-workers 0" in proc.stdout
+    assert "fast tier passed" not in proc.stdout

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The test suite in two tiers; arguments after the tier go to pytest.
-#   fast (make test-fast): ruff (lint and format), lib/ in sync with the notebooks, nbdev-test (the notebooks' demonstrations) and every
-#                          pytest test not marked `pipeline`; no pipeline run.
+#   fast (make test-fast): ruff (lint and format), lib/ in sync with the notebooks, then nbdev-test (the notebooks'
+#                          demonstrations) beside every pytest test not marked `pipeline`; no pipeline run.
 #   all  (make test):      the fast tier, then the pipeline tier: `pytest -m pipeline` (DVC runs in disposable copies of
-#                          the project, stage faults, serving, JupyterLab, reports in Chromium).
+#                          the project, stage faults, serving, JupyterLab, reports in Chromium), its slowest tests named.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tier="${1:-all}"
@@ -33,5 +33,5 @@ cat "$notebook_log"
 echo "== fast tier passed in ${SECONDS} s"
 [ "$tier" = fast ] && exit 0
 echo "== pytest, pipeline tier (-m pipeline)"
-pytest -m pipeline "$@"
+pytest -m pipeline --durations=15 "$@"
 echo "== all tests passed in ${SECONDS} s"

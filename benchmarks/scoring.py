@@ -11,12 +11,11 @@ from lib import model_development as md
 from lib.core import load_json, tracking_uri
 from lib.data_acquisition import load_processed
 from lib.model_deployment import (
-    campaign_featurizer,
-    campaign_rows,
-    household_chunks,
     measure_latency,
+    parity_sample,
     peak_memory_mb,
     predict_scores,
+    prepare_campaign,
     score_in_chunks,
     serving,
 )
@@ -33,20 +32,19 @@ def measure_scoring(project, chunk_households=(100, 1200), requests=200, timeout
     mlflow.set_tracking_uri(store)
     model = mlflow.pyfunc.load_model(champion["model_uri"])
     tables = load_processed(project, md.FEATURE_TABLES)
-    rows = campaign_rows(tables, params["target_campaign"])
-    featurize = campaign_featurizer(tables, rows.start_date.iloc[0], settings["promo_weeks"])
+    target = prepare_campaign(tables, params["target_campaign"], settings["promo_weeks"])
     predictors = {"score": lambda features: predict_scores(model, features)}
     memory = {
-        str(n): round(peak_memory_mb(lambda n=n: score_in_chunks(rows, featurize, predictors, n)), 1)
+        str(n): round(peak_memory_mb(lambda n=n: score_in_chunks(target.rows, target.featurize, predictors, n)), 1)
         for n in chunk_households
     }
-    sample = featurize(next(household_chunks(rows, 50))).head(50)
+    sample = parity_sample(target, 50, 50)
     with serving(
         champion["alias_uri"], {**os.environ, "MLFLOW_TRACKING_URI": store}, project / "benchmark_server.log"
     ) as url:
         seconds = measure_latency(url, sample, requests, timeout_s)
     return {
-        "rows_scored": len(rows),
+        "rows_scored": len(target.rows),
         "peak_scoring_memory_mb_by_chunk_households": memory,
         "rest_latency_ms": {
             "p50": round(1000 * float(np.percentile(seconds, 50)), 1),

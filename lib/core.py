@@ -10,10 +10,10 @@ __all__ = ['ROOT_MARKERS', 'STEPS', 'STAGES', 'SECTIONS', 'ENGINES', 'CHARTER_FI
            'engine_session', 'tracking_uri', 'artifact_location', 'TrackingStoreError', 'check_tracking_server',
            'connect_mlflow', 'seed_everything', 'file_sha256', 'save_json', 'load_json', 'save_csv',
            'MissingOutputError', 'stage_outputs', 'check_outputs', 'check_notebook_outputs', 'step_notebook',
-           'report_paths', 'check_notebook_parameters', 'render_report', 'progress', 'quiet', 'ipc_kernel_manager',
-           'watch_parent', 'pipeline_chain', 'stop_descendants', 'stage_run_context', 'end_stage_runs', 'end_runs_of',
-           'stop_stage_on_signals', 'guard_stage_kernel', 'StageError', 'run_stage', 'run_stage_cli', 'changed_outputs',
-           'uncached_outputs', 'keep_failed_notebooks', 'recover', 'recover_cli']
+           'report_paths', 'check_notebook_parameters', 'render_report', 'progress', 'quiet', 'show',
+           'ipc_kernel_manager', 'watch_parent', 'pipeline_chain', 'stop_descendants', 'stage_run_context',
+           'end_stage_runs', 'end_runs_of', 'stop_stage_on_signals', 'guard_stage_kernel', 'StageError', 'run_stage',
+           'run_stage_cli', 'changed_outputs', 'uncached_outputs', 'keep_failed_notebooks', 'recover', 'recover_cli']
 
 # %% ../notebooks/00_core.ipynb #1504f3be
 import ast
@@ -513,6 +513,16 @@ def progress(stage, stream=None):
 
 def quiet(message):
     "A progress function that says nothing (the default of functions that report progress)."
+
+# %% ../notebooks/00_core.ipynb #d1a2b3d1
+def show(*figures):
+    "Display each matplotlib figure in the notebook, then close it."
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    for fig in figures:
+        display(fig)
+        plt.close(fig)
 
 # %% ../notebooks/00_core.ipynb #d1a2b3c4
 def ipc_kernel_manager():

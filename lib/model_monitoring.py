@@ -17,8 +17,8 @@ __all__ = ['SCENARIOS', 'SEVERITIES', 'REMEDIATIONS', 'OPS', 'RULE_SPEC', 'SPEC'
            'retrain_trigger', 'training_campaigns', 'gate_challenger', 'register_challenger', 'register_verdict',
            'close_the_loop', 'retrain_on_trigger', 'reference_resampling', 'build_monitor', 'replay_inputs',
            'profile_sampler', 'latest_scored', 'gate_settings', 'monitoring_summary', 'plot_diagnoses', 'drift_table',
-           'rules_table', 'retraining_summary', 'alerts_document', 'profile_latest', 'replay_header', 'replay_table',
-           'figure_png', 'drift_view', 'alerts_view', 'drift_levels']
+           'rules_table', 'retraining_summary', 'challenger_tables', 'alerts_document', 'profile_latest',
+           'profile_note', 'replay_header', 'replay_table', 'figure_png', 'drift_view', 'alerts_view', 'drift_levels']
 
 # %% ../notebooks/05_model_monitoring.ipynb #18aad86e
 import hashlib
@@ -1482,6 +1482,14 @@ def retraining_summary(retraining) -> str:
         + (f" (registered version {retraining['version']})" if retraining.get("version") else "")
     )
 
+
+def challenger_tables(retraining) -> list:
+    "The challenger's gate metrics beside the champion's, styled for the page, when the closed loop trained one."
+    if "challenger" not in retraining:
+        return []
+    frame = pd.DataFrame({"challenger": retraining["challenger"], "champion": retraining["champion"]}).T
+    return [frame.style.format("{:.4f}")]
+
 # %% ../notebooks/05_model_monitoring.ipynb #ff26c14a
 def alerts_document(scenario, as_of, deployed, alerts) -> dict:
     "`reports/monitoring/alerts.json`: the scenario, the data end, the monitored model and every alert."
@@ -1501,6 +1509,15 @@ def profile_latest(results, state_dir, reference, path, profile, seed) -> str | 
     titles = ("training reference", latest["batch"] if latest else "no scored batch")
     compare_profiles(reference, current, path, titles, profile["minimal"], profile["sample_rows"], seed)
     return latest["batch"] if latest else None
+
+
+def profile_note(profile_name, latest, sample_rows) -> str:
+    "HTML: a link to the profile comparison in `reports/profiles/model_monitoring/`, what it compares, how it sampled."
+    compared = f"the latest scored batch, {latest}" if latest else "no scored batch (none passed the checks)"
+    return (
+        f"<p><a href='../profiles/model_monitoring/{profile_name}'>ydata-profiling comparison</a> of the training "
+        f"rows and {compared} — minimal mode, samples of at most {sample_rows:,} rows.</p>"
+    )
 
 # %% ../notebooks/05_model_monitoring.ipynb #ff26c14c
 def replay_header(deployed, m: Monitor, batches, computed) -> str:

@@ -21,8 +21,6 @@ from lib.data_acquisition import load_processed
 from lib.model_deployment import (
     RULE_NAME,
     RegistryStateError,
-    campaign_featurizer,
-    campaign_rows,
     champion_version,
     check_candidate_in_store,
     commit_deployment,
@@ -31,6 +29,7 @@ from lib.model_deployment import (
     judge,
     log_rule_model,
     predict_scores,
+    prepare_campaign,
     promote,
     register_candidate,
     rollback,
@@ -235,16 +234,15 @@ def smoke(smoke_pipeline):
     settings = md.development_settings(
         load_json(smoke_pipeline / "models/candidate.json")
     )  # what the stage read: step 03's own settings
-    rows = campaign_rows(tables, params["model_deployment"]["target_campaign"])
-    featurize = campaign_featurizer(tables, rows.start_date.iloc[0], settings["promo_weeks"])
+    target = prepare_campaign(tables, params["model_deployment"]["target_campaign"], settings["promo_weeks"])
     with tracking(store):
         yield {
             "project": smoke_pipeline,
             "store": store,
             "params": params,
             "settings": settings,
-            "rows": rows,
-            "featurize": featurize,
+            "rows": target.rows,
+            "featurize": target.featurize,
             "tables": tables,
             "champion": load_json(smoke_pipeline / "models/champion.json"),
         }

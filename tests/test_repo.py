@@ -1,5 +1,6 @@
 """Repository hygiene: lib is in sync with the notebooks, notebooks are clean and keep their parameters tags."""
 
+import ast
 import filecmp
 import os
 import shutil
@@ -57,3 +58,58 @@ def test_a_second_setup_installs_nothing_even_after_the_pins_are_touched():
     assert run(["make", "-q", "setup"], ROOT, check=False).returncode == 0
     os.utime(ROOT / "pyproject.toml")  # nbdev-export rewrites the file with the same content
     assert run(["make", "-q", "setup"], ROOT, check=False).returncode == 0
+
+
+RUN_CELL_LINES = 15  # a run cell wires exported functions together in a few lines
+RUN_CODE_LINES = 90  # all run cells of one step notebook, `#| stage` lines included
+DICT_KEYS = 8  # larger dictionaries are built by an exported function
+LOGIC = {
+    ast.FunctionDef: "a function definition",
+    ast.ClassDef: "a class definition",
+    ast.Raise: "a raise",
+    ast.If: "an if statement",
+    ast.For: "a loop",
+    ast.While: "a loop",
+    ast.Try: "a try statement",
+}
+
+
+def run_cells(notebook) -> list:
+    "The sources of a notebook's run cells (`#| stage`)."
+    cells = nbformat.read(notebook, as_version=4).cells
+    return [c.source for c in cells if c.cell_type == "code" and c.source.startswith("#| stage")]
+
+
+def thick_run_code(sources) -> list:
+    "What makes run cells more than wiring: logic that belongs in an exported function, long cells, a long notebook."
+    found = []
+    for source in sources:
+        nodes = list(ast.walk(ast.parse(source)))
+        found += [f"{LOGIC[type(n)]} at line {n.lineno}" for n in nodes if type(n) in LOGIC]
+        found += [
+            f"a dictionary of {len(n.keys)} keys" for n in nodes if isinstance(n, ast.Dict) and len(n.keys) > DICT_KEYS
+        ]
+        if len(source.splitlines()) > RUN_CELL_LINES:
+            found.append(f"a run cell of {len(source.splitlines())} lines: {source.splitlines()[1]!r}")
+    total = sum(len(s.splitlines()) for s in sources)
+    return found + ([f"{total} lines of run code in all"] if total > RUN_CODE_LINES else [])
+
+
+@pytest.mark.parametrize("notebook", STEP_NOTEBOOKS, ids=lambda p: p.name)
+def test_run_cells_only_wire_exported_functions_together(notebook):
+    assert thick_run_code(run_cells(notebook)) == []
+
+
+def test_logic_or_length_in_run_cells_is_caught():
+    wiring = "#| stage\nrows = load(root)\nsave(score(rows), root)"
+    assert thick_run_code([wiring]) == []
+    assert thick_run_code([wiring + "\nif rows.empty:\n    raise ValueError('no rows')"]) == [
+        "an if statement at line 4",
+        "a raise at line 5",
+    ]
+    assert thick_run_code([wiring + "\ndef helper(x):\n    return x"]) == ["a function definition at line 4"]
+    assert thick_run_code(["#| stage\nsettings = {" + ", ".join(f"'k{i}': {i}" for i in range(9)) + "}"]) == [
+        "a dictionary of 9 keys"
+    ]
+    assert thick_run_code([wiring + "\nx = 1" * 13]) == ["a run cell of 16 lines: 'rows = load(root)'"]
+    assert thick_run_code([wiring] * 31) == ["93 lines of run code in all"]

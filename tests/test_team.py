@@ -268,7 +268,7 @@ def score_target_campaign(project: Path, uri: str) -> pd.DataFrame:
 
     from lib import model_development as md
     from lib.data_acquisition import load_processed
-    from lib.model_deployment import campaign_featurizer, campaign_rows, predict_scores, score_in_chunks
+    from lib.model_deployment import prepare_campaign, score_campaign
 
     params = load_yaml(project / "params.yaml")["model_deployment"]
     settings = md.development_settings(load_json(project / "models/candidate.json"))
@@ -279,10 +279,8 @@ def score_target_campaign(project: Path, uri: str) -> pd.DataFrame:
         scorer = mlflow.pyfunc.load_model(f"models:/{params['registered_model']}@champion")
     finally:
         mlflow.set_tracking_uri(None)
-    rows = campaign_rows(tables, params["target_campaign"])
-    featurize = campaign_featurizer(tables, rows.start_date.iloc[0], settings["promo_weeks"])
-    predictors = {"score": lambda f: predict_scores(scorer, f)}
-    return score_in_chunks(rows, featurize, predictors, params["chunk_households"])[0]
+    target = prepare_campaign(tables, params["target_campaign"], settings["promo_weeks"])
+    return score_campaign(target, None, scorer, params["chunk_households"])[0]
 
 
 @pytest.fixture(scope="module")

@@ -770,7 +770,7 @@ def run_stage_cli(argv=None):
         sys.exit(f"run-stage: {err}")
     except Exception as err:
         end_runs_of(root, os.environ, stage_run, "FAILED")
-        if not isinstance(err, (StageError, ParamsError, MissingOutputError)):
+        if not isinstance(err, (StageError, MissingOutputError)):
             raise
         sys.exit(f"run-stage: {err}")
     print(f"run-stage: {args[0]} done; report: {page}")

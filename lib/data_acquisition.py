@@ -16,7 +16,7 @@ __all__ = ['TABLES', 'SOURCE_TABLES', 'PROCESSED_TABLES', 'UNKNOWN', 'BANDS', 'D
            'coerce_table', 'arrow_schema', 'ingest_table', 'stream_table', 'generate_contacts', 'DevelopmentKeyWarning',
            'pseudonym_key', 'pseudonymize', 'sample_households', 'drop_duplicate_rows', 'standardize_demographics',
            'fill_unknown_text', 'to_categories', 'find_home_stores', 'pseudonymize_contacts', 'sort_by_key',
-           'process_tables', 'promotion_rows', 'promotion_reducer', 'process_promotions', 'Acquisition',
+           'process_tables', 'promotion_rows', 'promotion_reducer', 'process_promotions', 'Acquisition', 'write_raw',
            'ingest_contacts', 'source_households', 'sample_filter', 'acquire', 'write_tables', 'load_processed',
            'quality_scores', 'quality_metrics', 'catalog_entry', 'build_catalog', 'profile_table', 'profile_tables',
            'has_pii', 'blanket_offers', 'kpi_tables', 'acquisition_summary', 'source_notes', 'plot_quality',
@@ -1202,7 +1202,7 @@ class Acquisition:
     contacts_generated: bool
 
 
-def _write_raw(frame, path, contract) -> Path:
+def write_raw(frame, path, contract) -> Path:
     "A raw snapshot file; one holding direct identifiers (contact details) is readable by its owner only (mode 600)."
     path, direct = Path(path), any(s["pii"] == "direct" for s in contract["columns"].values())
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1263,7 +1263,7 @@ def acquire(
     keep = sample_filter(source, households_sample, seed, chunk_rows)
     raw, cards, notes, generated = _ingest_raw(source, keep, seed, extra_columns, chunk_rows)
     files = {
-        table: _write_raw(frame, Path(raw_dir) / f"{table}.parquet", CONTRACTS[table]) for table, frame in raw.items()
+        table: write_raw(frame, Path(raw_dir) / f"{table}.parquet", CONTRACTS[table]) for table, frame in raw.items()
     }
     processed, log = process_tables(raw, np.unique(raw["transactions"].household_id), key)
     log += [

@@ -290,7 +290,7 @@ def restore_contacts(root, environ) -> Path:
         source, np.unique(transactions.household_id), shared["seed"], da.CONTRACTS, params["extra_columns"],
         params["chunk_rows"], keep,
     )  # fmt: skip
-    return da._write_raw(contacts, root / RESTRICTED_FILES[0], da.CONTRACTS["contacts"])
+    return da.write_raw(contacts, root / RESTRICTED_FILES[0], da.CONTRACTS["contacts"])
 
 
 def restore_delivery(root) -> Path:

@@ -78,7 +78,9 @@ def test_the_fast_tier_fails_when_either_of_its_side_by_side_parts_fails(tmp_pat
         (tools / tool).write_text(f'#!/bin/sh\necho {tool} said $*\ncase "{tool} $*" in {fails}) exit 1;; esac\n')
         (tools / tool).chmod(0o755)
     env = {**os.environ, "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(["bash", str(TESTS / "run_all.sh"), "fast"], env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        ["bash", str(TESTS / "run_all.sh"), "fast"], env=env, capture_output=True, text=True, timeout=300
+    )  # stand-in tools: seconds
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "pytest said -m not pipeline" in proc.stdout and "nbdev-test said --n-workers 0" in proc.stdout
     assert "fast tier passed" not in proc.stdout

@@ -14,9 +14,8 @@ from lib.model_deployment import (
     measure_latency,
     parity_sample,
     peak_memory_mb,
-    predict_scores,
     prepare_campaign,
-    score_in_chunks,
+    score_campaign,
     serving,
 )
 
@@ -33,10 +32,8 @@ def measure_scoring(project, chunk_households=(100, 1200), requests=200, timeout
     model = mlflow.pyfunc.load_model(champion["model_uri"])
     tables = load_processed(project, md.FEATURE_TABLES)
     target = prepare_campaign(tables, params["target_campaign"], settings["promo_weeks"])
-    predictors = {"score": lambda features: predict_scores(model, features)}
     memory = {
-        str(n): round(peak_memory_mb(lambda n=n: score_in_chunks(target.rows, target.featurize, predictors, n)), 1)
-        for n in chunk_households
+        str(n): round(peak_memory_mb(lambda n=n: score_campaign(target, None, model, n)), 1) for n in chunk_households
     }
     sample = parity_sample(target, 50, 50)
     with serving(

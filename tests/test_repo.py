@@ -2,8 +2,11 @@
 
 import ast
 import filecmp
+import importlib.util
 import os
+import py_compile
 import shutil
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -58,6 +61,30 @@ def test_a_second_setup_installs_nothing_even_after_the_pins_are_touched():
     assert run(["make", "-q", "setup"], ROOT, check=False).returncode == 0
     os.utime(ROOT / "pyproject.toml")  # nbdev-export rewrites the file with the same content
     assert run(["make", "-q", "setup"], ROOT, check=False).returncode == 0
+
+
+HEAVY_PACKAGES = ("pandas", "sklearn", "mlflow", "dvc", "pyspark", "ydata_profiling")
+
+
+def missing_bytecode(package_dir) -> list:
+    """Modules under `package_dir` without compiled bytecode next to them (in __pycache__, for this Python)."""
+    return [p for p in package_dir.rglob("*.py") if not os.path.exists(importlib.util.cache_from_source(str(p)))]
+
+
+@pytest.mark.parametrize("package", HEAVY_PACKAGES)
+def test_setup_compiles_the_packages_so_no_process_compiles_them_again(package):
+    """With PYTHONDONTWRITEBYTECODE set, a package installed without bytecode is compiled from source by every process
+    that imports it: every stage, every DVC call, every test worker."""
+    package_dir = Path(importlib.util.find_spec(package).origin).parent
+    missing = missing_bytecode(package_dir)
+    assert not missing, f"{len(missing)} modules of {package} have no bytecode, e.g. {missing[0]}: run `make setup`"
+
+
+def test_a_module_without_bytecode_is_found(tmp_path):
+    (tmp_path / "compiled.py").write_text("x = 1\n")
+    (tmp_path / "plain.py").write_text("y = 2\n")
+    py_compile.compile(str(tmp_path / "compiled.py"))
+    assert missing_bytecode(tmp_path) == [tmp_path / "plain.py"]
 
 
 RUN_CELL_LINES = 15  # a run cell wires exported functions together in a few lines

@@ -1,6 +1,8 @@
 """Shared fixtures: the project root, and disposable copies of the project for end-to-end runs; and the check that every
 test needing a pipeline run carries the `pipeline` mark (the fast tier runs the others)."""
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -99,14 +101,41 @@ def measure_stages(project, force=False) -> dict:
     return {s: measure(["dvc", "repro", "--single-item", *(["--force"] if force else []), s], project) for s in stages}
 
 
+@contextlib.contextmanager
+def exclusive(lock_file: Path):
+    """Hold an exclusive lock on `lock_file` (created if missing) for the duration of the block."""
+    with open(lock_file, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
+def build_once(folder: Path, build) -> None:
+    """`build(folder)` unless an earlier call completed it, also when several processes ask at once: the first builds,
+    the others wait for it. `folder/.built` marks a completed build; a failed one starts again from an empty folder."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(folder.parent / f"{folder.name}.lock"):
+        if (folder / ".built").exists():
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        build(folder)
+        (folder / ".built").touch()
+
+
+def _smoke_run(folder: Path) -> None:
+    project = make_project_copy(folder / "project")
+    (folder / "smoke_figures.json").write_text(json.dumps({"stages": measure_stages(project)}, indent=2))
+
+
 @pytest.fixture(scope="session")
-def smoke_pipeline(tmp_path_factory):
-    """One smoke run of the whole pipeline, stage by stage, shared by the tests that only read its outputs; each stage's
-    time and peak memory are in `smoke_figures.json` beside the project."""
-    project = make_project_copy(tmp_path_factory.mktemp("smoke") / "project")
-    figures = measure_stages(project)
-    (project.parent / "smoke_figures.json").write_text(json.dumps({"stages": figures}, indent=2))
-    return project
+def smoke_pipeline(tmp_path_factory, worker_id):
+    """One smoke run of the whole pipeline, stage by stage, shared by the tests that only read its outputs, on every
+    pytest-xdist worker (`build_once`). Each stage's time and peak memory are in `smoke_figures.json` beside the
+    project."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent  # the workers' common temporary folder
+    build_once(shared / "smoke", _smoke_run)
+    return shared / "smoke" / "project"
 
 
 # ---------------------------------------------------------------- the fast tier and the pipeline tier

@@ -2,18 +2,20 @@
 `make lab`, an MLflow model server) is marked `pipeline`, so that `make test-fast` (`pytest -m "not pipeline"`) runs
 none."""
 
+import contextlib
 import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from conftest import TIERS, run
+from conftest import TIERS, build_once, exclusive, run
 
 TESTS = Path(__file__).parent
 
@@ -84,3 +86,55 @@ def test_the_fast_tier_fails_when_either_of_its_side_by_side_parts_fails(tmp_pat
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "pytest said -m not pipeline" in proc.stdout and "nbdev-test said --n-workers 0" in proc.stdout
     assert "fast tier passed" not in proc.stdout
+
+
+def _count_build(folder):
+    (folder / "part").write_text("built")
+    with open(folder.parent / "builds", "a") as builds:
+        builds.write("1")
+
+
+def test_the_shared_smoke_run_is_built_once_and_a_failed_build_starts_again(tmp_path):
+    """`build_once` (the smoke run every xdist worker shares): a second call reuses the build; after a failure the
+    next call builds again from an empty folder."""
+
+    def fail(folder):
+        (folder / "half").write_text("left by a failed build")
+        raise RuntimeError("stage failed")
+
+    with pytest.raises(RuntimeError, match="stage failed"):
+        build_once(tmp_path / "smoke", fail)
+    build_once(tmp_path / "smoke", _count_build)
+    build_once(tmp_path / "smoke", _count_build)
+    assert (tmp_path / "builds").read_text() == "1"
+    assert sorted(p.name for p in (tmp_path / "smoke").iterdir()) == [".built", "part"]
+
+
+def _waits_on_a_lock(pid) -> bool:
+    """Whether process `pid` is blocked waiting for a file lock (a `->` line of /proc/locks)."""
+    lines = Path("/proc/locks").read_text().splitlines()
+    return any(p[1] == "->" and p[5] == str(pid) for p in (line.split() for line in lines) if len(p) > 5)
+
+
+def _until_blocked_or_ended(process, timeout=120) -> bool:
+    """Wait until `process` is blocked on a file lock (True) or has ended (False)."""
+    deadline = time.monotonic() + timeout
+    while not _waits_on_a_lock(process.pid):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=0.05)  # the poll interval; returns early only if the process ended
+            return False
+        assert time.monotonic() < deadline, f"process {process.pid} neither waited on the lock nor ended"
+    return True
+
+
+def test_a_worker_asking_for_the_smoke_run_while_another_builds_it_waits_and_reuses_it(tmp_path):
+    """While one process holds the build, a second `build_once` waits on the lock and then finds the build done."""
+    waiter = "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import test_tiers as t; "
+    waiter += "t.build_once(Path(sys.argv[2]), t._count_build)"
+    with exclusive(tmp_path / "smoke.lock"):  # this process is "building"
+        second = subprocess.Popen([sys.executable, "-c", waiter, str(TESTS), str(tmp_path / "smoke")])
+        assert _until_blocked_or_ended(second), "the second process did not wait for the build in progress"
+        (tmp_path / "smoke").mkdir()
+        (tmp_path / "smoke" / ".built").touch()  # the build completes while the lock is held
+    assert second.wait(timeout=120) == 0
+    assert not (tmp_path / "builds").exists(), "the second process built again instead of reusing the build"

@@ -10,10 +10,11 @@ __all__ = ['ROOT_MARKERS', 'STEPS', 'STAGES', 'SECTIONS', 'ENGINES', 'CHARTER_FI
            'engine_session', 'tracking_uri', 'artifact_location', 'TrackingStoreError', 'check_tracking_server',
            'connect_mlflow', 'seed_everything', 'file_sha256', 'save_json', 'load_json', 'save_csv',
            'MissingOutputError', 'stage_outputs', 'check_outputs', 'check_notebook_outputs', 'step_notebook',
-           'report_paths', 'check_notebook_parameters', 'render_report', 'progress', 'quiet', 'show',
-           'ipc_kernel_manager', 'watch_parent', 'pipeline_chain', 'stop_descendants', 'stage_run_context',
-           'end_stage_runs', 'end_runs_of', 'stop_stage_on_signals', 'guard_stage_kernel', 'StageError', 'run_stage',
-           'run_stage_cli', 'changed_outputs', 'uncached_outputs', 'keep_failed_notebooks', 'recover', 'recover_cli']
+           'report_paths', 'check_notebook_parameters', 'render_report', 'progress', 'quiet', 'show', 'table_view',
+           'peak_rss_mb', 'open_stage', 'ipc_kernel_manager', 'watch_parent', 'pipeline_chain', 'stop_descendants',
+           'stage_run_context', 'end_stage_runs', 'end_runs_of', 'stop_stage_on_signals', 'guard_stage_kernel',
+           'StageError', 'run_stage', 'run_stage_cli', 'changed_outputs', 'uncached_outputs', 'keep_failed_notebooks',
+           'recover', 'recover_cli']
 
 # %% ../notebooks/00_core.ipynb #1504f3be
 import ast
@@ -523,6 +524,28 @@ def show(*figures):
     for fig in figures:
         display(fig)
         plt.close(fig)
+
+# %% ../notebooks/00_core.ipynb #d1a2b3e1
+def table_view(frame, formats=None, na_rep=None, index=False):
+    "`frame` styled for a step's page: `formats` per column (or one for all), `na_rep` for missing values, no index."
+    view = frame.style.format(formats, na_rep=na_rep)
+    return view if index else view.hide(axis="index")
+
+# %% ../notebooks/00_core.ipynb #d1a2b3e3
+def peak_rss_mb() -> float:
+    "The peak resident memory of this process so far, in MB."
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+# %% ../notebooks/00_core.ipynb #d1a2b3f1
+def open_stage(name, params_file, spec, check=None) -> tuple:
+    """`(root, say, shared, params)` for stage `name`: the project root, its progress function, and the `shared` and
+    `name` sections of `params_file` (relative to the root), the latter passed through `check` when given."""
+    root = project_root()
+    shared = load_params(root / params_file, "shared", SHARED_SPEC)
+    params = load_params(root / params_file, name, spec)
+    return root, progress(name), shared, check(params) if check else params
 
 # %% ../notebooks/00_core.ipynb #d1a2b3c4
 def ipc_kernel_manager():

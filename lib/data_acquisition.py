@@ -10,8 +10,8 @@ __all__ = ['TABLES', 'SOURCE_TABLES', 'PROCESSED_TABLES', 'UNKNOWN', 'BANDS', 'D
            'LOCATIONS', 'DEVELOPMENT_KEY_WARNING', 'DEMO_CONTACTS_NOTE', 'SPEC', 'FINGERPRINT_FILE', 'column',
            'ContractError', 'violation', 'score_contract', 'raise_for_failures', 'check_contract', 'foreign_key_rule',
            'interval_rule', 'campaign_window_rule', 'week_rule', 'meaning_rules', 'check_meaning', 'describe_column',
-           'take_snapshot', 'column_psi', 'compare_snapshot', 'SnapshotError', 'check_snapshot', 'Source',
-           'parquet_parts', 'table_files', 'files_source', 'package_source', 'sql_source', 'source_url',
+           'take_snapshot', 'column_psi', 'compare_snapshot', 'SnapshotError', 'check_snapshot', 'snapshot_table',
+           'Source', 'parquet_parts', 'table_files', 'files_source', 'package_source', 'sql_source', 'source_url',
            'resolve_source', 'reading', 'has_table', 'source_columns', 'iter_source', 'text_dtypes', 'select_columns',
            'coerce_table', 'arrow_schema', 'ingest_table', 'stream_table', 'generate_contacts', 'DevelopmentKeyWarning',
            'pseudonym_key', 'pseudonymize', 'sample_households', 'drop_duplicate_rows', 'standardize_demographics',
@@ -20,8 +20,9 @@ __all__ = ['TABLES', 'SOURCE_TABLES', 'PROCESSED_TABLES', 'UNKNOWN', 'BANDS', 'D
            'ingest_contacts', 'source_households', 'sample_filter', 'acquire', 'write_tables', 'load_processed',
            'quality_scores', 'quality_metrics', 'catalog_entry', 'build_catalog', 'profile_table', 'profile_tables',
            'has_pii', 'blanket_offers', 'kpi_tables', 'acquisition_summary', 'source_notes', 'plot_quality',
-           'profile_links', 'catalog_table', 'pii_table', 'rule_summary', 'processing_log', 'promotion_volume',
-           'baseline_table', 'plot_baseline', 'check_params', 'source_fingerprint', 'fingerprint_source_cli']
+           'profile_links', 'catalog_table', 'pii_table', 'rule_summary', 'imperfect_rules', 'processing_log',
+           'promotion_volume', 'baseline_table', 'baseline_note', 'plot_baseline', 'check_params', 'source_fingerprint',
+           'fingerprint_source_cli']
 
 # %% ../notebooks/02_data_acquisition.ipynb #93cdfefe
 import codecs
@@ -44,7 +45,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .core import ParamsError, file_sha256, load_params, project_root, save_json
+from .core import ParamsError, file_sha256, load_params, project_root, save_json, table_view
 from .kpis import measurable_campaigns
 
 # %% ../notebooks/02_data_acquisition.ipynb #9ebbd01c
@@ -609,6 +610,11 @@ def check_snapshot(previous, tables, settings, thresholds) -> tuple:
         changes,
         f"Compared with the last accepted snapshot: {len(warned)} warning(s), nothing past a fail threshold.",
     )
+
+# %% ../notebooks/02_data_acquisition.ipynb #7e1a0c0e
+def snapshot_table(changes, top=15):
+    "The `top` largest changes against the last accepted snapshot."
+    return table_view(changes.sort_values("value", ascending=False).head(top), {"value": "{:.4f}"})
 
 # %% ../notebooks/02_data_acquisition.ipynb #04cc1076
 @dataclass
@@ -1519,7 +1525,7 @@ def profile_links(tables, minimal, seconds) -> str:
 # %% ../notebooks/02_data_acquisition.ipynb #d03ade43
 def catalog_table(catalog) -> pd.DataFrame:
     "One row per delivered table of the catalog: description, owner, size, quality, hash, key and PII classes."
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         [
             dict(
                 table=t["name"],
@@ -1535,6 +1541,7 @@ def catalog_table(catalog) -> pd.DataFrame:
             for t in catalog["tables"].values()
         ]
     )
+    return table_view(frame, {"rows": "{:,}", "quality": "{:.4f}"})
 
 
 def pii_table(contracts, processed_contracts) -> pd.DataFrame:
@@ -1549,19 +1556,28 @@ def pii_table(contracts, processed_contracts) -> pd.DataFrame:
             if s["pii"] in classes
         ]
 
-    return pd.DataFrame(
-        classified("raw (data/raw)", contracts, ("direct", "quasi"))
-        + classified("delivered (data/processed)", processed_contracts, ("direct", "pseudonym"))
+    raw = classified("raw (data/raw)", contracts, ("direct", "quasi"))
+    return table_view(
+        pd.DataFrame(raw + classified("delivered (data/processed)", processed_contracts, ("direct", "pseudonym")))
     )
 
 
 def rule_summary(scorecard) -> pd.DataFrame:
     "The scorecard per kind of rule: how many rules, rows checked and failed, and the mean pass rate."
-    return scorecard.groupby("rule").agg(
+    summary = scorecard.groupby("rule").agg(
         rules=("pass_rate", "size"),
         checked=("checked", "sum"),
         failed=("failed", "sum"),
         mean_pass_rate=("pass_rate", "mean"),
+    )
+    return table_view(summary, {"checked": "{:,}", "failed": "{:,}", "mean_pass_rate": "{:.4f}"}, index=True)
+
+# %% ../notebooks/02_data_acquisition.ipynb #d03ade4a
+def imperfect_rules(scorecard):
+    "The rules that did not pass every row (within their tolerance or not)."
+    return table_view(
+        scorecard[scorecard.pass_rate < 1],
+        {"checked": "{:,}", "failed": "{:,}", "pass_rate": "{:.4f}", "threshold": "{:.2f}"},
     )
 
 # %% ../notebooks/02_data_acquisition.ipynb #d03ade45
@@ -1583,27 +1599,24 @@ def processing_log(acquisition) -> pd.DataFrame:
         for t, n in acquisition.notes.items()
         for c, v in n["leading_zero_ids"].items()
     ]
-    return pd.DataFrame(dropped + zeros + acquisition.log)
+    return table_view(pd.DataFrame(dropped + zeros + acquisition.log), {"count": "{:,}"})
 
 
 def promotion_volume(acquisition, chunk_rows, peak_mb) -> pd.DataFrame:
     "Promotions read and delivered, the chunk size, and the stage's peak memory against the 4 GB budget."
-    return pd.DataFrame(
-        [
-            dict(
-                promotions_rows_read=acquisition.notes["promotions"]["rows_read"],
-                promotions_rows_delivered=len(acquisition.processed["promotions"]),
-                chunk_rows=chunk_rows,
-                peak_memory_mb=round(peak_mb),
-                memory_budget_mb=4096,
-            )
-        ]
+    volume = dict(
+        promotions_rows_read=acquisition.notes["promotions"]["rows_read"],
+        promotions_rows_delivered=len(acquisition.processed["promotions"]),
+        chunk_rows=chunk_rows,
+        peak_memory_mb=round(peak_mb),
+        memory_budget_mb=4096,
     )
+    return table_view(pd.DataFrame([volume]), "{:,}")
 
 # %% ../notebooks/02_data_acquisition.ipynb #d03ade47
 def baseline_table(kpis, baseline) -> pd.DataFrame:
     "Each KPI's baseline beside its comparison group, target and alert threshold."
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         [
             dict(
                 kpi=k["id"],
@@ -1616,6 +1629,16 @@ def baseline_table(kpis, baseline) -> pd.DataFrame:
             )
             for k in kpis
         ]
+    )
+    formats = {"baseline": "{:.4f}", "comparison_group": "{:.4f}", "target": "{:g}", "alert_threshold": "{:g}"}
+    return table_view(frame, formats, na_rep="—")
+
+
+def baseline_note(baseline) -> str:
+    "What the baseline was measured on, in a sentence."
+    return (
+        f"Measured on **{baseline['campaigns_measured']}** campaigns and **{baseline['households_messaged']:,}** "
+        "messaged households; the comparison group is, per campaign, every household the campaign did not target."
     )
 
 

@@ -41,7 +41,7 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from . import model_development as md
-from .core import ParamsError, load_json, quiet, validate_spec
+from .core import ParamsError, load_json, quiet, table_view, validate_spec
 from .data_acquisition import blanket_offers
 from .kpis import measurable_campaigns, measure_kpi
 
@@ -1288,7 +1288,7 @@ def registry_table(client, name) -> pd.DataFrame:
         )
         for v in client.search_model_versions(f"name = '{name}'")
     ]
-    return pd.DataFrame(rows).sort_values("version", ignore_index=True)
+    return table_view(pd.DataFrame(rows).sort_values("version", ignore_index=True))
 
 
 def _alias_version(client, name, alias):
@@ -1333,7 +1333,8 @@ def kpi_table(charter, kpis, baseline, blanket_precision) -> pd.DataFrame:
         alert_threshold=np.nan,
         status="",
     )
-    return pd.DataFrame(rows + [blanket])
+    shares = ("campaign", "comparison_group", "baseline", "target", "alert_threshold")
+    return table_view(pd.DataFrame(rows + [blanket]), {c: "{:.4f}" for c in shares}, na_rep="—")
 
 # %% ../notebooks/04_model_deployment.ipynb #19d386c1
 def scoring_facts(campaign, scored, timings, model) -> pd.DataFrame:
@@ -1366,7 +1367,7 @@ def plot_scores(scored):
 
 def delivery_files(scored, send_list, delivery_path) -> pd.DataFrame:
     "The files the stage delivers, what they hold, and where contact details appear."
-    return pd.DataFrame(
+    files = pd.DataFrame(
         [
             dict(
                 file="data/scored/scores.parquet",
@@ -1388,6 +1389,7 @@ def delivery_files(scored, send_list, delivery_path) -> pd.DataFrame:
             ),
         ]
     )
+    return table_view(files, {"rows": "{:,}"})
 
 
 def serving_facts(parity, dockerfile) -> pd.DataFrame:

@@ -17,7 +17,7 @@ __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES',
            'campaign_weeks', 'contexts_from_partials', 'bucket_features', 'feature_schema', 'read_spark_tables',
            'spark_tables', 'clear_unfinished_writes', 'write_parquet_atomically', 'spark_promotion_shares',
            'spark_features', 'labelled_rows_on_spark', 'labelled_rows', 'split_campaigns', 'restrict_to_development',
-           'TrainingDataError', 'check_training_data', 'make_rule_baseline', 'make_logistic_regression',
+           'split_table', 'TrainingDataError', 'check_training_data', 'make_rule_baseline', 'make_logistic_regression',
            'make_gradient_boosting', 'OfferChoice', 'make_offer_choice', 'search_grid', 'sample_training_rows',
            'fit_arguments', 'fit_candidate', 'top_k_offers', 'precision_at_k', 'measure_metrics', 'measure_slices',
            'measure_lift', 'measure_curves', 'check_acceptance', 'select_candidate', 'bin_shares', 'describe_numeric',
@@ -46,7 +46,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, OrdinalEncoder, QuantileTransformer
 
-from .core import file_sha256, quiet, validate_spec
+from .core import file_sha256, quiet, table_view, validate_spec
 from .data_acquisition import TABLES, UNKNOWN
 
 # %% ../notebooks/03_model_development.ipynb #2f337a1a
@@ -783,6 +783,11 @@ def restrict_to_development(tables, split) -> dict:
         name: frame[~frame.campaign_id.isin(production)] if name in by_campaign else frame
         for name, frame in tables.items()
     }
+
+# %% ../notebooks/03_model_development.ipynb #a8952fb9
+def split_table(split):
+    "The campaigns and the set each went to, with dates rather than timestamps."
+    return table_view(split.assign(start_date=split.start_date.dt.date, end_date=split.end_date.dt.date))
 
 # %% ../notebooks/03_model_development.ipynb #23bf2169
 class TrainingDataError(ValueError):
@@ -1610,14 +1615,16 @@ def candidate_table(developed, selection) -> pd.DataFrame:
             for n, c in developed.items()
         }
     ).T
-    return table.rename_axis("candidate (held-out campaigns)")
+    formats = {m: "{:.4f}" for m in (*METRICS, "lift_average_precision", "lift_precision_at_k")}
+    formats |= {"fit_seconds": "{:.0f}", "rows": "{:,}"}
+    return table_view(table.rename_axis("candidate (held-out campaigns)"), formats, na_rep="", index=True)
 
 # %% ../notebooks/03_model_development.ipynb #0b1c2d3e
 def slice_table(developed, name) -> pd.DataFrame:
     "Held-out metrics of candidate `name` and of the rule baseline within each slice value."
-    return developed[name].slices.merge(
-        developed["rule_baseline"].slices, on=["slice", "value", "rows", "positives"], suffixes=("", " (rule)")
-    )
+    keys = ["slice", "value", "rows", "positives"]
+    table = developed[name].slices.merge(developed["rule_baseline"].slices, on=keys, suffixes=("", " (rule)"))
+    return table_view(table, {c: "{:.4f}" for c in table.columns if c not in keys} | {"rows": "{:,}"}, na_rep="")
 
 
 def run_facts(selection, runs, tags, rows, peak_mb) -> pd.DataFrame:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import ParamsError, load_json, quiet, save_json, validate_spec
+from .core import ParamsError, load_json, quiet, save_json, table_view, validate_spec
 from .data_acquisition import PROCESSED_CONTRACTS, UNKNOWN, score_contract
 from .kpis import kpi_window, measurable_campaigns, measure_kpi
 from lib.model_development import (
@@ -1449,16 +1449,18 @@ def drift_table(results, excluded_kinds) -> pd.DataFrame:
 
 def rules_table(rules, charter) -> pd.DataFrame:
     "The alert rules in force, thresholds from the charter resolved and marked."
-    return pd.DataFrame(
-        [
-            {
-                **r,
-                "threshold": "reference (per campaign type)"
-                if r["threshold"] == "reference"
-                else f"{resolve_threshold(r, charter):g}" + (" (charter)" if r["threshold"] == "charter" else ""),
-            }
-            for r in rules
-        ]
+    return table_view(
+        pd.DataFrame(
+            [
+                {
+                    **r,
+                    "threshold": "reference (per campaign type)"
+                    if r["threshold"] == "reference"
+                    else f"{resolve_threshold(r, charter):g}" + (" (charter)" if r["threshold"] == "charter" else ""),
+                }
+                for r in rules
+            ]
+        )
     )
 
 
@@ -1540,7 +1542,8 @@ def replay_table(timeline, results) -> pd.DataFrame:
         "champion top-k": [r["metrics"].get("top_k_hits") for r in results],
         "rule top-k": [r["metrics"].get("rule_top_k_hits") for r in results],
     }
-    return timeline[columns].assign(**side_by_side, reason=[r["reason"] for r in results])
+    table = timeline[columns].assign(**side_by_side, reason=[r["reason"] for r in results])
+    return table_view(table, {c: "{:,.0f}" for c in ("households", "rows", "positives")}, na_rep="—")
 
 
 def figure_png(fig, dpi=90) -> bytes:
@@ -1593,4 +1596,5 @@ def drift_levels(reference, psi_drifted, severe_factor, exclude=()) -> pd.DataFr
             rows.append(
                 dict(campaign_type=t, feature=f, natural=level, drifted=drifted, severe=severe_factor * drifted)
             )
-    return pd.DataFrame(rows, columns=["campaign_type", "feature", "natural", "drifted", "severe"])
+    levels = pd.DataFrame(rows, columns=["campaign_type", "feature", "natural", "drifted", "severe"])
+    return table_view(levels, {"natural": "{:.3f}", "drifted": "{:.3f}", "severe": "{:.3f}"})

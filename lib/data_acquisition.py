@@ -8,21 +8,21 @@ __all__ = ['TABLES', 'SOURCE_TABLES', 'PROCESSED_TABLES', 'UNKNOWN', 'BANDS', 'D
            'FOREIGN_KEYS', 'SNAPSHOT_COLUMNS', 'SOURCE_KINDS', 'CSV_OPTIONS', 'EXTRA_COLUMN_POLICIES', 'ARROW_TYPES',
            'FIRST_NAMES', 'LAST_NAMES', 'DEMO_NOTE', 'CONTACT_KEY_VAR', 'DEVELOPMENT_KEY', 'HOUSEHOLD_TABLES',
            'LOCATIONS', 'DEVELOPMENT_KEY_WARNING', 'DEMO_CONTACTS_NOTE', 'SPEC', 'FINGERPRINT_FILE', 'column',
-           'ContractError', 'violation', 'score_contract', 'raise_for_failures', 'check_contract', 'foreign_key_rule',
-           'interval_rule', 'campaign_window_rule', 'week_rule', 'meaning_rules', 'check_meaning', 'describe_column',
-           'take_snapshot', 'column_psi', 'compare_snapshot', 'SnapshotError', 'check_snapshot', 'snapshot_table',
-           'Source', 'parquet_parts', 'table_files', 'files_source', 'package_source', 'sql_source', 'source_url',
-           'resolve_source', 'reading', 'has_table', 'source_columns', 'iter_source', 'text_dtypes', 'select_columns',
-           'coerce_table', 'arrow_schema', 'ingest_table', 'stream_table', 'generate_contacts', 'DevelopmentKeyWarning',
-           'pseudonym_key', 'pseudonymize', 'sample_households', 'drop_duplicate_rows', 'standardize_demographics',
-           'fill_unknown_text', 'to_categories', 'find_home_stores', 'pseudonymize_contacts', 'sort_by_key',
-           'process_tables', 'promotion_rows', 'promotion_reducer', 'process_promotions', 'Acquisition', 'write_raw',
-           'ingest_contacts', 'source_households', 'sample_filter', 'acquire', 'write_tables', 'load_processed',
-           'quality_scores', 'quality_metrics', 'catalog_entry', 'build_catalog', 'profile_table', 'profile_tables',
-           'has_pii', 'blanket_offers', 'kpi_tables', 'acquisition_summary', 'source_notes', 'plot_quality',
-           'profile_links', 'catalog_table', 'pii_table', 'rule_summary', 'imperfect_rules', 'processing_log',
-           'promotion_volume', 'baseline_table', 'baseline_note', 'plot_baseline', 'check_params', 'source_fingerprint',
-           'fingerprint_source_cli']
+           'ContractError', 'violation', 'duplicated_rows', 'score_contract', 'raise_for_failures', 'check_contract',
+           'foreign_key_rule', 'interval_rule', 'campaign_window_rule', 'week_rule', 'meaning_rules', 'check_meaning',
+           'describe_column', 'take_snapshot', 'column_psi', 'compare_snapshot', 'SnapshotError', 'check_snapshot',
+           'snapshot_table', 'Source', 'parquet_parts', 'table_files', 'files_source', 'package_source', 'sql_source',
+           'source_url', 'resolve_source', 'reading', 'has_table', 'source_columns', 'iter_source', 'text_dtypes',
+           'select_columns', 'coerce_table', 'arrow_schema', 'ingest_table', 'stream_table', 'generate_contacts',
+           'DevelopmentKeyWarning', 'pseudonym_key', 'pseudonymize', 'sample_households', 'drop_duplicate_rows',
+           'standardize_demographics', 'fill_unknown_text', 'to_categories', 'find_home_stores',
+           'pseudonymize_contacts', 'sort_by_key', 'process_tables', 'promotion_rows', 'promotion_reducer',
+           'process_promotions', 'Acquisition', 'write_raw', 'ingest_contacts', 'source_households', 'sample_filter',
+           'acquire', 'write_tables', 'load_processed', 'quality_scores', 'quality_metrics', 'catalog_entry',
+           'build_catalog', 'profile_table', 'profile_tables', 'has_pii', 'blanket_offers', 'kpi_tables',
+           'acquisition_summary', 'source_notes', 'plot_quality', 'profile_links', 'catalog_table', 'pii_table',
+           'rule_summary', 'imperfect_rules', 'processing_log', 'promotion_volume', 'baseline_table', 'baseline_note',
+           'plot_baseline', 'check_params', 'source_fingerprint', 'fingerprint_source_cli']
 
 # %% ../notebooks/02_data_acquisition.ipynb #93cdfefe
 import codecs
@@ -376,23 +376,48 @@ def _column_rules(table, name, series, spec) -> list:
         rows.append(_rule(table, name, "completeness", n, nulls, spec["min_completeness"]))
     return rows + _value_rules(table, name, series.dropna(), spec)
 
+# %% ../notebooks/02_data_acquisition.ipynb #2d3087f1
+def _row_codes(frame):
+    "One int64 per row, equal exactly when the rows are equal; None when the columns' ranges do not fit in 63 bits."
+    codes, span = np.zeros(len(frame), dtype=np.int64), 1
+    for name in frame.columns:
+        column = frame[name]
+        if isinstance(column.dtype, pd.CategoricalDtype):
+            values, size = column.cat.codes.to_numpy(np.int64) + 1, len(column.cat.categories) + 1
+        elif isinstance(column.dtype, np.dtype) and column.dtype.kind in "ib" and len(column):
+            low = int(column.min())
+            values, size = column.to_numpy(np.int64) - low, int(column.max()) - low + 1
+        else:
+            factorized, uniques = pd.factorize(column)
+            values, size = factorized.astype(np.int64) + 1, len(uniques) + 1
+        if span > np.iinfo(np.int64).max // size:
+            return None
+        codes, span = codes * size + values, span * size
+    return codes
+
+
+def duplicated_rows(frame) -> np.ndarray:
+    "`frame.duplicated()` as a boolean array (every repeat of a row after its first), by sorting packed row codes."
+    codes = _row_codes(frame)
+    if codes is None:
+        return frame.duplicated().to_numpy()
+    order = np.argsort(codes, kind="stable")  # equal rows keep their order: the first of each run is the original
+    ordered = codes[order]
+    repeated = np.zeros(len(frame), dtype=bool)
+    repeated[order[1:][ordered[1:] == ordered[:-1]]] = True
+    return repeated
+
 # %% ../notebooks/02_data_acquisition.ipynb #2d3087fa
 def _table_rules(table, frame, contract, min_distinct_share=0.9) -> list:
     "Rules on the whole table: not empty, mostly distinct rows, a unique key among distinct rows."
     n = len(frame)
     rows = [_rule(table, "*", "non_empty", 1, int(n == 0))]
-    distinct = frame.drop_duplicates()
-    rows.append(_rule(table, "*", "distinct_rows", n, n - len(distinct), min_distinct_share))
-    if contract.get("key") and set(contract["key"]) <= set(frame.columns):  # a missing key column is reported as such
-        rows.append(
-            _rule(
-                table,
-                "+".join(contract["key"]),
-                "unique_key",
-                len(distinct),
-                distinct.duplicated(contract["key"]).sum(),
-            )
-        )
+    repeated = duplicated_rows(frame)
+    rows.append(_rule(table, "*", "distinct_rows", n, int(repeated.sum()), min_distinct_share))
+    key = contract.get("key")
+    if key and set(key) <= set(frame.columns):  # a missing key column is reported as such
+        distinct_keys = frame.loc[~repeated, key]
+        rows.append(_rule(table, "+".join(key), "unique_key", len(distinct_keys), duplicated_rows(distinct_keys).sum()))
     return rows
 
 
@@ -1095,7 +1120,7 @@ def _log(table, step, count, detail="") -> dict:
 
 def drop_duplicate_rows(table, frame) -> tuple:
     "`frame` without exact duplicate rows, and the log entry."
-    out = frame.drop_duplicates(ignore_index=True)
+    out = frame[~duplicated_rows(frame)].reset_index(drop=True)
     return out, _log(table, "drop exact duplicate rows", len(frame) - len(out))
 
 # %% ../notebooks/02_data_acquisition.ipynb #b94b22e4

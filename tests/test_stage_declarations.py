@@ -26,13 +26,14 @@ def _constant(node):
 
 
 def params_read(trees) -> set:
-    """Params sections a notebook reads — `load_params(path, "<section>", ...)` or `load_yaml(path)["<section>"]` — and
-    the charter
-    file when it reads `CHARTER_FILE`."""
+    """Params sections a notebook reads — `load_params(path, "<section>", ...)`, `open_stage("<section>", ...)` (which
+    reads `shared` too) or `load_yaml(path)["<section>"]` — and the charter file when it reads `CHARTER_FILE`."""
     found = set()
     for node in (n for tree in trees for n in ast.walk(tree)):
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "load_params" and len(node.args) >= 2:
             found.add(_constant(node.args[1]))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "open_stage" and node.args:
+            found |= {_constant(node.args[0]), "shared"}
         if (
             isinstance(node, ast.Subscript)
             and isinstance(node.value, ast.Call)

@@ -392,7 +392,9 @@ def _row_codes(frame):
             values, size = factorized.astype(np.int64) + 1, len(uniques) + 1
         if span > np.iinfo(np.int64).max // size:
             return None
-        codes, span = codes * size + values, span * size
+        codes *= size  # in place: no temporary copies of a long table's codes
+        codes += values
+        span *= size
     return codes
 
 
@@ -911,10 +913,11 @@ def _typed(series, dtype, table, name):
             detail=f"expected {dtype}, the source holds {series.dtype}",
         )
     if dtype == "str":
-        return series.astype(object).where(series.notna(), None)
+        missing = series.isna()
+        return series.astype(object).where(~missing, None) if missing.any() or series.dtype != object else series
     if dtype == "int64":
-        return series.astype("Int64" if series.isna().any() else "int64")
-    return series.astype(dtype)
+        return series.astype("Int64" if series.isna().any() else "int64", copy=False)
+    return series.astype(dtype, copy=False)
 
 
 def coerce_table(table, frame, contract, text_ok=frozenset()) -> tuple:
@@ -934,7 +937,8 @@ def coerce_table(table, frame, contract, text_ok=frozenset()) -> tuple:
         else:
             series = _typed(series, spec["dtype"], table, name)
         out[name] = series
-    return pd.DataFrame(out, index=frame.index), {k: v for k, v in zeros.items() if v}
+    typed = pd.DataFrame(out, index=frame.index, copy=False)  # the chunk's own arrays, not a consolidated copy
+    return typed, {k: v for k, v in zeros.items() if v}
 
 # %% ../notebooks/02_data_acquisition.ipynb #5b862950
 ARROW_TYPES = {"int64": pa.int64(), "float64": pa.float64(), "datetime64[ns]": pa.timestamp("ns"), "str": pa.string()}

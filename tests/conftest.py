@@ -109,6 +109,21 @@ def exclusive(lock_file: Path):
         yield
 
 
+def wait_until(what, sign, timeout=300, processes=(), context=lambda: ""):
+    """The first true value of `sign()`, checked every 0.2 s; fails when one of `processes` ends first or `timeout`
+    seconds pass, with `context()` (a log's tail, say) in the message."""
+    deadline = time.monotonic() + timeout
+    while not (found := sign()):
+        ended = [p for p in processes if p.poll() is not None]
+        if ended:
+            command = " ".join(map(str, ended[0].args))[:300]
+            raise AssertionError(f"{command} exited with {ended[0].returncode} while waiting for {what}\n{context()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout} s\n{context()}")
+        time.sleep(0.2)  # the poll interval
+    return found
+
+
 def build_once(folder: Path, build) -> None:
     """`build(folder)` unless an earlier call completed it, also when several processes ask at once: the first builds,
     the others wait for it. `folder/.built` marks a completed build; a failed one starts again from an empty folder."""

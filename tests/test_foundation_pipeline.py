@@ -12,7 +12,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import BIN, project_env, run
+from conftest import BIN, project_env, run, wait_until
 from lib.core import tracking_uri
 from lib.kpis import validate_charter
 
@@ -50,18 +50,7 @@ while not pathlib.Path({str(release)!r}).exists():
 
 def wait_for_file(path, process, log, timeout=300):
     """Return once `path` exists; fail if `process` exits first or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        try:
-            code = process.wait(timeout=0.2)  # the poll interval; returns early only if the process ended
-        except subprocess.TimeoutExpired:
-            assert time.monotonic() < deadline, (
-                f"{path.name} did not appear within {timeout} s\n{log.read_text()[-4000:]}"
-            )
-        else:
-            raise AssertionError(
-                f"dvc repro exited with {code} before the stage wrote {path.name}\n{log.read_text()[-4000:]}"
-            )
+    wait_until(path.name, path.exists, timeout, [process], lambda: log.read_text()[-4000:])
 
 
 def stop(process):

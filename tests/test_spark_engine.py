@@ -27,7 +27,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import ROOT, make_project_copy, run
+from conftest import ROOT, make_project_copy, run, wait_until
 from lib import model_deployment as dep
 from lib import model_development as md
 from lib import model_monitoring as mon
@@ -224,20 +224,6 @@ def test_the_monitoring_replay_on_spark_gives_the_pandas_batch_rows_and_results(
     assert set(rows["spark"][-1].household_id) == set(drilled)  # the drill's households, not the delivered ones
 
 
-def _wait_for(what, check, timeout_s, procs=()):
-    "The first true answer of `check()`, polled until `timeout_s`; fails early when one of `procs` exits."
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for proc in procs:
-            if proc.poll() is not None:
-                raise AssertionError(f"{proc.args[1]} exited with {proc.returncode} while waiting for {what}")
-        found = check()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"no {what} within {timeout_s} s")
-
-
 def _answers(address) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(address, timeout=1):
         return True
@@ -319,10 +305,10 @@ def standalone_cluster(tmp_path_factory):
                     start_new_session=True,
                 )
             if name == "master":
-                _wait_for(
+                wait_until(
                     f"master answering on port {port}", lambda: _answers(("127.0.0.1", port)), 120, [procs["master"]]
                 )
-        _wait_for("2 ALIVE workers", lambda: _alive_workers(webui) == 2, 120, procs.values())
+        wait_until("2 ALIVE workers", lambda: _alive_workers(webui) == 2, 120, procs.values())
         yield types.SimpleNamespace(master=master, procs=procs, logs=tmp)
     finally:
         left = _stop_process_groups(list(procs.values()))
@@ -368,7 +354,7 @@ def test_a_standalone_cluster_gives_the_same_features_scores_and_send_list(
         assert spark.sparkContext.master == standalone_cluster.master
         assert _executor_pythons(spark) == {sys.executable}  # the project's Python (PYSPARK_PYTHON) on the executors
         status = spark.sparkContext._jsc.sc().getExecutorMemoryStatus  # the driver and each executor
-        _wait_for("an executor on each worker", lambda: status().size() == 3, 120, standalone_cluster.procs.values())
+        wait_until("an executor on each worker", lambda: status().size() == 3, 120, standalone_cluster.procs.values())
         _assert_same_answers(spark, deployed_smoke, tmp_path)
 
 
@@ -401,7 +387,7 @@ def test_a_python_worker_killed_while_features_are_written_fails_the_write_and_a
                 raise AssertionError(f"the write ended before any worker stalled: {writing.exception()!r}")
             return next((int(m.name) for m in markers.iterdir() if m.name.isdigit()), None)
 
-        pid = _wait_for("a Python worker stalled in the write stage", stalled, 300, standalone_cluster.procs.values())
+        pid = wait_until("a Python worker stalled in the write stage", stalled, 300, standalone_cluster.procs.values())
         assert pid in _cluster_descendants(standalone_cluster)  # a real Python worker under a worker's executor
         psutil.Process(pid).kill()
         with pytest.raises(Exception, match="failed 1 times") as failure:

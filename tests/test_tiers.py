@@ -2,20 +2,18 @@
 `make lab`, an MLflow model server) is marked `pipeline`, so that `make test-fast` (`pytest -m "not pipeline"`) runs
 none."""
 
-import contextlib
 import json
 import os
 import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from conftest import TIERS, build_once, exclusive, run
+from conftest import TIERS, build_once, exclusive, run, wait_until
 
 TESTS = Path(__file__).parent
 
@@ -116,24 +114,18 @@ def _waits_on_a_lock(pid) -> bool:
     return any(p[1] == "->" and p[5] == str(pid) for p in (line.split() for line in lines) if len(p) > 5)
 
 
-def _until_blocked_or_ended(process, timeout=120) -> bool:
-    """Wait until `process` is blocked on a file lock (True) or has ended (False)."""
-    deadline = time.monotonic() + timeout
-    while not _waits_on_a_lock(process.pid):
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=0.05)  # the poll interval; returns early only if the process ended
-            return False
-        assert time.monotonic() < deadline, f"process {process.pid} neither waited on the lock nor ended"
-    return True
-
-
 def test_a_worker_asking_for_the_smoke_run_while_another_builds_it_waits_and_reuses_it(tmp_path):
     """While one process holds the build, a second `build_once` waits on the lock and then finds the build done."""
     waiter = "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import test_tiers as t; "
     waiter += "t.build_once(Path(sys.argv[2]), t._count_build)"
     with exclusive(tmp_path / "smoke.lock"):  # this process is "building"
         second = subprocess.Popen([sys.executable, "-c", waiter, str(TESTS), str(tmp_path / "smoke")])
-        assert _until_blocked_or_ended(second), "the second process did not wait for the build in progress"
+        wait_until(
+            "the second process to wait on the lock of the build in progress",
+            lambda: _waits_on_a_lock(second.pid),
+            timeout=120,
+            processes=[second],
+        )
         (tmp_path / "smoke").mkdir()
         (tmp_path / "smoke" / ".built").touch()  # the build completes while the lock is held
     assert second.wait(timeout=120) == 0

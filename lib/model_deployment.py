@@ -1154,9 +1154,9 @@ INTERVAL_FORMAT = {c: "{:+.4f}" for c in ("difference", "low", "high", "margin")
 def decision_tables(decision) -> tuple:
     "The gate's intervals, its slice intervals and the charter's checks, styled for the page."
     return (
-        decision.intervals.style.hide(axis="index").format(INTERVAL_FORMAT),
-        decision.slices.style.hide(axis="index").format(INTERVAL_FORMAT),
-        decision.checks.style.hide(axis="index").format({"value": "{:.4f}", "threshold": "{:.4f}"}),
+        table_view(decision.intervals, INTERVAL_FORMAT),
+        table_view(decision.slices, INTERVAL_FORMAT),
+        table_view(decision.checks, {"value": "{:.4f}", "threshold": "{:.4f}"}),
     )
 
 
@@ -1164,7 +1164,7 @@ def gate_tables(gate_dates, comparison) -> tuple:
     "The gate campaigns and the models' gate metrics side by side (`gate_comparison`), styled for the page."
     metrics = pd.IndexSlice[list(GATE_METRICS), :]
     return (
-        gate_dates.style.hide(axis="index").format({"start_date": "{:%Y-%m-%d}", "end_date": "{:%Y-%m-%d}"}),
+        table_view(gate_dates, {"start_date": "{:%Y-%m-%d}", "end_date": "{:%Y-%m-%d}"}),
         comparison.style.format("{:.4f}", na_rep="—", subset=metrics).format(
             "{:,.0f}", subset=pd.IndexSlice[comparison.index[-1:], :]
         ),

@@ -1490,7 +1490,7 @@ def challenger_tables(retraining) -> list:
     if "challenger" not in retraining:
         return []
     frame = pd.DataFrame({"challenger": retraining["challenger"], "champion": retraining["champion"]}).T
-    return [frame.style.format("{:.4f}")]
+    return [table_view(frame, "{:.4f}", index=True)]
 
 # %% ../notebooks/05_model_monitoring.ipynb #ff26c14a
 def alerts_document(scenario, as_of, deployed, alerts) -> dict:
@@ -1574,11 +1574,7 @@ def alerts_view(alerts):
     if not alerts:
         return Markdown("**No alerts.**")
     columns = ["batch", "severity", "remediation", "metric", "value", "threshold", "message"]
-    return (
-        pd.DataFrame(alerts)[columns]
-        .style.hide(axis="index")
-        .format({"value": "{:.4g}", "threshold": "{:g}"}, na_rep="—")
-    )
+    return table_view(pd.DataFrame(alerts)[columns], {"value": "{:.4g}", "threshold": "{:g}"}, na_rep="—")
 
 # %% ../notebooks/05_model_monitoring.ipynb #5e7e0a10
 def drift_levels(reference, psi_drifted, severe_factor, exclude=()) -> pd.DataFrame:

@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['PORTAL_CSS', 'TILE_STATES', 'CHAMPION_METRICS', 'stage_status', 'read_metrics', 'kpi_tiles', 'format_kpi',
-           'list_documents', 'group_documents', 'local_links', 'broken_links', 'check_links', 'render_portal']
+           'steps_table', 'tiles_table', 'list_documents', 'group_documents', 'local_links', 'broken_links',
+           'check_links', 'render_portal']
 
 # %% ../notebooks/06_reports.ipynb #05116b45
 import html
@@ -13,7 +14,7 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from .core import load_json
+from .core import load_json, table_view
 
 # %% ../notebooks/06_reports.ipynb #3c0d71af
 def stage_status(stage, root) -> dict:
@@ -83,6 +84,20 @@ def format_kpi(value, unit) -> str:
     if unit.startswith("share"):
         return f"{100 * value:.3g}%"
     return f"{value:.3g}"
+
+# %% ../notebooks/06_reports.ipynb #967b8139
+def steps_table(steps):
+    "Each step's status, run time and finish time, as a table for the page."
+    import pandas as pd
+
+    return table_view(pd.DataFrame(steps)[["title", "status", "seconds", "finished"]])
+
+# %% ../notebooks/06_reports.ipynb #967b813b
+def tiles_table(tiles):
+    "The KPI tiles as a table for the page: target, alert threshold, baseline, latest value and state."
+    import pandas as pd
+
+    return table_view(pd.DataFrame(tiles)[["name", "target", "alert_threshold", "baseline", "latest", "state"]])
 
 # %% ../notebooks/06_reports.ipynb #a4b2c79b
 def list_documents(reports_dir) -> list:

@@ -1552,7 +1552,7 @@ def profile_links(tables, minimal, seconds) -> str:
     return "<ul>" + "".join(items) + "</ul>"
 
 # %% ../notebooks/02_data_acquisition.ipynb #d03ade43
-def catalog_table(catalog) -> pd.DataFrame:
+def catalog_table(catalog):
     "One row per delivered table of the catalog: description, owner, size, quality, hash, key and PII classes."
     frame = pd.DataFrame(
         [
@@ -1573,7 +1573,7 @@ def catalog_table(catalog) -> pd.DataFrame:
     return table_view(frame, {"rows": "{:,}", "quality": "{:.4f}"})
 
 
-def pii_table(contracts, processed_contracts) -> pd.DataFrame:
+def pii_table(contracts, processed_contracts):
     """The columns classified as personal data, in the source and as delivered (where direct identifiers become
     pseudonyms)."""
 
@@ -1591,7 +1591,7 @@ def pii_table(contracts, processed_contracts) -> pd.DataFrame:
     )
 
 
-def rule_summary(scorecard) -> pd.DataFrame:
+def rule_summary(scorecard):
     "The scorecard per kind of rule: how many rules, rows checked and failed, and the mean pass rate."
     summary = scorecard.groupby("rule").agg(
         rules=("pass_rate", "size"),
@@ -1610,7 +1610,7 @@ def imperfect_rules(scorecard):
     )
 
 # %% ../notebooks/02_data_acquisition.ipynb #d03ade45
-def processing_log(acquisition) -> pd.DataFrame:
+def processing_log(acquisition):
     """What ingestion and processing changed, table by table, with counts: dropped columns, leading zeros, cleansing
     steps."""
     dropped = [
@@ -1631,7 +1631,7 @@ def processing_log(acquisition) -> pd.DataFrame:
     return table_view(pd.DataFrame(dropped + zeros + acquisition.log), {"count": "{:,}"})
 
 
-def promotion_volume(acquisition, chunk_rows, peak_mb) -> pd.DataFrame:
+def promotion_volume(acquisition, chunk_rows, peak_mb):
     "Promotions read and delivered, the chunk size, and the stage's peak memory against the 4 GB budget."
     volume = dict(
         promotions_rows_read=acquisition.notes["promotions"]["rows_read"],
@@ -1643,7 +1643,7 @@ def promotion_volume(acquisition, chunk_rows, peak_mb) -> pd.DataFrame:
     return table_view(pd.DataFrame([volume]), "{:,}")
 
 # %% ../notebooks/02_data_acquisition.ipynb #d03ade47
-def baseline_table(kpis, baseline) -> pd.DataFrame:
+def baseline_table(kpis, baseline):
     "Each KPI's baseline beside its comparison group, target and alert threshold."
     frame = pd.DataFrame(
         [

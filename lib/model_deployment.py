@@ -1269,7 +1269,7 @@ def gate_notices(restored, enforced, decision) -> str:
     return out
 
 
-def registry_table(client, name) -> pd.DataFrame:
+def registry_table(client, name):
     "The registered versions of `name` with their aliases and the gate's tags."
     alias_of = {}
     for alias in ("champion", "previous"):
@@ -1300,7 +1300,7 @@ def _alias_version(client, name, alias):
         return None
 
 # %% ../notebooks/04_model_deployment.ipynb #19d386bf
-def kpi_table(charter, kpis, baseline, blanket_precision) -> pd.DataFrame:
+def kpi_table(charter, kpis, baseline, blanket_precision):
     """The campaign's KPIs beside the comparison group, step 02's baseline, the target and the alert threshold, with a
     status."""
 
@@ -1365,7 +1365,7 @@ def plot_scores(scored):
     return fig
 
 
-def delivery_files(scored, send_list, delivery_path) -> pd.DataFrame:
+def delivery_files(scored, send_list, delivery_path):
     "The files the stage delivers, what they hold, and where contact details appear."
     files = pd.DataFrame(
         [

@@ -1597,7 +1597,7 @@ reported here are those of the fit on the training campaigns alone, before the r
 **Acceptance (charter).** {thresholds} (lifts: the model divided by the rule baseline on the same rows)."""
 
 
-def candidate_table(developed, selection) -> pd.DataFrame:
+def candidate_table(developed, selection):
     "Held-out metrics, lift over the rule, fit time and verdict of every candidate."
     rule = developed["rule_baseline"].metrics
 
@@ -1620,7 +1620,7 @@ def candidate_table(developed, selection) -> pd.DataFrame:
     return table_view(table.rename_axis("candidate (held-out campaigns)"), formats, na_rep="", index=True)
 
 # %% ../notebooks/03_model_development.ipynb #0b1c2d3e
-def slice_table(developed, name) -> pd.DataFrame:
+def slice_table(developed, name):
     "Held-out metrics of candidate `name` and of the rule baseline within each slice value."
     keys = ["slice", "value", "rows", "positives"]
     table = developed[name].slices.merge(developed["rule_baseline"].slices, on=keys, suffixes=("", " (rule)"))

@@ -1447,21 +1447,15 @@ def drift_table(results, excluded_kinds) -> pd.DataFrame:
     return heat.rename(index=lambda f: f"{f} (excluded)" if f in excluded else f)
 
 
-def rules_table(rules, charter) -> pd.DataFrame:
+def rules_table(rules, charter):
     "The alert rules in force, thresholds from the charter resolved and marked."
-    return table_view(
-        pd.DataFrame(
-            [
-                {
-                    **r,
-                    "threshold": "reference (per campaign type)"
-                    if r["threshold"] == "reference"
-                    else f"{resolve_threshold(r, charter):g}" + (" (charter)" if r["threshold"] == "charter" else ""),
-                }
-                for r in rules
-            ]
-        )
-    )
+
+    def shown(rule):
+        if rule["threshold"] == "reference":
+            return "reference (per campaign type)"
+        return f"{resolve_threshold(rule, charter):g}" + (" (charter)" if rule["threshold"] == "charter" else "")
+
+    return table_view(pd.DataFrame([{**r, "threshold": shown(r)} for r in rules]))
 
 
 def retraining_summary(retraining) -> str:
@@ -1534,7 +1528,7 @@ def replay_header(deployed, m: Monitor, batches, computed) -> str:
     )
 
 
-def replay_table(timeline, results) -> pd.DataFrame:
+def replay_table(timeline, results):
     """One row per batch: dates, status, diagnosis, alerts, size, the champion's and the charter's rule's redeemed
     offers among each household's top offers, and why a batch was not judged."""
     columns = ["batch", "start_date", "status", "diagnosis", "alerts", "households", "rows", "positives"]
@@ -1577,7 +1571,7 @@ def alerts_view(alerts):
     return table_view(pd.DataFrame(alerts)[columns], {"value": "{:.4g}", "threshold": "{:g}"}, na_rep="—")
 
 # %% ../notebooks/05_model_monitoring.ipynb #5e7e0a10
-def drift_levels(reference, psi_drifted, severe_factor, exclude=()) -> pd.DataFrame:
+def drift_levels(reference, psi_drifted, severe_factor, exclude=()):
     """Per campaign type and judged feature (and the prediction): its natural level from the training reference, and
     the levels above which it counts as drifted and as severe."""
     rows = []

@@ -4,17 +4,17 @@
 
 # %% auto #0
 __all__ = ['ROOT_MARKERS', 'STEPS', 'STAGES', 'SECTIONS', 'ENGINES', 'CHARTER_FILE', 'SHARED_SPEC', 'SPARK_SPEC', 'JAVA_PACKAGE',
-           'SPARK_DEFAULTS', 'REPORT_CSS', 'STAGE_RUN_TAG', 'STOP_SIGNALS', 'KERNEL_ARGUMENTS', 'project_root',
-           'ParamsError', 'Optional_', 'validate_spec', 'load_yaml', 'check_shared', 'check_spark', 'load_params',
-           'merge_params', 'SparkUnavailableError', 'find_java', 'check_master', 'unmet_settings', 'spark_session',
-           'engine_session', 'tracking_uri', 'artifact_location', 'TrackingStoreError', 'check_tracking_server',
-           'connect_mlflow', 'seed_everything', 'file_sha256', 'save_json', 'load_json', 'save_csv',
-           'MissingOutputError', 'stage_outputs', 'check_outputs', 'check_notebook_outputs', 'step_notebook',
-           'report_paths', 'check_notebook_parameters', 'render_report', 'progress', 'quiet', 'show', 'table_view',
-           'peak_rss_mb', 'open_stage', 'ipc_kernel_manager', 'watch_parent', 'pipeline_chain', 'stop_descendants',
-           'stage_run_context', 'end_stage_runs', 'end_runs_of', 'stop_stage_on_signals', 'guard_stage_kernel',
-           'StageError', 'run_stage', 'run_stage_cli', 'changed_outputs', 'uncached_outputs', 'keep_failed_notebooks',
-           'recover', 'recover_cli']
+           'SPARK_DEFAULTS', 'STAGE_DIRECTIVES', 'STAGE_TAGS', 'REPORT_CSS', 'STAGE_RUN_TAG', 'STOP_SIGNALS',
+           'KERNEL_ARGUMENTS', 'project_root', 'ParamsError', 'Optional_', 'validate_spec', 'load_yaml', 'check_shared',
+           'check_spark', 'load_params', 'merge_params', 'SparkUnavailableError', 'find_java', 'check_master',
+           'unmet_settings', 'spark_session', 'engine_session', 'tracking_uri', 'artifact_location',
+           'TrackingStoreError', 'check_tracking_server', 'connect_mlflow', 'seed_everything', 'file_sha256',
+           'save_json', 'load_json', 'save_csv', 'MissingOutputError', 'stage_outputs', 'check_outputs',
+           'check_notebook_outputs', 'step_notebook', 'report_paths', 'check_notebook_parameters', 'runs_in_stage',
+           'stage_view', 'render_report', 'progress', 'quiet', 'show', 'table_view', 'peak_rss_mb', 'open_stage',
+           'ipc_kernel_manager', 'watch_parent', 'pipeline_chain', 'stop_descendants', 'stage_run_context',
+           'end_stage_runs', 'end_runs_of', 'stop_stage_on_signals', 'guard_stage_kernel', 'StageError', 'run_stage',
+           'run_stage_cli', 'changed_outputs', 'uncached_outputs', 'keep_failed_notebooks', 'recover', 'recover_cli']
 
 # %% ../notebooks/00_core.ipynb #1504f3be
 import ast
@@ -472,6 +472,27 @@ def _stakeholder_view(nb):
             cell.outputs = [o for o in cell.outputs if o.output_type in ("display_data", "execute_result")]
     return nb
 
+# %% ../notebooks/00_core.ipynb #5872ff58
+STAGE_DIRECTIVES = {"export", "exporti", "exports", "stage", "default_exp"}
+STAGE_TAGS = {"parameters", "report-hide", "summary"}
+
+
+def runs_in_stage(cell) -> bool:
+    "Whether a stage run executes `cell`: markdown, exports, `#| stage` and tagged cells do; demonstrations do not."
+    if cell.cell_type != "code":
+        return True
+    directives = {line[2:].strip().split(" ")[0] for line in cell.source.splitlines() if line.startswith("#|")}
+    return bool(directives & STAGE_DIRECTIVES or STAGE_TAGS & set(cell.metadata.get("tags", [])))
+
+
+def stage_view(nb):
+    "A copy of step notebook `nb` as its stage runs it: every cell but the demonstrations."
+    import copy
+
+    nb = copy.deepcopy(nb)
+    nb.cells = [c for c in nb.cells if runs_in_stage(c)]
+    return nb
+
 # %% ../notebooks/00_core.ipynb #4831fbc5
 REPORT_CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;max-width:1100px;margin:2rem auto;padding:0 1rem;
@@ -719,7 +740,8 @@ class StageError(RuntimeError):
 
 
 def _execute(stage, root, parameters, shared):
-    "Run the stage notebook with papermill from `root`; a failing cell raises `StageError`."
+    "Run the stage notebook, as `stage_view` shows it, with papermill from `root`; a failing cell raises `StageError`."
+    import nbformat
     import papermill
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
     from papermill.exceptions import PapermillExecutionError
@@ -728,7 +750,7 @@ def _execute(stage, root, parameters, shared):
     executed.parent.mkdir(parents=True, exist_ok=True)
     try:
         papermill.execute_notebook(
-            str(step_notebook(stage, root)),
+            stage_view(nbformat.read(str(step_notebook(stage, root)), as_version=4)),
             str(executed),
             parameters=parameters,
             kernel_name=shared["kernel"],

@@ -22,11 +22,12 @@ NOTEBOOK = "notebooks/01_business_understanding.ipynb"
 
 
 def insert_cell(project, source, before="save_json(charter"):
-    """Insert a code cell into the copy's step-01 notebook, just before the cell containing `before`."""
+    """Insert a run cell (`#| stage`: a stage run executes it) into the copy's step-01 notebook, just before the cell
+    containing `before`."""
     path = project / NOTEBOOK
     nb = nbformat.read(path, as_version=4)
     at = next(i for i, c in enumerate(nb.cells) if before in c.source)
-    nb.cells.insert(at, nbformat.v4.new_code_cell(source))
+    nb.cells.insert(at, nbformat.v4.new_code_cell(f"#| stage\n{source}"))
     nbformat.write(nb, path)
     run("git -c user.name=t -c user.email=t@t commit -qam 'change notebook'", project)
 

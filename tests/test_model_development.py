@@ -299,11 +299,11 @@ def copy_project(source, dest):
 
 
 def insert_cell(project, source, before):
-    """Insert a code cell into the copy's step-03 notebook just before the cell containing `before`."""
+    """Insert a run cell (`#| stage`) into the copy's step-03 notebook just before the cell containing `before`."""
     path = project / NOTEBOOK
     nb = nbformat.read(path, as_version=4)
     at = next(i for i, c in enumerate(nb.cells) if before in c.source)
-    nb.cells.insert(at, nbformat.v4.new_code_cell(source))
+    nb.cells.insert(at, nbformat.v4.new_code_cell(f"#| stage\n{source}"))
     nbformat.write(nb, path)
 
 

@@ -349,7 +349,8 @@ def insert_waiting_cell(project, signals, before="tags = lineage_tags("):
     started, release = signals / "started", signals / "release"
     nb = nbformat.read(notebook, as_version=4)
     at = next(i for i, c in enumerate(nb.cells) if before in c.source)
-    source = f"""import pathlib, time
+    source = f"""#| stage
+import pathlib, time
 pathlib.Path({str(started)!r}).touch()
 deadline = time.monotonic() + 600
 while not pathlib.Path({str(release)!r}).exists():

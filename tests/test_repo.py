@@ -132,6 +132,32 @@ def test_run_cells_only_wire_exported_functions_together(notebook):
     assert thick_run_code(run_cells(notebook)) == []
 
 
+def left_out_of_the_run(cells) -> list:
+    """The first lines of the code cells below the `## Run` heading that a stage run leaves out (`runs_in_stage`): a
+    demonstration there would be shown by nbdev-test but missing from the stage's page."""
+    from lib.core import runs_in_stage
+
+    start = next(i for i, c in enumerate(cells) if c.cell_type == "markdown" and c.source.startswith("## Run"))
+    return [c.source.splitlines()[0] for c in cells[start:] if not runs_in_stage(c)]
+
+
+@pytest.mark.parametrize("notebook", STEP_NOTEBOOKS, ids=lambda p: p.name)
+def test_everything_below_run_runs_in_the_stage(notebook):
+    assert left_out_of_the_run(nbformat.read(notebook, as_version=4).cells) == []
+
+
+def test_a_page_cell_the_stage_would_leave_out_is_caught():
+    cells = [
+        nbformat.v4.new_code_cell("#| export\ndef f(): ..."),
+        nbformat.v4.new_code_cell("test_eq(f(), None)"),  # a demonstration above the run: fine
+        nbformat.v4.new_markdown_cell("## Run"),
+        nbformat.v4.new_code_cell("#| stage\nrows = f()"),
+        nbformat.v4.new_code_cell("root = project_root()", metadata={"tags": ["report-hide"]}),
+        nbformat.v4.new_code_cell("stakeholders_table(charter)"),
+    ]
+    assert left_out_of_the_run(cells) == ["stakeholders_table(charter)"]
+
+
 def test_logic_or_length_in_run_cells_is_caught():
     wiring = "#| stage\nrows = load(root)\nsave(score(rows), root)"
     assert thick_run_code([wiring]) == []

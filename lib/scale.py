@@ -22,13 +22,12 @@ from .core import progress, save_json
 from lib.data_acquisition import (
     HOUSEHOLD_TABLES,
     TABLES,
-    files_source,
     generate_contacts,
     iter_source,
-    package_source,
     source_columns,
     source_households,
 )
+from .sources import files_source, package_source
 
 # %% ../notebooks/00_scale.ipynb #5ca1e105
 CLONED_TABLES = tuple(t for t in TABLES if t in HOUSEHOLD_TABLES)  # one copy per clone, under new household ids

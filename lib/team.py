@@ -280,10 +280,11 @@ def restore_contacts(root, environ) -> Path:
     step 02 writes it (mode 600)."""
     from lib import data_acquisition as da
     from lib.core import SHARED_SPEC, load_params
+    from lib.sources import resolve_source
 
     params = da.check_params(load_params(root / "params.yaml", "data_acquisition", da.SPEC))
     shared = load_params(root / "params.yaml", "shared", SHARED_SPEC)
-    source = da.resolve_source(params["source"], root, environ)
+    source = resolve_source(params["source"], root, environ)
     keep = da.sample_filter(source, shared["households_sample"], shared["seed"], params["chunk_rows"])
     transactions = pd.read_parquet(root / "data/raw/transactions.parquet", columns=["household_id"])
     contacts, *_ = da.ingest_contacts(

@@ -25,17 +25,14 @@ from lib.data_acquisition import (
     DevelopmentKeyWarning,
     acquire,
     check_contract,
-    files_source,
     generate_contacts,
     ingest_table,
     load_processed,
-    package_source,
     pseudonym_key,
     sample_households,
-    source_fingerprint,
-    sql_source,
     write_tables,
 )
+from lib.sources import files_source, package_source, source_fingerprint, sql_source
 
 SAMPLE, SEED, KEY = 40, 42, b"test-key"
 PROMOTION_ROWS = 50_000  # enough for thousands of promotions at the sampled home stores

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from conftest import run
-from lib.data_acquisition import TABLES, ContractError, acquire, files_source, package_source, sample_households
+from lib.data_acquisition import TABLES, ContractError, acquire, sample_households
+from lib.sources import files_source, package_source
 
 SAMPLE, SEED, KEY = 40, 42, b"test-key"
 

@@ -16,16 +16,14 @@ from lib.data_acquisition import (
     CONTRACTS,
     HOUSEHOLD_TABLES,
     acquire,
-    files_source,
     generate_contacts,
     ingest_table,
     iter_source,
-    package_source,
-    parquet_parts,
     sample_households,
     source_columns,
 )
 from lib.scale import CLONED_TABLES, MANIFEST, SHARED_TABLES, scale_data
+from lib.sources import files_source, package_source, parquet_parts
 
 SAMPLE, SEED, KEY, FACTOR = 40, 42, b"test-key", 3
 PART_ROWS, CHUNK_ROWS = 20_000, 7_000  # several parts per large table, several chunks per part

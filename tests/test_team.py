@@ -24,7 +24,8 @@ import yaml
 
 from conftest import ROOT, make_project_copy, project_env, run
 from lib.core import TrackingStoreError, connect_mlflow, load_json, load_yaml, quiet
-from lib.data_acquisition import TABLES, package_source, sample_households
+from lib.data_acquisition import TABLES, sample_households
+from lib.sources import package_source
 from lib.team import RESTRICTED_FILES, answers_health, pg_ready, start_postgres, stop_postgres, team_settings
 
 pytestmark = pytest.mark.pipeline

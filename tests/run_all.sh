@@ -3,7 +3,7 @@
 #   fast (make test-fast): ruff (lint and format), then nbdev-test (the notebooks' demonstrations) beside every pytest
 #                          test not marked `pipeline` (lib/ in sync with the notebooks among them) on two workers; no
 #                          pipeline run.
-#   all  (make test):      the fast tier, then the pipeline tier: `pytest -m pipeline` on two workers (DVC runs in
+#   all  (make test):      the fast tier, then the pipeline tier: `pytest -m pipeline` on three workers (DVC runs in
 #                          disposable copies of the project, stage faults, serving, JupyterLab, reports in Chromium), its
 #                          slowest tests named.
 set -euo pipefail
@@ -33,8 +33,10 @@ cat "$notebook_log"
 [ "$unit" -eq 0 ] || exit "$unit"
 echo "== fast tier passed in ${SECONDS} s"
 [ "$tier" = fast ] && exit 0
-echo "== pytest, pipeline tier (-m pipeline) on two workers"
+echo "== pytest, pipeline tier (-m pipeline) on three workers"
 # Each test file on one worker: a module's project copy, smoke run or team stack is built once; the session's shared
-# smoke run is built once per worker that needs it.
-pytest -m pipeline -n 2 --dist loadfile --durations=15 "$@"
+# smoke run is built once, by the first worker that needs it. Three workers on two cores: a pipeline test spends part
+# of its time waiting (for a server to answer, Chromium to print, a lock, a database to start), and the third worker
+# uses those waits.
+pytest -m pipeline -n 3 --dist loadfile --durations=15 "$@"
 echo "== all tests passed in ${SECONDS} s"

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,7 +28,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import ROOT, make_project_copy, run, wait_until
+from conftest import ROOT, run, wait_until
 from lib import model_deployment as dep
 from lib import model_development as md
 from lib import model_monitoring as mon
@@ -81,10 +82,12 @@ def test_a_second_session_with_other_settings_gets_them(spark):
 
 
 @pytest.fixture(scope="module")
-def deployed_smoke(tmp_path_factory):
-    """A smoke-slice copy of the project run up to step 04: processed data, a candidate and a registered @champion."""
-    project = make_project_copy(tmp_path_factory.mktemp("spark") / "project")
-    run(["dvc", "repro", "model_deployment"], project)
+def deployed_smoke(smoke_pipeline, tmp_path_factory):
+    """The session's smoke run, copied with its MLflow store (the models' artifacts stay where the run put them):
+    processed data, a candidate and a registered @champion. The last test of the module switches this copy, not the
+    shared run, to the Spark engine."""
+    project = tmp_path_factory.mktemp("spark") / "project"
+    shutil.copytree(smoke_pipeline, project, symlinks=True)
     return project
 
 

@@ -16,14 +16,15 @@ __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES',
            'build_labelled_rows', 'with_labels', 'with_timestamps', 'history_partials', 'combine_partials',
            'campaign_weeks', 'contexts_from_partials', 'bucket_features', 'feature_schema', 'read_spark_tables',
            'spark_tables', 'clear_unfinished_writes', 'write_parquet_atomically', 'spark_promotion_shares',
-           'spark_features', 'labelled_rows_on_spark', 'labelled_rows', 'split_campaigns', 'restrict_to_development',
-           'split_table', 'TrainingDataError', 'check_training_data', 'make_rule_baseline', 'make_logistic_regression',
-           'make_gradient_boosting', 'OfferChoice', 'make_offer_choice', 'search_grid', 'sample_training_rows',
-           'fit_arguments', 'fit_candidate', 'top_k_offers', 'precision_at_k', 'measure_metrics', 'measure_slices',
-           'measure_lift', 'measure_curves', 'check_acceptance', 'select_candidate', 'bin_shares', 'describe_numeric',
-           'describe_categorical', 'reference_statistics', 'Candidate', 'measure_importance', 'develop_candidate',
-           'with_importance', 'refit_on_development', 'flat_metrics', 'write_plots', 'git_commit', 'params_digest',
-           'lineage_tags', 'plot_curves', 'plot_importance', 'model_requirements', 'log_candidate', 'log_development',
+           'spark_features', 'in_key_order', 'labelled_rows_on_spark', 'labelled_rows', 'split_campaigns',
+           'restrict_to_development', 'split_table', 'feature_tables', 'first_transaction', 'TrainingDataError',
+           'check_training_data', 'make_rule_baseline', 'make_logistic_regression', 'make_gradient_boosting',
+           'OfferChoice', 'make_offer_choice', 'search_grid', 'sample_training_rows', 'fit_arguments', 'fit_candidate',
+           'top_k_offers', 'precision_at_k', 'measure_metrics', 'measure_slices', 'measure_lift', 'measure_curves',
+           'check_acceptance', 'select_candidate', 'bin_shares', 'describe_numeric', 'describe_categorical',
+           'reference_statistics', 'Candidate', 'measure_importance', 'develop_candidate', 'with_importance',
+           'refit_on_development', 'flat_metrics', 'write_plots', 'git_commit', 'params_digest', 'lineage_tags',
+           'plot_curves', 'plot_importance', 'model_requirements', 'log_candidate', 'log_development',
            'AcceptanceError', 'enforce_acceptance', 'candidate_pointer', 'development_settings', 'campaign_ids',
            'development_rows', 'development_sets', 'develop_candidates', 'input_hashes', 'run_parameters', 'row_counts',
            'campaign_lists', 'reference_document', 'development_summary', 'plot_top_k', 'sample_note', 'model_card',
@@ -629,9 +630,7 @@ def read_spark_tables(spark, root) -> tuple:
 
 def spark_tables(spark, root) -> tuple:
     "The feature tables under `root`'s data/processed/: the small ones as pandas frames, then `read_spark_tables`."
-    from lib.data_acquisition import load_processed
-
-    return load_processed(root, BROADCAST_TABLES), *read_spark_tables(spark, root)
+    return feature_tables(root, spark), *read_spark_tables(spark, root)
 
 
 def clear_unfinished_writes(path) -> list:
@@ -704,11 +703,20 @@ def spark_promotion_shares(spark, promotions, tables, weeks) -> dict:
 
 
 def spark_features(
-    spark, tables, transactions, promotions, campaign_ids, out, promo_weeks=4, n_buckets=16, labelled=False
+    spark,
+    tables,
+    transactions,
+    promotions,
+    campaign_ids,
+    out,
+    promo_weeks=4,
+    n_buckets=16,
+    labelled=False,
+    ordered=False,
 ):
     """`build_features` (with labels: `build_labelled_rows`) of the candidate rows of `campaign_ids` on Spark, written
-    as the parquet folder `out`: `tables` holds the `BROADCAST_TABLES` as pandas frames, `transactions` and `promotions`
-    are Spark DataFrames."""
+    as the parquet folder `out` (`ordered`: in `KEYS` order): `tables` holds the `BROADCAST_TABLES` as pandas frames,
+    `transactions` and `promotions` are Spark DataFrames."""
     campaign_ids = [int(c) for c in campaign_ids]
     small = spark.sparkContext.broadcast({t: tables[t] for t in BROADCAST_TABLES})
     bucketed = _with_bucket(transactions.select(*TRANSACTION_COLUMNS), n_buckets)
@@ -730,20 +738,35 @@ def spark_features(
             lambda t, c: bucket_features(t, c, small.value, contexts.value, labelled), feature_schema(labelled)
         )
     )
+    if ordered:  # range-partitioned by key: the part files, read in name order, hold the rows in key order
+        features = features.orderBy(*KEYS)
     return write_parquet_atomically(features, out)
+
+
+def in_key_order(frame) -> bool:
+    "Whether `frame`'s rows are sorted by `KEYS` (each key compared where the keys before it tie)."
+    ties = np.ones(max(len(frame) - 1, 0), dtype=bool)
+    for key in KEYS:
+        values = frame[key].to_numpy()
+        if (ties & (values[:-1] > values[1:])).any():
+            return False
+        ties &= values[:-1] == values[1:]
+    return True
 
 
 def labelled_rows_on_spark(spark, tables, campaign_ids, promo_weeks, root, say=quiet) -> pd.DataFrame:
     """`build_labelled_rows` on Spark: `spark_features` with labels, from the small `tables` and the big ones under
-    `root`, read back sorted."""
+    `root`, sorted by Spark and read back in that order (no second, sorted copy of a large frame)."""
     import tempfile
 
     say(f"features on Spark ({spark.sparkContext.master}): {len(campaign_ids)} campaigns")
     with tempfile.TemporaryDirectory() as tmp:
+        big = read_spark_tables(spark, root)
         path = spark_features(
-            spark, tables, *read_spark_tables(spark, root), campaign_ids, Path(tmp) / "rows", promo_weeks, labelled=True
+            spark, tables, *big, campaign_ids, Path(tmp) / "rows", promo_weeks, labelled=True, ordered=True
         )
-        return pd.read_parquet(path).sort_values(KEYS, ignore_index=True)
+        rows = pd.read_parquet(path)
+        return rows if in_key_order(rows) else rows.sort_values(KEYS, ignore_index=True)
 
 
 def labelled_rows(tables, campaign_ids, promo_weeks=4, say=quiet, spark=None, root=None) -> pd.DataFrame:
@@ -788,6 +811,20 @@ def restrict_to_development(tables, split) -> dict:
 def split_table(split):
     "The campaigns and the set each went to, with dates rather than timestamps."
     return table_view(split.assign(start_date=split.start_date.dt.date, end_date=split.end_date.dt.date))
+
+# %% ../notebooks/03_model_development.ipynb #8dae4540
+def feature_tables(root, spark=None) -> dict:
+    """The delivered tables the features read, from `root`'s data/processed/: every one on the pandas engine; with a
+    Spark session `spark` only the small `BROADCAST_TABLES`, since Spark reads the big ones itself."""
+    from lib.data_acquisition import load_processed
+
+    return load_processed(root, FEATURE_TABLES if spark is None else BROADCAST_TABLES)
+
+
+def first_transaction(root) -> pd.Timestamp:
+    "The time of the first delivered transaction under `root`, read from its one column."
+    column = "transaction_timestamp"
+    return pd.read_parquet(Path(root) / "data/processed/transactions.parquet", columns=[column])[column].min()
 
 # %% ../notebooks/03_model_development.ipynb #23bf2169
 class TrainingDataError(ValueError):
@@ -1424,12 +1461,13 @@ def campaign_ids(split, *sets) -> list:
     return sorted(split.campaign_id[split.set.isin(sets)].tolist())
 
 
-def development_rows(tables, split, promo_weeks=4, say=quiet, spark=None, root=None) -> pd.DataFrame:
-    """Labelled rows with features of the training and held-out campaigns, each marked with its `set`: built here, or
-    on Spark session `spark` from the tables under `root`."""
-    development, ids = restrict_to_development(tables, split), campaign_ids(split, "train", "held_out")
-    rows = labelled_rows(development, ids, promo_weeks, say, spark, root)
-    return rows.assign(set=rows.campaign_id.map(split.set_index("campaign_id").set))
+def development_rows(root, split, promo_weeks=4, say=quiet, spark=None) -> pd.DataFrame:
+    """Labelled rows with features of the training and held-out campaigns, each marked with its `set`, from the tables
+    under `root` (`feature_tables`, let go once the rows are built): built here, or on Spark session `spark`."""
+    tables = restrict_to_development(feature_tables(root, spark), split)
+    rows = labelled_rows(tables, campaign_ids(split, "train", "held_out"), promo_weeks, say, spark, root)
+    rows["set"] = rows.campaign_id.map(split.set_index("campaign_id").set)  # in place: no copy of every row
+    return rows
 
 
 def development_sets(rows, leakage_auc_max=0.99) -> tuple:

@@ -1665,11 +1665,12 @@ def slice_table(developed, name):
     return table_view(table, {c: "{:.4f}" for c in table.columns if c not in keys} | {"rows": "{:,}"}, na_rep="")
 
 
-def run_facts(selection, runs, tags, rows, peak_mb) -> pd.DataFrame:
-    "How this run was made: rows, the selected run and model, the code and parameters, peak memory."
+def run_facts(selection, runs, tags, sets, peak_mb) -> pd.DataFrame:
+    "How this run was made: the rows of `sets` (training, held out), the selected run and model, the code, peak memory."
+    rows, redeemed = sum(len(s) for s in sets), sum(int(s.label.sum()) for s in sets)
     return pd.Series(
         {
-            "development rows (train + held out)": f"{len(rows):,} ({int(rows.label.sum()):,} redeemed)",
+            "development rows (train + held out)": f"{rows:,} ({redeemed:,} redeemed)",
             "selected MLflow run": runs[selection["name"]]["run_id"],
             "model URI": runs[selection["name"]]["model_uri"],
             "git commit": tags["git_commit"],

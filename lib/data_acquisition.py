@@ -11,16 +11,16 @@ __all__ = ['PROCESSED_TABLES', 'UNKNOWN', 'BANDS', 'DISPLAY_LOCATIONS', 'MAILER_
            'check_contract', 'foreign_key_rule', 'interval_rule', 'campaign_window_rule', 'week_rule', 'meaning_rules',
            'check_meaning', 'describe_column', 'take_snapshot', 'column_psi', 'compare_snapshot', 'SnapshotError',
            'check_snapshot', 'snapshot_table', 'reading', 'source_columns', 'iter_source', 'text_dtypes',
-           'select_columns', 'coerce_table', 'arrow_schema', 'ingest_table', 'stream_table', 'generate_contacts',
-           'DevelopmentKeyWarning', 'pseudonym_key', 'pseudonymize', 'sample_households', 'drop_duplicate_rows',
-           'standardize_demographics', 'fill_unknown_text', 'to_categories', 'find_home_stores',
-           'pseudonymize_contacts', 'sort_by_key', 'process_tables', 'promotion_rows', 'promotion_reducer',
-           'process_promotions', 'Acquisition', 'write_raw', 'ingest_contacts', 'source_households', 'sample_filter',
-           'acquire', 'write_tables', 'load_processed', 'quality_scores', 'quality_metrics', 'catalog_entry',
-           'build_catalog', 'profile_table', 'profile_tables', 'has_pii', 'blanket_offers', 'kpi_tables',
-           'acquisition_summary', 'source_notes', 'plot_quality', 'profile_links', 'catalog_table', 'pii_table',
-           'rule_summary', 'imperfect_rules', 'processing_log', 'promotion_volume', 'baseline_table', 'baseline_note',
-           'plot_baseline', 'check_params']
+           'select_columns', 'coerce_table', 'arrow_schema', 'ingest_table', 'concat_chunks', 'stream_table',
+           'generate_contacts', 'DevelopmentKeyWarning', 'pseudonym_key', 'pseudonymize', 'sample_households',
+           'drop_duplicate_rows', 'without_rows', 'standardize_demographics', 'fill_unknown_text', 'to_categories',
+           'find_home_stores', 'pseudonymize_contacts', 'sort_by_key', 'process_tables', 'promotion_rows',
+           'promotion_reducer', 'process_promotions', 'Acquisition', 'write_raw', 'ingest_contacts',
+           'source_households', 'sample_filter', 'acquire', 'write_tables', 'load_processed', 'quality_scores',
+           'quality_metrics', 'catalog_entry', 'build_catalog', 'profile_table', 'profile_tables', 'has_pii',
+           'blanket_offers', 'kpi_tables', 'acquisition_summary', 'source_notes', 'plot_quality', 'profile_links',
+           'catalog_table', 'pii_table', 'rule_summary', 'imperfect_rules', 'processing_log', 'promotion_volume',
+           'baseline_table', 'baseline_note', 'plot_baseline', 'check_params']
 
 # %% ../notebooks/02_data_acquisition.ipynb #93cdfefe
 import contextlib
@@ -368,21 +368,33 @@ def _column_rules(table, name, series, spec) -> list:
     return rows + _value_rules(table, name, series.dropna(), spec)
 
 # %% ../notebooks/02_data_acquisition.ipynb #2d3087f1
-def _row_codes(frame):
-    "One int64 per row, equal exactly when the rows are equal; None when the columns' ranges do not fit in 63 bits."
-    codes, span = np.zeros(len(frame), dtype=np.int64), 1
+def _column_codes(column) -> tuple:
+    "A column as int64 codes from 0, equal exactly where the values are (missing ones too), and how many can occur."
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return column.cat.codes.to_numpy(np.int64) + 1, len(column.cat.categories) + 1
+    if isinstance(column.dtype, np.dtype) and column.dtype.kind in "ib" and len(column):
+        low = int(column.min())
+        return column.to_numpy(np.int64) - low, int(column.max()) - low + 1
+    factorized, uniques = pd.factorize(column)
+    return factorized.astype(np.int64) + 1, len(uniques) + 1
+
+
+def _dense(codes) -> tuple:
+    "`codes` renumbered 0, 1, 2, … (equal exactly where they were equal), and how many distinct ones there are."
+    dense, uniques = pd.factorize(codes)
+    return dense.astype(np.int64, copy=False), max(len(uniques), 1)
+
+
+def _row_codes(frame) -> np.ndarray:
+    """One int64 per row, equal exactly when the rows are equal: the columns' codes packed together, renumbered densely
+    (at most one code per row) whenever the next column would not fit in 63 bits."""
+    limit, codes, span = np.iinfo(np.int64).max, np.zeros(len(frame), dtype=np.int64), 1
     for name in frame.columns:
-        column = frame[name]
-        if isinstance(column.dtype, pd.CategoricalDtype):
-            values, size = column.cat.codes.to_numpy(np.int64) + 1, len(column.cat.categories) + 1
-        elif isinstance(column.dtype, np.dtype) and column.dtype.kind in "ib" and len(column):
-            low = int(column.min())
-            values, size = column.to_numpy(np.int64) - low, int(column.max()) - low + 1
-        else:
-            factorized, uniques = pd.factorize(column)
-            values, size = factorized.astype(np.int64) + 1, len(uniques) + 1
-        if span > np.iinfo(np.int64).max // size:
-            return None
+        values, size = _column_codes(frame[name])
+        if span > limit // size:
+            codes, span = _dense(codes)
+        if span > limit // size:  # the column's own range is too wide: its distinct values, numbered
+            values, size = _dense(values)
         codes *= size  # in place: no temporary copies of a long table's codes
         codes += values
         span *= size
@@ -390,10 +402,9 @@ def _row_codes(frame):
 
 
 def duplicated_rows(frame) -> np.ndarray:
-    "`frame.duplicated()` as a boolean array (every repeat of a row after its first), by sorting packed row codes."
+    """`frame.duplicated()` as a boolean array (every repeat of a row after its first), by sorting packed row codes: a
+    few int64 per row, where pandas would hold several per column."""
     codes = _row_codes(frame)
-    if codes is None:
-        return frame.duplicated().to_numpy()
     order = np.argsort(codes, kind="stable")  # equal rows keep their order: the first of each run is the original
     ordered = codes[order]
     repeated = np.zeros(len(frame), dtype=bool)
@@ -741,7 +752,9 @@ def iter_source(source, table, columns, chunk_rows):
     for part in table_files(path):  # a folder: part after part, so memory holds one chunk whatever the parts add up to
         with reading(part, table):
             for batch in pq.ParquetFile(part).iter_batches(batch_size=chunk_rows, columns=columns):
-                yield batch.to_pandas()
+                # a block per column, copied out of Arrow's memory pool (which keeps what it frees): once the chunks
+                # are joined (`concat_chunks`), their memory goes back to the system
+                yield batch.to_pandas(split_blocks=True).copy()
 
 
 def text_dtypes(source, table) -> set:
@@ -860,8 +873,16 @@ def ingest_table(source, table, contracts, extra_columns="error", chunk_rows=1_0
     for chunk, seen in _read_checked(source, table, contracts, extra_columns, chunk_rows, keep):
         chunks.append(chunk)
         notes = seen
-    frame = pd.concat(chunks, ignore_index=True) if chunks else arrow_schema(contracts[table]).empty_table().to_pandas()
+    frame = concat_chunks(chunks) if chunks else arrow_schema(contracts[table]).empty_table().to_pandas()
     return frame, raise_for_failures(score_contract(table, frame, contracts)), notes
+
+
+def concat_chunks(chunks) -> pd.DataFrame:
+    """The frames `chunks` (the same columns) as one, joined a column at a time while `chunks` is emptied: memory holds
+    the table once and one column twice, not the whole table twice."""
+    columns = {name: pd.concat([c.pop(name) for c in chunks], ignore_index=True) for name in list(chunks[0].columns)}
+    chunks.clear()
+    return pd.DataFrame(columns, copy=False)
 
 # %% ../notebooks/02_data_acquisition.ipynb #13a05768
 def _sum_scorecards(cards) -> pd.DataFrame:
@@ -1009,9 +1030,18 @@ def _log(table, step, count, detail="") -> dict:
 
 
 def drop_duplicate_rows(table, frame) -> tuple:
-    "`frame` without exact duplicate rows, and the log entry."
-    out = frame[~duplicated_rows(frame)].reset_index(drop=True)
-    return out, _log(table, "drop exact duplicate rows", len(frame) - len(out))
+    "`frame` without exact duplicate rows (`frame` itself when it has none), and the log entry."
+    repeated = duplicated_rows(frame)
+    return without_rows(frame, repeated), _log(table, "drop exact duplicate rows", repeated.sum())
+
+
+def without_rows(frame, dropped) -> pd.DataFrame:
+    "`frame` without the rows where `dropped` is true, numbered from 0; `frame` itself, not a copy, when none is."
+    if not dropped.any():
+        return frame
+    out = frame[~dropped]
+    out.index = pd.RangeIndex(len(out))  # renumbered in place: reset_index would copy every column again
+    return out
 
 # %% ../notebooks/02_data_acquisition.ipynb #b94b22e4
 def standardize_demographics(frame) -> tuple:
@@ -1068,15 +1098,15 @@ HOUSEHOLD_TABLES = tuple(t for t, c in CONTRACTS.items() if c.get("household_lev
 
 def process_tables(raw, households, key) -> tuple:
     """Cleansed, standardized and pseudonymized tables (all but promotions) from raw tables, for the sampled
-    `households`; and the log."""
+    `households`; and the log. `raw` is emptied as it goes: a long table is held twice at most, not three times."""
     out, log = {}, []
-    for table, frame in raw.items():
-        frame, entry = drop_duplicate_rows(table, frame)
+    for table in list(raw):
+        frame, entry = drop_duplicate_rows(table, raw.pop(table))
         log.append(entry)
         if table in HOUSEHOLD_TABLES:
-            kept = frame[frame.household_id.isin(households)]
-            log.append(_log(table, "keep sampled households", len(frame) - len(kept), "rows removed"))
-            frame = kept
+            outside = ~frame.household_id.isin(households).to_numpy()
+            log.append(_log(table, "keep sampled households", outside.sum(), "rows removed"))
+            frame = without_rows(frame, outside)
         out[table] = frame
     out["demographics"], entries = standardize_demographics(out["demographics"])
     log += entries

@@ -552,10 +552,8 @@ def campaign_rows(tables, campaign_id) -> pd.DataFrame:
 def campaign_featurizer(tables, start, promo_weeks):
     """A function building step 03's features (`build_features`, as in training) of candidate rows of a campaign
     starting at `start`."""
-    before = {
-        **tables,
-        "transactions": md.history_before(tables["transactions"], start),
-    }  # all the features may read; less to prepare per chunk
+    history = md.history_before(tables["transactions"], start)  # all the features may read ...
+    before = {**tables, "transactions": md.prepare_transactions(history, tables["products"])}  # ... sorted once
     return lambda rows: md.build_features(rows, before, promo_weeks)
 
 

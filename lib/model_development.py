@@ -11,12 +11,12 @@ __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES',
            'measure_affinity', 'measure_offer_breadth', 'count_offer_buyers', 'offer_popularity',
            'measure_offer_popularity', 'measure_past_redemptions', 'measure_offer_redeemed_before',
            'locate_home_stores', 'weeks_before', 'complete_weeks', 'measure_promotion_shares', 'exposure_at_home',
-           'measure_promotion_exposure', 'encode_demographics', 'prepare_transactions', 'campaign_context',
-           'context_from_history', 'features_in_context', 'campaign_features', 'build_features', 'assemble_features',
-           'build_labelled_rows', 'with_labels', 'with_timestamps', 'history_partials', 'combine_partials',
-           'campaign_weeks', 'contexts_from_partials', 'bucket_features', 'feature_schema', 'read_spark_tables',
-           'spark_tables', 'clear_unfinished_writes', 'write_parquet_atomically', 'spark_promotion_shares',
-           'spark_features', 'in_key_order', 'labelled_rows_on_spark', 'labelled_rows', 'split_campaigns',
+           'measure_promotion_exposure', 'encode_demographics', 'in_order', 'sorted_by', 'prepare_transactions',
+           'campaign_context', 'context_from_history', 'features_in_context', 'campaign_features', 'build_features',
+           'assemble_features', 'build_labelled_rows', 'with_labels', 'with_timestamps', 'history_partials',
+           'combine_partials', 'campaign_weeks', 'contexts_from_partials', 'bucket_features', 'feature_schema',
+           'read_spark_tables', 'spark_tables', 'clear_unfinished_writes', 'write_parquet_atomically',
+           'spark_promotion_shares', 'spark_features', 'labelled_rows_on_spark', 'labelled_rows', 'split_campaigns',
            'restrict_to_development', 'split_table', 'feature_tables', 'first_transaction', 'TrainingDataError',
            'check_training_data', 'make_rule_baseline', 'make_logistic_regression', 'make_gradient_boosting',
            'OfferChoice', 'make_offer_choice', 'search_grid', 'sample_training_rows', 'fit_arguments', 'fit_candidate',
@@ -396,9 +396,27 @@ TRANSACTION_COLUMNS = [
 ]
 
 
+def in_order(frame, columns) -> bool:
+    "Whether `frame`'s rows are sorted by `columns` (each compared where the ones before it tie)."
+    ties = np.ones(max(len(frame) - 1, 0), dtype=bool)
+    for column in columns:
+        values = frame[column].to_numpy()
+        if (ties & (values[:-1] > values[1:])).any():
+            return False
+        ties &= values[:-1] == values[1:]
+    return True
+
+
+def sorted_by(frame, columns) -> pd.DataFrame:
+    "`frame` sorted by `columns` in turn; `frame` itself when it already is (one pass to check)."
+    return frame if in_order(frame, columns) else frame.iloc[np.lexsort([frame[c].to_numpy() for c in columns[::-1]])]
+
+
 def prepare_transactions(transactions, products) -> pd.DataFrame:
-    "Transactions with each product's category and manufacturer: the columns the features need."
-    return transactions[TRANSACTION_COLUMNS].merge(
+    """Transactions with each product's category and manufacturer: the columns the features need, sorted by all of
+    them. Sums of money then come out the same to the last bit whatever order the rows arrived in (a Spark bucket's
+    rows come in no set order)."""
+    return sorted_by(transactions[TRANSACTION_COLUMNS], TRANSACTION_COLUMNS).merge(
         products[["product_id", "product_category", "manufacturer_id"]], on="product_id", how="left"
     )
 
@@ -743,17 +761,6 @@ def spark_features(
     return write_parquet_atomically(features, out)
 
 
-def in_key_order(frame) -> bool:
-    "Whether `frame`'s rows are sorted by `KEYS` (each key compared where the keys before it tie)."
-    ties = np.ones(max(len(frame) - 1, 0), dtype=bool)
-    for key in KEYS:
-        values = frame[key].to_numpy()
-        if (ties & (values[:-1] > values[1:])).any():
-            return False
-        ties &= values[:-1] == values[1:]
-    return True
-
-
 def labelled_rows_on_spark(spark, tables, campaign_ids, promo_weeks, root, say=quiet) -> pd.DataFrame:
     """`build_labelled_rows` on Spark: `spark_features` with labels, from the small `tables` and the big ones under
     `root`, sorted by Spark and read back in that order (no second, sorted copy of a large frame)."""
@@ -766,7 +773,7 @@ def labelled_rows_on_spark(spark, tables, campaign_ids, promo_weeks, root, say=q
             spark, tables, *big, campaign_ids, Path(tmp) / "rows", promo_weeks, labelled=True, ordered=True
         )
         rows = pd.read_parquet(path)
-        return rows if in_key_order(rows) else rows.sort_values(KEYS, ignore_index=True)
+        return rows if in_order(rows, KEYS) else rows.sort_values(KEYS, ignore_index=True)
 
 
 def labelled_rows(tables, campaign_ids, promo_weeks=4, say=quiet, spark=None, root=None) -> pd.DataFrame:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 import psutil
-import pyarrow.parquet as pq
+import pyarrow.dataset as ds
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def throughput(project, stages) -> dict:
     for part, (stage, marker) in TIMED_CELLS.items():
         if stage not in stages:
             continue
-        rows = pq.read_metadata(project / paths[part]).num_rows
+        rows = ds.dataset(project / paths[part]).count_rows()  # a file, or a folder Spark wrote
         seconds = cell_seconds(project / f"reports/executed/{step_number(project, stage)}_{stage}.ipynb", marker)
         out[part] = {"rows": rows, "seconds": round(seconds, 1), "rows_per_s": round(rows / seconds)}
     return out

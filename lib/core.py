@@ -357,11 +357,15 @@ def seed_everything(seed: int):
 
 
 def file_sha256(path) -> str:
-    "Content hash of a file."
+    """Content hash of a file, or of a parquet folder (as Spark writes it): its parts' contents in name order (the names
+    carry a random id of the write; the order is the parts' numbering)."""
+    path = Path(path)
+    parts = sorted(path.glob("part-*.parquet")) if path.is_dir() else [path]
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for part in parts:
+        with open(part, "rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 # %% ../notebooks/00_core.ipynb #167654b8

@@ -16,17 +16,19 @@ __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES',
            'assemble_features', 'build_labelled_rows', 'with_labels', 'with_timestamps', 'history_partials',
            'combine_partials', 'campaign_weeks', 'contexts_from_partials', 'bucket_features', 'feature_schema',
            'read_spark_tables', 'spark_tables', 'clear_unfinished_writes', 'write_parquet_atomically',
-           'spark_promotion_shares', 'spark_features', 'labelled_rows_on_spark', 'labelled_rows', 'split_campaigns',
-           'restrict_to_development', 'split_table', 'feature_tables', 'first_transaction', 'TrainingDataError',
-           'check_training_data', 'make_rule_baseline', 'make_logistic_regression', 'make_gradient_boosting',
-           'OfferChoice', 'make_offer_choice', 'search_grid', 'sample_training_rows', 'fit_arguments', 'fit_candidate',
-           'top_k_offers', 'precision_at_k', 'measure_metrics', 'measure_slices', 'measure_lift', 'measure_curves',
-           'check_acceptance', 'select_candidate', 'bin_shares', 'describe_numeric', 'describe_categorical',
-           'reference_statistics', 'Candidate', 'measure_importance', 'develop_candidate', 'with_importance',
-           'refit_on_development', 'flat_metrics', 'write_plots', 'git_commit', 'params_digest', 'lineage_tags',
-           'plot_curves', 'plot_importance', 'model_requirements', 'log_candidate', 'log_development',
-           'AcceptanceError', 'enforce_acceptance', 'candidate_pointer', 'development_settings', 'campaign_ids',
-           'development_rows', 'development_sets', 'develop_candidates', 'input_hashes', 'run_parameters', 'row_counts',
+           'spark_promotion_shares', 'spark_feature_frame', 'spark_features', 'by_key', 'labelled_rows_on_spark',
+           'labelled_rows', 'split_campaigns', 'restrict_to_development', 'split_table', 'feature_tables',
+           'first_transaction', 'TrainingDataError', 'check_training_data', 'make_rule_baseline',
+           'make_logistic_regression', 'make_gradient_boosting', 'OfferChoice', 'make_offer_choice', 'search_grid',
+           'training_draws', 'sample_training_rows', 'fit_arguments', 'fit_candidate', 'top_k_offers', 'precision_at_k',
+           'measure_metrics', 'measure_slices', 'measure_lift', 'measure_curves', 'check_acceptance',
+           'select_candidate', 'bin_shares', 'describe_numeric', 'describe_categorical', 'reference_statistics',
+           'Candidate', 'measure_importance', 'develop_candidate', 'with_importance', 'refit_on_development',
+           'flat_metrics', 'write_plots', 'git_commit', 'params_digest', 'lineage_tags', 'plot_curves',
+           'plot_importance', 'model_requirements', 'log_candidate', 'log_development', 'AcceptanceError',
+           'enforce_acceptance', 'candidate_pointer', 'development_settings', 'campaign_ids', 'development_rows',
+           'write_parquet_file', 'spark_development_rows', 'training_sample', 'development_sets',
+           'check_development_sets', 'set_counts', 'develop_candidates', 'input_hashes', 'run_parameters', 'row_counts',
            'campaign_lists', 'reference_document', 'development_summary', 'plot_top_k', 'sample_note', 'model_card',
            'candidate_table', 'slice_table', 'run_facts']
 
@@ -720,21 +722,12 @@ def spark_promotion_shares(spark, promotions, tables, weeks) -> dict:
     return {c: by_campaign.get(c, empty) for c in weeks}
 
 
-def spark_features(
-    spark,
-    tables,
-    transactions,
-    promotions,
-    campaign_ids,
-    out,
-    promo_weeks=4,
-    n_buckets=16,
-    labelled=False,
-    ordered=False,
+def spark_feature_frame(
+    spark, tables, transactions, promotions, campaign_ids, promo_weeks=4, n_buckets=16, labelled=False
 ):
-    """`build_features` (with labels: `build_labelled_rows`) of the candidate rows of `campaign_ids` on Spark, written
-    as the parquet folder `out` (`ordered`: in `KEYS` order): `tables` holds the `BROADCAST_TABLES` as pandas frames,
-    `transactions` and `promotions` are Spark DataFrames."""
+    """`build_features` (with labels: `build_labelled_rows`) of the candidate rows of `campaign_ids` as a Spark
+    DataFrame, computed when written: `tables` holds the `BROADCAST_TABLES` as pandas frames, `transactions` and
+    `promotions` are Spark DataFrames. The campaigns' contexts are measured on Spark first (small results)."""
     campaign_ids = [int(c) for c in campaign_ids]
     small = spark.sparkContext.broadcast({t: tables[t] for t in BROADCAST_TABLES})
     bucketed = _with_bucket(transactions.select(*TRANSACTION_COLUMNS), n_buckets)
@@ -749,16 +742,39 @@ def spark_features(
         campaigns.campaign_id.isin(campaign_ids), ["campaign_id", "household_id"]
     ].drop_duplicates()
     targeted = _with_bucket(spark.createDataFrame(targeted), n_buckets)
-    features = (
+    return (
         bucketed.groupBy("bucket")
         .cogroup(targeted.groupBy("bucket"))
         .applyInPandas(
             lambda t, c: bucket_features(t, c, small.value, contexts.value, labelled), feature_schema(labelled)
         )
     )
+
+
+def spark_features(
+    spark,
+    tables,
+    transactions,
+    promotions,
+    campaign_ids,
+    out,
+    promo_weeks=4,
+    n_buckets=16,
+    labelled=False,
+    ordered=False,
+):
+    """`spark_feature_frame` written as the parquet folder `out` (`ordered`: in `KEYS` order)."""
+    features = spark_feature_frame(
+        spark, tables, transactions, promotions, campaign_ids, promo_weeks, n_buckets, labelled
+    )
     if ordered:  # range-partitioned by key: the part files, read in name order, hold the rows in key order
         features = features.orderBy(*KEYS)
     return write_parquet_atomically(features, out)
+
+
+def by_key(frame) -> pd.DataFrame:
+    "`frame` sorted by `KEYS`: itself when it already is (a folder that Spark wrote in key order, read back)."
+    return frame if in_order(frame, KEYS) else frame.sort_values(KEYS, ignore_index=True)
 
 
 def labelled_rows_on_spark(spark, tables, campaign_ids, promo_weeks, root, say=quiet) -> pd.DataFrame:
@@ -772,8 +788,7 @@ def labelled_rows_on_spark(spark, tables, campaign_ids, promo_weeks, root, say=q
         path = spark_features(
             spark, tables, *big, campaign_ids, Path(tmp) / "rows", promo_weeks, labelled=True, ordered=True
         )
-        rows = pd.read_parquet(path)
-        return rows if in_order(rows, KEYS) else rows.sort_values(KEYS, ignore_index=True)
+        return by_key(pd.read_parquet(path))
 
 
 def labelled_rows(tables, campaign_ids, promo_weeks=4, say=quiet, spark=None, root=None) -> pd.DataFrame:
@@ -961,10 +976,26 @@ def search_grid(params, name) -> dict:
     return {f"model__{k}": v for k, v in params.get(name, {}).items()}
 
 
+def _mix(x):
+    "splitmix64's finalizer: every bit of the 64-bit integers `x` moves every bit of the result."
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def training_draws(frame, seed) -> np.ndarray:
+    """A uniform draw in [0, 1) for each row of `frame`, from its keys and `seed` alone: the same for a row on any
+    engine, in any batch and any order."""
+    mixed = np.full(len(frame), np.uint64(seed))
+    for key in KEYS:
+        mixed = _mix((mixed ^ frame[key].to_numpy().astype(np.uint64)) + np.uint64(0x9E3779B97F4A7C15))
+    return (mixed >> np.uint64(11)) * 2.0**-53
+
+
 def sample_training_rows(train, rate, seed) -> tuple:
-    """Every redeemed row and a seeded share `rate` of the others, with weights (1 / `rate` for those) that keep
-    probabilities calibrated."""
-    keep = (train.label == 1).to_numpy() | (np.random.default_rng(seed).random(len(train)) < rate)
+    """Every redeemed row and a seeded share `rate` of the others (`training_draws` below `rate`), with weights (1 /
+    `rate` for those) that keep probabilities calibrated. A sample's sample is itself: it can be drawn in parts."""
+    keep = (train.label == 1).to_numpy() | (training_draws(train, seed) < rate)
     rows = train[keep].reset_index(drop=True)
     return rows, np.where(rows.label == 1, 1.0, 1.0 / rate)
 
@@ -1117,51 +1148,69 @@ def select_candidate(held_out_metrics, acceptance, primary_metric, baseline="rul
     return {"name": best, "accepted": bool(accepted), "failures": failures, "primary_metric": primary_metric}
 
 # %% ../notebooks/03_model_development.ipynb #23865c89
-def bin_shares(values, cuts) -> np.ndarray:
-    """Share of `values` in each bin of the cut points `cuts`: value v is in bin `searchsorted(cuts, v, side='right')`;
-    NaN when empty."""
+def bin_shares(values, cuts, weights=None) -> np.ndarray:
+    """Share of `values` (each counted its weight in `weights`, if given) in each bin of the cut points `cuts`: value v
+    is in bin `searchsorted(cuts, v, side='right')`; NaN when empty."""
     values = np.asarray(values, dtype=float)
     if not len(values):
         return np.full(len(cuts) + 1, np.nan)
-    return np.bincount(
-        np.searchsorted(np.asarray(cuts, dtype=float), values, side="right"), minlength=len(cuts) + 1
-    ) / len(values)
+    bins = np.searchsorted(np.asarray(cuts, dtype=float), values, side="right")
+    if weights is None:
+        return np.bincount(bins, minlength=len(cuts) + 1) / len(values)
+    return np.bincount(bins, weights=weights, minlength=len(cuts) + 1) / np.sum(weights)
 
 
-def describe_numeric(values, bins=10) -> dict:
+def _spread(values, weights):
+    "Mean and standard deviation of `values`, each counted its weight (all alike when `weights` is None)."
+    if weights is None:
+        return values.mean(), values.std()
+    mean = np.average(values, weights=weights)
+    return mean, np.sqrt(np.average((values - mean) ** 2, weights=weights))
+
+
+def describe_numeric(values, bins=10, weights=None) -> dict:
     """Quantile cut points of `values`, the share in each bin (`bin_shares`, the one binning rule of reference and
-    monitoring), statistics."""
+    monitoring), statistics; with `weights`, those of the rows a weighted sample stands for."""
     values = np.asarray(values, dtype=float)
-    cuts = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1]))
+    levels = np.linspace(0, 1, bins + 1)[1:-1]
+    if weights is None:
+        cuts = np.unique(np.quantile(values, levels))
+    else:
+        cuts = np.unique(np.quantile(values, levels, weights=weights, method="inverted_cdf"))
+    mean, std = _spread(values, weights)
     return {
         "kind": "numeric",
         "cuts": cuts.tolist(),
-        "proportions": bin_shares(values, cuts).tolist(),
-        "mean": float(values.mean()),
-        "std": float(values.std()),
+        "proportions": bin_shares(values, cuts, weights).tolist(),
+        "mean": float(mean),
+        "std": float(std),
         "min": float(values.min()),
         "max": float(values.max()),
         "rows": int(len(values)),
     }
 
 
-def describe_categorical(values) -> dict:
-    "Share of each category of `values`."
-    shares = pd.Series(values).astype(str).value_counts(normalize=True).sort_index()
+def describe_categorical(values, weights=None) -> dict:
+    "Share of each category of `values` (each counted its weight in `weights`, if given)."
+    labels = pd.Series(values).astype(str)
+    if weights is None:
+        shares = labels.value_counts(normalize=True).sort_index()
+    else:
+        shares = pd.Series(weights, index=labels.to_numpy()).groupby(level=0).sum().sort_index() / np.sum(weights)
     return {"kind": "categorical", "proportions": {k: float(v) for k, v in shares.items()}, "rows": int(len(values))}
 
 
-def reference_statistics(frame, predictions, bins=10) -> dict:
-    "The monitoring reference: every feature's distribution, and the predictions'."
+def reference_statistics(frame, predictions, bins=10, weights=None) -> dict:
+    "The monitoring reference: every feature's distribution, and the predictions' (rows weighted by `weights`)."
     kind_of = {f: kind for kind, features in FEATURE_KINDS.items() for f in features}
     features = {
         c: {
-            **(describe_numeric(frame[c], bins) if c in NUMERIC else describe_categorical(frame[c])),
+            **(describe_numeric(frame[c], bins, weights) if c in NUMERIC else describe_categorical(frame[c], weights)),
             "feature_kind": kind_of[c],
         }
         for c in FEATURES
     }
-    return {"features": features, "prediction": describe_numeric(predictions, bins)}
+    return {"features": features, "prediction": describe_numeric(predictions, bins, weights)}
 
 # %% ../notebooks/03_model_development.ipynb #2b7adedc
 @dataclass
@@ -1468,21 +1517,68 @@ def campaign_ids(split, *sets) -> list:
     return sorted(split.campaign_id[split.set.isin(sets)].tolist())
 
 
-def development_rows(root, split, promo_weeks=4, say=quiet, spark=None) -> pd.DataFrame:
-    """Labelled rows with features of the training and held-out campaigns, each marked with its `set`, from the tables
-    under `root` (`feature_tables`, let go once the rows are built): built here, or on Spark session `spark`."""
+def development_rows(root, split, out, promo_weeks=4, say=quiet, spark=None) -> Path:
+    """Labelled rows with features of the training and held-out campaigns, each marked with its `set`, in key order,
+    written as the parquet `out`, from the tables under `root` (`feature_tables`, let go once the rows are built):
+    built here, or on Spark session `spark`, which writes them itself (`spark_development_rows`)."""
     tables = restrict_to_development(feature_tables(root, spark), split)
-    rows = labelled_rows(tables, campaign_ids(split, "train", "held_out"), promo_weeks, say, spark, root)
+    ids = campaign_ids(split, "train", "held_out")
+    if spark is not None:
+        return spark_development_rows(spark, tables, split, ids, promo_weeks, root, out, say)
+    rows = labelled_rows(tables, ids, promo_weeks, say)
     rows["set"] = rows.campaign_id.map(split.set_index("campaign_id").set)  # in place: no copy of every row
-    return rows
+    return write_parquet_file(rows, out)
 
 
-def development_sets(rows, leakage_auc_max=0.99) -> tuple:
-    "The training and the held-out rows, each checked by `check_training_data` before any model sees them."
-    train, held_out = (rows[rows.set == s].reset_index(drop=True) for s in ("train", "held_out"))
+def write_parquet_file(frame, path) -> Path:
+    "pandas `frame` as the parquet file `path`, in place of what is there (a file, or a folder Spark wrote)."
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    frame.to_parquet(path, index=False)
+    return path
+
+
+def spark_development_rows(spark, tables, split, ids, promo_weeks, root, out, say=quiet) -> Path:
+    """`development_rows` on Spark: `spark_feature_frame` with labels of campaigns `ids`, each row's `set` joined from
+    `split`, written in key order as the parquet folder `out`. No row passes through the driver."""
+    from pyspark.sql import functions as F
+
+    say(f"features on Spark ({spark.sparkContext.master}): {len(ids)} campaigns")
+    rows = spark_feature_frame(spark, tables, *read_spark_tables(spark, root), ids, promo_weeks, labelled=True)
+    sets = F.broadcast(spark.createDataFrame(split[["campaign_id", "set"]]))
+    return write_parquet_atomically(rows.join(sets, "campaign_id").select(*rows.columns, "set").orderBy(*KEYS), out)
+
+
+def training_sample(path, rate, seed, spark=None) -> pd.DataFrame:
+    """`sample_training_rows`' sample of the training rows at `path`, in key order: drawn here, or on Spark session
+    `spark`, which sends back only the sample (each row's draw depends on its keys alone, so both draw the same)."""
+    if spark is None:
+        return sample_training_rows(pd.read_parquet(path, filters=[("set", "==", "train")]), rate, seed)[0]
+    train = spark.read.parquet(str(path)).where("set = 'train'")
+    sample = train.mapInPandas(lambda parts: (sample_training_rows(p, rate, seed)[0] for p in parts), train.schema)
+    return by_key(sample.toPandas())
+
+
+def development_sets(path, rate, seed, spark=None) -> tuple:
+    """From the development rows at `path`: the training sample (`training_sample`, on Spark session `spark` if given)
+    and every held-out row, each in key order."""
+    held_out = by_key(pd.read_parquet(path, filters=[("set", "==", "held_out")]))
+    return training_sample(path, rate, seed, spark), held_out
+
+
+def check_development_sets(train, held_out, leakage_auc_max=0.99):
+    "`check_training_data` of the training sample and of the held-out rows, before any model sees them."
     check_training_data(train, FEATURES, leakage_auc_max=leakage_auc_max)
     check_training_data(held_out, FEATURES, leakage_auc_max=leakage_auc_max, where="held-out rows")
-    return train, held_out
+
+
+def set_counts(path) -> pd.DataFrame:
+    "Rows and redeemed rows of each set and campaign of the development rows at `path`, from three of their columns."
+    rows = pd.read_parquet(path, columns=["set", "campaign_id", "label"])
+    return rows.groupby(["set", "campaign_id"]).label.agg(rows="size", positives="sum").reset_index()
 
 # %% ../notebooks/03_model_development.ipynb #0b1c2d33
 def develop_candidates(train, held_out, params, k, seed, say=quiet) -> dict:
@@ -1515,32 +1611,30 @@ def run_parameters(shared, params, ml) -> dict:
     }
 
 
-def row_counts(train, held_out) -> dict:
-    "Rows, redeemed rows and campaigns of the training and held-out sets, as flat metrics."
-    sets = {"train": train, "held_out": held_out}
+def row_counts(counts) -> dict:
+    "Rows, redeemed rows and campaigns of the training and held-out sets (from `set_counts`), as flat metrics."
+    sets = {s: counts[counts.set == s] for s in ("train", "held_out")}
     return (
-        {f"rows.{n}": len(f) for n, f in sets.items()}
-        | {f"positives.{n}": int(f.label.sum()) for n, f in sets.items()}
-        | {f"campaigns.{n}": int(f.campaign_id.nunique()) for n, f in sets.items()}
+        {f"rows.{n}": int(f.rows.sum()) for n, f in sets.items()}
+        | {f"positives.{n}": int(f.positives.sum()) for n, f in sets.items()}
+        | {f"campaigns.{n}": len(f) for n, f in sets.items()}
     )
 
 # %% ../notebooks/03_model_development.ipynb #0b1c2d37
-def campaign_lists(train, held_out) -> dict:
-    "The campaigns each set holds: what step 04 must never gate on."
-    return {
-        "train": sorted(train.campaign_id.unique().tolist()),
-        "held_out": sorted(held_out.campaign_id.unique().tolist()),
-    }
+def campaign_lists(counts) -> dict:
+    "The campaigns each set holds (from `set_counts`): what step 04 must never gate on."
+    return {s: sorted(counts.campaign_id[counts.set == s].tolist()) for s in ("train", "held_out")}
 
 
-def reference_document(selection, runs, train, model, bins) -> dict:
-    """`models/reference_stats.json`: the selected model's run and the training rows' feature and prediction
-    distributions."""
-    reference = reference_statistics(train, model.predict_proba(train[FEATURES])[:, 1], bins)
+def reference_document(selection, runs, train, model, bins, rate, seed) -> dict:
+    """`models/reference_stats.json`: the selected model's run and the feature and prediction distributions of the
+    training rows, from the training sample `train` weighted as in the fit (`sample_training_rows`)."""
+    _, weights = sample_training_rows(train, rate, seed)
+    reference = reference_statistics(train, model.predict_proba(train[FEATURES])[:, 1], bins, weights)
     return {
         "model": selection["name"],
         "run_id": runs[selection["name"]]["run_id"],
-        "rows": "training rows",
+        "rows": "the training rows (their sample, weighted to stand for them all)",
         **reference,
     }
 
@@ -1586,19 +1680,19 @@ def plot_top_k(developed, k):
     return fig
 
 # %% ../notebooks/03_model_development.ipynb #0b1c2d3c
-def sample_note(train, rate, seed) -> str:
-    "What the candidates are fitted on: `sample_training_rows`' sample of `train`, and how many rows it stands for."
+def sample_note(n_rows, train, rate, seed) -> str:
+    "What the candidates are fitted on: the training sample `train`, and the `n_rows` it stands for."
     if rate >= 1:
-        return f"The candidates are fitted on every one of the {len(train):,} training rows."
-    rows, weights = sample_training_rows(train, rate, seed)
+        return f"The candidates are fitted on every one of the {n_rows:,} training rows."
+    _, weights = sample_training_rows(train, rate, seed)
     return (
         f"The candidates are fitted on a sample of them: every redeemed row and a seeded {rate:.0%} of the others, "
-        f"{len(rows):,} rows, each unredeemed one weighted {1 / rate:g}× so that the sample stands for all "
-        f"{len(train):,} (weights summing to {weights.sum():,.0f})."
+        f"{len(train):,} rows, each unredeemed one weighted {1 / rate:g}× so that the sample stands for all "
+        f"{n_rows:,} (weights summing to {weights.sum():,.0f})."
     )
 
 
-def model_card(selection, ml, params, train, held_out, enforced=True, seed=42) -> str:
+def model_card(selection, ml, params, counts, train, enforced=True, seed=42) -> str:
     "The model card as Markdown: verdict, intended use, data and the charter's acceptance thresholds."
     verdict = (
         "**Accepted.**"
@@ -1611,6 +1705,7 @@ def model_card(selection, ml, params, train, held_out, enforced=True, seed=42) -
             "it is a pipeline check, not a model to deploy."
         )
     )
+    n = row_counts(counts)
     thresholds = ", ".join(f"{m.replace('_', ' ')} ≥ {v}" for m, v in ml["acceptance"].items())
     return f"""### Offer ranking model: `{selection["name"]}`
 
@@ -1626,18 +1721,18 @@ range.
 
 **Data.** *The Complete Journey* (84.51°/dunnhumby) as delivered by step 02. One row per targeted household × campaign
 × coupon.
-Training: {len(train):,} rows ({int(train.label.sum())} redeemed) from {train.campaign_id.nunique()} campaigns starting
+Training: {n["rows.train"]:,} rows ({n["positives.train"]} redeemed) from {n["campaigns.train"]} campaigns starting
 before
-{params["train_before"]}; held out: {len(held_out):,} rows ({int(held_out.label.sum())} redeemed) from
-{held_out.campaign_id.nunique()}
+{params["train_before"]}; held out: {n["rows.held_out"]:,} rows ({n["positives.held_out"]} redeemed) from
+{n["campaigns.held_out"]}
 campaigns starting {params["train_before"]} – {params["production_from"]}. Campaigns from {params["production_from"]}
 on are the
 production period: never read here. Features use only data from before each campaign's start.
-{sample_note(train, params.get("negative_sample_rate", 1.0), seed)}
+{sample_note(n["rows.train"], train, params.get("negative_sample_rate", 1.0), seed)}
 
 **Final fit.** After selection, the chosen configuration was fitted again on every labelled development campaign
-(training and held out: {len(train) + len(held_out):,} rows); that refit is the model registered. The held-out metrics
-reported here are those of the fit on the training campaigns alone, before the refit.
+(training and held out: {n["rows.train"] + n["rows.held_out"]:,} rows); that refit is the model registered. The held-out
+metrics reported here are those of the fit on the training campaigns alone, before the refit.
 
 **Acceptance (charter).** {thresholds} (lifts: the model divided by the rule baseline on the same rows)."""
 
@@ -1672,9 +1767,9 @@ def slice_table(developed, name):
     return table_view(table, {c: "{:.4f}" for c in table.columns if c not in keys} | {"rows": "{:,}"}, na_rep="")
 
 
-def run_facts(selection, runs, tags, sets, peak_mb) -> pd.DataFrame:
-    "How this run was made: the rows of `sets` (training, held out), the selected run and model, the code, peak memory."
-    rows, redeemed = sum(len(s) for s in sets), sum(int(s.label.sum()) for s in sets)
+def run_facts(selection, runs, tags, counts, peak_mb) -> pd.DataFrame:
+    "How this run was made: the development rows (`set_counts`), the selected run and model, the code, peak memory."
+    rows, redeemed = int(counts.rows.sum()), int(counts.positives.sum())
     return pd.Series(
         {
             "development rows (train + held out)": f"{rows:,} ({redeemed:,} redeemed)",

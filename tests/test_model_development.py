@@ -364,13 +364,13 @@ def test_running_the_stage_twice_gives_identical_metrics(smoke_pipeline, tmp_pat
 @pytest.mark.parametrize(
     "fault, message",
     [
-        ("rows['label'] = 0", "training rows: the target 'label' has a single class [0]"),
-        ("rows['offer_spend'] = rows['label'] * 2.0", "'offer_spend': 1.0} rank the label with ROC-AUC >= 0.99"),
+        ("train['label'] = 0", "training rows: the target 'label' has a single class [0]"),
+        ("train['offer_spend'] = train['label'] * 2.0", "'offer_spend': 1.0} rank the label with ROC-AUC >= 0.99"),
     ],
 )
 def test_bad_training_data_stops_the_stage(smoke_pipeline, tmp_path, fault, message):
     project = copy_project(smoke_pipeline, tmp_path / "fault")
-    insert_cell(project, fault, before="train, held_out = development_sets(")
+    insert_cell(project, fault, before="check_development_sets(train, held_out, params")
     proc = run(["dvc", "repro", "--single-item", STAGE], project, check=False)
     assert proc.returncode != 0
     assert "stage 'model_development' failed" in proc.stderr and message in proc.stderr

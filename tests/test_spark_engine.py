@@ -403,12 +403,21 @@ def test_a_python_worker_killed_while_features_are_written_fails_the_write_and_a
         _assert_same_features(_features_on_spark(spark, deployed_smoke, out, promo_weeks), on_pandas)
 
 
+DEVELOPED = ("metrics/model_development.json", "models/reference_stats.json")  # what step 03 measured on its rows
+
+
+def _without_run_ids(document) -> dict:
+    return {k: v for k, v in document.items() if k != "run_id"}
+
+
 @pytest.mark.pipeline
 def test_engine_spark_runs_steps_03_to_05_with_the_same_development_rows(deployed_smoke):
     """Last in this module: it switches the shared smoke copy to the Spark engine and reruns steps 03 and 04, then runs
-    step 05, whose replay builds each batch's features on Spark."""
+    step 05, whose replay builds each batch's features on Spark. Step 03 on Spark writes the development rows itself and
+    draws the training sample there: the metrics and the reference are those of the pandas run."""
     project = deployed_smoke
     on_pandas = pd.read_parquet(project / "data/features/development.parquet")
+    developed = [_without_run_ids(load_json(project / p)) for p in DEVELOPED]
     params = load_yaml(project / "params.yaml")
     params["shared"]["engine"], params["spark"] = "spark", LOCAL
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -419,8 +428,10 @@ def test_engine_spark_runs_steps_03_to_05_with_the_same_development_rows(deploye
     said = [proc.stdout + proc.stderr for proc in stages]
     assert "features on Spark (local[2])" in said[0] and "scoring on Spark (local[2])" in said[1]
     assert "features on Spark (local[2]): 2 campaigns" in said[1]  # the gate's rows of campaigns 16 and 17
+    assert (project / "data/features/development.parquet").is_dir()  # written by Spark, not collected to the driver
     on_spark = pd.read_parquet(project / "data/features/development.parquet")
     pd.testing.assert_frame_equal(on_spark, on_pandas, check_exact=True)
+    assert [_without_run_ids(load_json(project / p)) for p in DEVELOPED] == developed  # the same sample, the same fits
     scores = pd.read_parquet(project / "data/scored/scores.parquet")
     assert len(scores) > 0 and scores.score.between(0, 1).all()
     executed = (project / "reports/executed/05_model_monitoring.ipynb").read_text()

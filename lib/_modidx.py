@@ -663,6 +663,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                              'lib/model_development.py'),
                                        'lib.model_development.precision_at_k': ( 'model_development.html#precision_at_k',
                                                                                  'lib/model_development.py'),
+                                       'lib.model_development.predict_in_batches': ( 'model_development.html#predict_in_batches',
+                                                                                     'lib/model_development.py'),
                                        'lib.model_development.prepare_transactions': ( 'model_development.html#prepare_transactions',
                                                                                        'lib/model_development.py'),
                                        'lib.model_development.read_spark_tables': ( 'model_development.html#read_spark_tables',

@@ -23,11 +23,11 @@ __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES',
            'training_draws', 'sample_training_rows', 'fit_arguments', 'fit_candidate', 'top_k_offers', 'precision_at_k',
            'measure_metrics', 'measure_slices', 'measure_lift', 'measure_curves', 'check_acceptance',
            'select_candidate', 'bin_shares', 'describe_numeric', 'describe_categorical', 'reference_statistics',
-           'Candidate', 'measure_importance', 'develop_candidate', 'with_importance', 'refit_on_development',
-           'flat_metrics', 'write_plots', 'git_commit', 'params_digest', 'lineage_tags', 'plot_curves',
-           'plot_importance', 'model_requirements', 'log_candidate', 'log_development', 'AcceptanceError',
-           'enforce_acceptance', 'candidate_pointer', 'development_settings', 'campaign_ids', 'development_rows',
-           'write_parquet_file', 'spark_development_rows', 'training_sample', 'development_sets',
+           'Candidate', 'measure_importance', 'predict_in_batches', 'develop_candidate', 'with_importance',
+           'refit_on_development', 'flat_metrics', 'write_plots', 'git_commit', 'params_digest', 'lineage_tags',
+           'plot_curves', 'plot_importance', 'model_requirements', 'log_candidate', 'log_development',
+           'AcceptanceError', 'enforce_acceptance', 'candidate_pointer', 'development_settings', 'campaign_ids',
+           'development_rows', 'write_parquet_file', 'spark_development_rows', 'training_sample', 'development_sets',
            'check_development_sets', 'set_counts', 'develop_candidates', 'input_hashes', 'run_parameters', 'row_counts',
            'campaign_lists', 'reference_document', 'development_summary', 'plot_top_k', 'sample_note', 'model_card',
            'candidate_table', 'slice_table', 'run_facts']
@@ -1250,12 +1250,19 @@ def measure_importance(model, frame, params, seed) -> pd.DataFrame:
     ).sort_values(["importance", "feature"], ascending=[False, True], ignore_index=True)
 
 
+def predict_in_batches(model, frame, batch_rows=200_000) -> np.ndarray:
+    """`model`'s probability of redemption for each row of `frame`, `batch_rows` rows at a time: what the model makes of
+    the features (scaled, one-hot) is held for one batch, not for every row."""
+    batches = [frame.iloc[i : i + batch_rows][FEATURES] for i in range(0, len(frame), batch_rows)]
+    return np.concatenate([model.predict_proba(b)[:, 1] for b in batches]) if batches else np.empty(0)
+
+
 def develop_candidate(name, train, held_out, params, k, seed) -> Candidate:
     "Fit candidate `name` on `train` and measure it on `held_out`."
     started = time.perf_counter()
     model, search = fit_candidate(name, train, params, seed)
     seconds = time.perf_counter() - started
-    scores = model.predict_proba(held_out[FEATURES])[:, 1]
+    scores = predict_in_batches(model, held_out)
     best = search.loc[search.selected, "params"].iloc[0] if len(search) else {}
     chosen = {key.removeprefix("model__"): value for key, value in best.items()}
     return Candidate(
@@ -1630,7 +1637,7 @@ def reference_document(selection, runs, train, model, bins, rate, seed) -> dict:
     """`models/reference_stats.json`: the selected model's run and the feature and prediction distributions of the
     training rows, from the training sample `train` weighted as in the fit (`sample_training_rows`)."""
     _, weights = sample_training_rows(train, rate, seed)
-    reference = reference_statistics(train, model.predict_proba(train[FEATURES])[:, 1], bins, weights)
+    reference = reference_statistics(train, predict_in_batches(model, train), bins, weights)
     return {
         "model": selection["name"],
         "run_id": runs[selection["name"]]["run_id"],

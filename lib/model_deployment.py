@@ -9,17 +9,17 @@ __all__ = ['SPEC', 'GATE_METRICS', 'RULE_NAME', 'SEND_LIST_COLUMNS', 'DELIVERY_C
            'rule_scores', 'CharterRule', 'log_rule_model', 'group_codes', 'ranking_metrics', 'top_k_by_group',
            'resampled_counts', 'paired_bootstrap', 'precision_difference', 'slice_intervals', 'GateDecision',
            'charter_checks', 'decide', 'judge', 'status_quo', 'Gate', 'gate_candidate', 'version_tags', 'Deployment',
-           'commit_deployment', 'campaign_rows', 'campaign_featurizer', 'Campaign', 'prepare_campaign',
-           'household_chunks', 'parity_sample', 'score_in_chunks', 'champion_model_uri', 'spark_scores',
-           'score_on_spark', 'score_campaign', 'peak_memory_mb', 'offers_per_household', 'capped_households',
-           'build_send_list', 'build_delivery', 'read_raw_contacts', 'write_restricted', 'deployment_kpi_tables',
-           'measure_blanket_precision', 'free_port', 'split_payload', 'post_json', 'start_server', 'stop_server',
-           'wait_until_ready', 'serving', 'invoke', 'measure_latency', 'generate_dockerfile', 'load_history',
-           'restore_champion', 'check_registry_agrees', 'reconcile_cli', 'check_registry', 'history_entry',
-           'champion_pointer', 'flat', 'check_serving_parity', 'write_dockerfile', 'deployment_metrics',
-           'serving_metrics', 'latest_kpis', 'log_deployment_run', 'gate_comparison', 'decision_tables', 'gate_tables',
-           'deployment_summary', 'plot_gate', 'plot_intervals', 'gate_notices', 'registry_table', 'kpi_table',
-           'scoring_facts', 'plot_scores', 'delivery_files', 'serving_facts']
+           'commit_deployment', 'campaign_rows', 'campaign_featurizer', 'Campaign', 'features_of', 'campaign_on_spark',
+           'prepare_campaign', 'household_chunks', 'parity_sample', 'score_in_chunks', 'champion_model_uri',
+           'spark_scores', 'score_on_spark', 'score_campaign', 'peak_memory_mb', 'offers_per_household',
+           'capped_households', 'build_send_list', 'build_delivery', 'read_raw_contacts', 'write_restricted',
+           'kpi_transactions', 'deployment_kpi_tables', 'measure_blanket_precision', 'free_port', 'split_payload',
+           'post_json', 'start_server', 'stop_server', 'wait_until_ready', 'serving', 'invoke', 'measure_latency',
+           'generate_dockerfile', 'load_history', 'restore_champion', 'check_registry_agrees', 'reconcile_cli',
+           'check_registry', 'history_entry', 'champion_pointer', 'flat', 'check_serving_parity', 'write_dockerfile',
+           'deployment_metrics', 'serving_metrics', 'latest_kpis', 'log_deployment_run', 'gate_comparison',
+           'decision_tables', 'gate_tables', 'deployment_summary', 'plot_gate', 'plot_intervals', 'gate_notices',
+           'registry_table', 'kpi_table', 'scoring_facts', 'plot_scores', 'delivery_files', 'serving_facts']
 
 # %% ../notebooks/04_model_deployment.ipynb #b68f8cce
 import json
@@ -565,11 +565,39 @@ class Campaign:
     tables: dict
     featurize: object  # candidate rows -> step 03's features
     promo_weeks: int
+    features: Path = None  # on Spark: the folder of every row's features, built once
+    features_s: float = 0.0  # the time that build took
 
 
-def prepare_campaign(tables, campaign_id, promo_weeks) -> Campaign:
-    "`campaign_id`'s candidate rows (`campaign_rows`) with the featurizer for its start day (`campaign_featurizer`)."
+def features_of(folder, rows) -> pd.DataFrame:
+    "The features of candidate `rows` from a parquet `folder` of a campaign's features, in key order."
+    households = sorted(set(rows.household_id.tolist()))
+    features = pd.read_parquet(folder, filters=[("household_id", "in", households)])
+    return md.by_key(rows[md.KEYS].merge(features, on=md.KEYS))
+
+
+def campaign_on_spark(spark, rows, tables, root, promo_weeks) -> Campaign:
+    """A `Campaign` of one campaign's candidate `rows` whose features Spark builds once (step 03's `spark_features`,
+    the big tables read under `root`) into a temporary folder that goes with the campaign; `featurize` reads them."""
+    import shutil
+    import tempfile
+    import weakref
+
+    folder, started = Path(tempfile.mkdtemp(prefix="campaign-features-")), time.perf_counter()
+    big, campaign_ids = md.read_spark_tables(spark, root), [int(rows.campaign_id.iloc[0])]
+    path = md.spark_features(spark, tables, *big, campaign_ids, folder / "features", promo_weeks, ordered=True)
+    campaign = Campaign(rows, tables, lambda chunk: features_of(path, chunk), promo_weeks, path)
+    campaign.features_s = time.perf_counter() - started
+    weakref.finalize(campaign, shutil.rmtree, folder, ignore_errors=True)
+    return campaign
+
+
+def prepare_campaign(tables, campaign_id, promo_weeks, spark=None, root=".") -> Campaign:
+    """`campaign_id`'s candidate rows (`campaign_rows`) with the featurizer for its start day: `campaign_featurizer`
+    here, or with a Spark session `spark` the features built once on Spark (`campaign_on_spark`)."""
     rows = campaign_rows(tables, campaign_id)
+    if spark is not None:
+        return campaign_on_spark(spark, rows, tables, root, promo_weeks)
     return Campaign(rows, tables, campaign_featurizer(tables, rows.start_date.iloc[0], promo_weeks), promo_weeks)
 
 
@@ -631,38 +659,32 @@ def spark_scores(spark, features, model_uri, out) -> Path:
     return md.write_parquet_atomically(scored, out)
 
 
-def score_on_spark(spark, tables, root, campaign_id, model_uri, promo_weeks=4, say=quiet) -> tuple:
-    """(keys with `score`, timings) of every candidate row of `campaign_id` on Spark: step 03's `spark_features` from
-    the small `tables` and the big ones under `root`, then `spark_scores`."""
+def score_on_spark(spark, campaign, model_uri, say=quiet) -> tuple:
+    """(keys with `score`, timings) of every candidate row of a `Campaign` whose features Spark built
+    (`campaign_on_spark`): `spark_scores` of its features folder, read back in key order."""
     import tempfile
 
-    say(f"scoring on Spark ({spark.sparkContext.master}): campaign {campaign_id}")
+    say(f"scoring on Spark ({spark.sparkContext.master}): campaign {campaign.rows.campaign_id.iloc[0]}")
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        started = time.perf_counter()
-        features = md.spark_features(
-            spark, tables, *md.read_spark_tables(spark, root), [campaign_id], Path(tmp) / "features", promo_weeks
-        )
-        features_s = time.perf_counter() - started
-        scores = spark_scores(spark, spark.read.parquet(str(features)), model_uri, Path(tmp) / "scores")
+        scores = spark_scores(spark, spark.read.parquet(str(campaign.features)), model_uri, Path(tmp) / "scores")
         scored = pd.read_parquet(scores).sort_values(md.KEYS, ignore_index=True)
-    score_s = time.perf_counter() - started - features_s
     timing = {
         "households": scored.household_id.nunique(),
         "rows": len(scored),
-        "features_s": features_s,
-        "score_s": score_s,
+        "features_s": campaign.features_s,
+        "score_s": time.perf_counter() - started,
     }
     return scored, pd.DataFrame([timing])
 
 
-def score_campaign(campaign, model_uri, scorer, chunk_households, spark=None, root=".", say=quiet) -> tuple:
+def score_campaign(campaign, model_uri, scorer, chunk_households, spark=None, say=quiet) -> tuple:
     """(keys with `score`, timings) of a `Campaign`'s candidate rows: chunk by chunk here (pyfunc `scorer`) when `spark`
-    is None, else on Spark (`score_on_spark` with `model_uri`, the big tables read under `root`)."""
+    is None, else on Spark (`score_on_spark` with `model_uri`, on the features `prepare_campaign` built there)."""
     if spark is None:
         predict = {"score": lambda f: predict_scores(scorer, f)}
         return score_in_chunks(campaign.rows, campaign.featurize, predict, chunk_households, say)
-    campaign_id = campaign.rows.campaign_id.iloc[0]
-    return score_on_spark(spark, campaign.tables, root, campaign_id, model_uri, campaign.promo_weeks, say)
+    return score_on_spark(spark, campaign, model_uri, say)
 
 # %% ../notebooks/04_model_deployment.ipynb #27c61125
 def _memory_mb(key) -> float:
@@ -767,23 +789,32 @@ def write_restricted(frame, path) -> Path:
     return path
 
 # %% ../notebooks/04_model_deployment.ipynb #dda6d7a9
-def deployment_kpi_tables(processed, send_list, campaign_id, held_back, window_days=14) -> dict:
-    """The tables the KPI functions take for the target campaign's messages; an error if its window is not finished
-    inside the data."""
-    days = processed["transactions"].transaction_timestamp
-    campaign = processed["campaign_descriptions"][processed["campaign_descriptions"].campaign_id == campaign_id]
-    if measurable_campaigns(campaign, days.min(), days.max(), window_days).empty:
+def kpi_transactions(root, campaign_descriptions, campaign_id, window_days=14) -> pd.DataFrame:
+    """The delivered transactions under `root` inside `campaign_id`'s KPI window — its start day to the later of its end
+    and `window_days` after the start, all its KPIs read —; an error if that window is not finished inside the data."""
+    first, last = md.transaction_span(root)
+    campaign = campaign_descriptions[campaign_descriptions.campaign_id == campaign_id]
+    if measurable_campaigns(campaign, first, last, window_days).empty:
         raise ValueError(
             f"campaign {campaign_id}'s KPI window ({window_days} days, and the campaign itself) is not finished "
-            f"inside the data ({days.min():%Y-%m-%d} to {days.max():%Y-%m-%d})"
+            f"inside the data ({first:%Y-%m-%d} to {last:%Y-%m-%d})"
         )
-    households = processed["households"][~processed["households"].household_id.isin(held_back)]
+    start = pd.Timestamp(campaign.start_date.iloc[0]).normalize()
+    end = max(pd.Timestamp(campaign.end_date.iloc[0]).normalize(), start + pd.Timedelta(days=window_days))
+    return md.transactions_between(root, start, end + pd.Timedelta(days=1))
+
+
+def deployment_kpi_tables(tables, transactions, send_list, campaign_id, held_back) -> dict:
+    """The tables the KPI functions take for the target campaign's messages: its `transactions` (`kpi_transactions`)
+    and the send list's households and offers."""
+    campaign = tables["campaign_descriptions"][tables["campaign_descriptions"].campaign_id == campaign_id]
+    households = tables["households"][~tables["households"].household_id.isin(held_back)]
     return dict(
-        transactions=processed["transactions"],
+        transactions=transactions,
         campaigns=send_list[["campaign_id", "household_id"]].drop_duplicates(),
         campaign_descriptions=campaign,
         households=households,
-        coupon_redemptions=processed["coupon_redemptions"],
+        coupon_redemptions=tables["coupon_redemptions"],
         offers=send_list[md.KEYS],
     )
 

@@ -18,14 +18,14 @@ __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES',
            'read_spark_tables', 'spark_tables', 'clear_unfinished_writes', 'write_parquet_atomically',
            'spark_promotion_shares', 'spark_feature_frame', 'spark_features', 'by_key', 'labelled_rows_on_spark',
            'labelled_rows', 'split_campaigns', 'restrict_to_development', 'split_table', 'feature_tables',
-           'first_transaction', 'TrainingDataError', 'check_training_data', 'make_rule_baseline',
+           'transaction_span', 'transactions_between', 'TrainingDataError', 'check_training_data', 'make_rule_baseline',
            'make_logistic_regression', 'make_gradient_boosting', 'OfferChoice', 'make_offer_choice', 'search_grid',
            'training_draws', 'sample_training_rows', 'fit_arguments', 'fit_candidate', 'top_k_offers', 'precision_at_k',
            'measure_metrics', 'measure_slices', 'measure_lift', 'measure_curves', 'check_acceptance',
            'select_candidate', 'bin_shares', 'describe_numeric', 'describe_categorical', 'reference_statistics',
-           'Candidate', 'measure_importance', 'predict_in_batches', 'develop_candidate', 'with_importance',
-           'refit_on_development', 'flat_metrics', 'write_plots', 'git_commit', 'params_digest', 'lineage_tags',
-           'plot_curves', 'plot_importance', 'model_requirements', 'log_candidate', 'log_development',
+           'Candidate', 'measure_importance', 'predict_in_batches', 'positive_class', 'develop_candidate',
+           'with_importance', 'refit_on_development', 'flat_metrics', 'write_plots', 'git_commit', 'params_digest',
+           'lineage_tags', 'plot_curves', 'plot_importance', 'model_requirements', 'log_candidate', 'log_development',
            'AcceptanceError', 'enforce_acceptance', 'candidate_pointer', 'development_settings', 'campaign_ids',
            'development_rows', 'write_parquet_file', 'spark_development_rows', 'training_sample', 'development_sets',
            'check_development_sets', 'set_counts', 'develop_candidates', 'input_hashes', 'run_parameters', 'row_counts',
@@ -843,10 +843,22 @@ def feature_tables(root, spark=None) -> dict:
     return load_processed(root, FEATURE_TABLES if spark is None else BROADCAST_TABLES)
 
 
-def first_transaction(root) -> pd.Timestamp:
-    "The time of the first delivered transaction under `root`, read from its one column."
-    column = "transaction_timestamp"
-    return pd.read_parquet(Path(root) / "data/processed/transactions.parquet", columns=[column])[column].min()
+def transaction_span(root) -> tuple:
+    """The times of the first and the last delivered transaction under `root`, read from their one column a batch at a
+    time (memory does not grow with the table)."""
+    import pyarrow.dataset as ds
+
+    path = Path(root) / "data/processed/transactions.parquet"
+    batches = (b.column(0).to_pandas() for b in ds.dataset(path).to_batches(columns=["transaction_timestamp"]))
+    spans = [(times.min(), times.max()) for times in batches]
+    return min(first for first, _ in spans), max(last for _, last in spans)
+
+
+def transactions_between(root, start, stop) -> pd.DataFrame:
+    """The delivered transactions under `root` from `start` up to, not including, `stop`: read with a filter, so only
+    they are held."""
+    inside = [("transaction_timestamp", ">=", pd.Timestamp(start)), ("transaction_timestamp", "<", pd.Timestamp(stop))]
+    return pd.read_parquet(Path(root) / "data/processed/transactions.parquet", filters=inside)
 
 # %% ../notebooks/03_model_development.ipynb #23bf2169
 class TrainingDataError(ValueError):
@@ -1250,11 +1262,16 @@ def measure_importance(model, frame, params, seed) -> pd.DataFrame:
     ).sort_values(["importance", "feature"], ascending=[False, True], ignore_index=True)
 
 
-def predict_in_batches(model, frame, batch_rows=200_000) -> np.ndarray:
-    """`model`'s probability of redemption for each row of `frame`, `batch_rows` rows at a time: what the model makes of
-    the features (scaled, one-hot) is held for one batch, not for every row."""
-    batches = [frame.iloc[i : i + batch_rows][FEATURES] for i in range(0, len(frame), batch_rows)]
-    return np.concatenate([model.predict_proba(b)[:, 1] for b in batches]) if batches else np.empty(0)
+def predict_in_batches(predict, frame, batch_rows=200_000) -> np.ndarray:
+    """`predict`'s probability of redemption (a function of the features) for each row of `frame`, `batch_rows` rows at
+    a time: the features, and what a model makes of them (scaled, one-hot), are copied for one batch, not every row."""
+    batches = (frame.iloc[i : i + batch_rows][FEATURES] for i in range(0, len(frame), batch_rows))
+    return np.concatenate([np.empty(0), *(np.asarray(predict(b), dtype=float) for b in batches)])
+
+
+def positive_class(model):
+    "A fitted classifier's probability of redemption: column 1 of `predict_proba`."
+    return lambda features: model.predict_proba(features)[:, 1]
 
 
 def develop_candidate(name, train, held_out, params, k, seed) -> Candidate:
@@ -1262,7 +1279,7 @@ def develop_candidate(name, train, held_out, params, k, seed) -> Candidate:
     started = time.perf_counter()
     model, search = fit_candidate(name, train, params, seed)
     seconds = time.perf_counter() - started
-    scores = predict_in_batches(model, held_out)
+    scores = predict_in_batches(positive_class(model), held_out)
     best = search.loc[search.selected, "params"].iloc[0] if len(search) else {}
     chosen = {key.removeprefix("model__"): value for key, value in best.items()}
     return Candidate(
@@ -1637,7 +1654,7 @@ def reference_document(selection, runs, train, model, bins, rate, seed) -> dict:
     """`models/reference_stats.json`: the selected model's run and the feature and prediction distributions of the
     training rows, from the training sample `train` weighted as in the fit (`sample_training_rows`)."""
     _, weights = sample_training_rows(train, rate, seed)
-    reference = reference_statistics(train, predict_in_batches(model, train), bins, weights)
+    reference = reference_statistics(train, predict_in_batches(positive_class(model), train), bins, weights)
     return {
         "model": selection["name"],
         "run_id": runs[selection["name"]]["run_id"],

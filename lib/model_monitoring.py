@@ -5,20 +5,21 @@
 # %% auto #0
 __all__ = ['SCENARIOS', 'SEVERITIES', 'REMEDIATIONS', 'OPS', 'RULE_SPEC', 'SPEC', 'BATCH_METRICS', 'REFERENCE_METRICS',
            'BATCH_TABLES', 'SCHEMA_RULES', 'HISTORY_TOTALS', 'RESULT_SETTINGS', 'TIMELINE_METRICS', 'PANELS',
-           'DIAGNOSIS_COLOURS', 'check_params', 'plan_batches', 'window_end', 'slice_batch', 'rename_columns',
-           'degrade_quality', 'shift_demographics', 'shift_online', 'inject_scenario', 'check_batch',
-           'summarize_checks', 'assess_sufficiency', 'category_shares', 'psi', 'js_distance', 'measure_drift',
-           'summarize_drift', 'reference_by_type', 'natural_drift', 'judge_drift', 'drift_findings',
-           'check_feature_kinds', 'overlay_batch', 'batch_rows', 'measure_performance', 'top_k_side_by_side',
-           'compare_with_rule', 'measure_batch_kpis', 'model_age_days', 'Monitor', 'drilled_batch', 'monitor_batch',
-           'batch_fingerprint', 'state_path', 'stored_result', 'replay', 'resolve_threshold', 'status_notice',
-           'explain_alerts', 'evaluate_rules', 'diagnose', 'build_timeline', 'flat_metrics', 'compare_profiles',
-           'deployed_model', 'model_identity', 'scoring_uri', 'load_scorer', 'rule_thresholds', 'plot_timeline',
-           'retrain_trigger', 'training_campaigns', 'gate_challenger', 'register_challenger', 'register_verdict',
-           'close_the_loop', 'retrain_on_trigger', 'reference_resampling', 'build_monitor', 'replay_inputs',
-           'profile_sampler', 'latest_scored', 'gate_settings', 'monitoring_summary', 'plot_diagnoses', 'drift_table',
-           'rules_table', 'retraining_summary', 'challenger_tables', 'alerts_document', 'profile_latest',
-           'profile_note', 'replay_header', 'replay_table', 'figure_png', 'drift_view', 'alerts_view', 'drift_levels']
+           'MONITORED_TABLES', 'DIAGNOSIS_COLOURS', 'check_params', 'plan_batches', 'window_end', 'window_transactions',
+           'transaction_times', 'slice_batch', 'rename_columns', 'degrade_quality', 'shift_demographics',
+           'shift_online', 'inject_scenario', 'check_batch', 'summarize_checks', 'assess_sufficiency',
+           'category_shares', 'psi', 'js_distance', 'measure_drift', 'summarize_drift', 'reference_by_type',
+           'natural_drift', 'judge_drift', 'drift_findings', 'check_feature_kinds', 'overlay_batch', 'batch_rows',
+           'measure_performance', 'top_k_side_by_side', 'compare_with_rule', 'measure_batch_kpis', 'model_age_days',
+           'Monitor', 'drilled_batch', 'monitor_batch', 'batch_fingerprint', 'state_path', 'stored_result', 'replay',
+           'resolve_threshold', 'status_notice', 'explain_alerts', 'evaluate_rules', 'diagnose', 'build_timeline',
+           'flat_metrics', 'compare_profiles', 'deployed_model', 'model_identity', 'scoring_uri', 'load_scorer',
+           'rule_thresholds', 'plot_timeline', 'retrain_trigger', 'training_campaigns', 'gate_challenger',
+           'register_challenger', 'register_verdict', 'close_the_loop', 'retrain_on_trigger', 'reference_resampling',
+           'build_monitor', 'replay_inputs', 'profile_sampler', 'latest_scored', 'gate_settings', 'monitoring_summary',
+           'plot_diagnoses', 'drift_table', 'rules_table', 'retraining_summary', 'challenger_tables', 'alerts_document',
+           'profile_latest', 'profile_note', 'replay_header', 'replay_table', 'figure_png', 'drift_view', 'alerts_view',
+           'drift_levels']
 
 # %% ../notebooks/05_model_monitoring.ipynb #18aad86e
 import hashlib
@@ -35,12 +36,16 @@ from .data_acquisition import PROCESSED_CONTRACTS, UNKNOWN, score_contract
 from .kpis import kpi_window, measurable_campaigns, measure_kpi
 from lib.model_development import (
     FEATURE_KINDS,
+    FEATURE_TABLES,
     FEATURES,
     bin_shares,
     labelled_rows,
     measure_metrics,
+    predict_in_batches,
     reference_statistics,
     top_k_offers,
+    transaction_span,
+    transactions_between,
 )
 
 # %% ../notebooks/05_model_monitoring.ipynb #e0e0d3b7
@@ -221,8 +226,25 @@ def window_end(start, end, window_days=14) -> pd.Timestamp:
     return max(end, start + pd.Timedelta(days=window_days)) + pd.Timedelta(days=1)
 
 
-def slice_batch(tables, campaign_id, window_days=14) -> dict:
-    "The batch of campaign `campaign_id`: its rows of each table of `BATCH_TABLES` and the transactions of its window."
+def window_transactions(tables, start, stop, root=None) -> pd.DataFrame:
+    """The transactions from `start` up to `stop`: of `tables` when they hold them, else read under `root` (on Spark the
+    stage holds only the small tables)."""
+    if "transactions" not in tables:
+        return transactions_between(root, start, stop)
+    when = tables["transactions"].transaction_timestamp
+    return tables["transactions"][(when >= start) & (when < stop)].reset_index(drop=True)
+
+
+def transaction_times(tables, root=None) -> tuple:
+    "The first and the last transaction times: of `tables` when they hold the transactions, else read under `root`."
+    if "transactions" not in tables:
+        return transaction_span(root)
+    return tables["transactions"].transaction_timestamp.min(), tables["transactions"].transaction_timestamp.max()
+
+
+def slice_batch(tables, campaign_id, window_days=14, root=None) -> dict:
+    """The batch of campaign `campaign_id`: its rows of each table of `BATCH_TABLES` and the transactions of its window
+    (`window_transactions`)."""
 
     def of_campaign(name):
         return tables[name][tables[name].campaign_id == campaign_id].reset_index(drop=True)
@@ -232,13 +254,12 @@ def slice_batch(tables, campaign_id, window_days=14) -> dict:
         description.start_date.iloc[0].normalize(),
         window_end(description.start_date.iloc[0], description.end_date.iloc[0], window_days),
     )
-    when = tables["transactions"].transaction_timestamp
     return {
         "campaign_descriptions": description,
         "campaigns": targeted,
         "coupons": of_campaign("coupons"),
         "coupon_redemptions": of_campaign("coupon_redemptions"),
-        "transactions": tables["transactions"][(when >= start) & (when < stop)].reset_index(drop=True),
+        "transactions": window_transactions(tables, start, stop, root),
         "demographics": tables["demographics"][
             tables["demographics"].household_id.isin(targeted.household_id)
         ].reset_index(drop=True),
@@ -465,14 +486,29 @@ def reference_by_type(training, predictions, bins, min_households, resampling=No
     }
 
 # %% ../notebooks/05_model_monitoring.ipynb #5e7e0a02
+@dataclass
+class _Picked:
+    "Rows `picked` (positions) of `columns` (name → values), a column at a time: all `measure_drift` reads of a sample."
+
+    columns: dict
+    picked: np.ndarray
+
+    def __contains__(self, name):
+        return name in self.columns
+
+    def __getitem__(self, name):
+        return self.columns[name][self.picked]
+
+
 def _resampled_psi(rows, predictions, spec, draws, rng, epsilon) -> list:
-    "PSI of each feature and the prediction, for `draws` household resamples of `rows` against the reference `spec`."
+    """PSI of each feature and the prediction, for `draws` household resamples of `rows` against the reference `spec`
+    (each resample taken a column at a time, not copied whole)."""
     groups = rows.groupby("household_id").indices
     households, out = np.array(list(groups)), []
+    columns = {**{name: rows[name].to_numpy() for name in spec if name in rows}, "prediction": np.asarray(predictions)}
     for _ in range(draws):
         picked = np.concatenate([groups[h] for h in rng.choice(households, len(households), replace=True)])
-        frame = rows.iloc[picked].assign(prediction=predictions[picked])
-        out.append(measure_drift(frame, spec, epsilon).set_index("feature").psi)
+        out.append(measure_drift(_Picked(columns, picked), spec, epsilon).set_index("feature").psi)
     return out
 
 
@@ -489,7 +525,7 @@ def natural_drift(
     """The natural drift levels of one campaign type's training `rows`: per feature and for the `predictions`, the
     `quantile` of the PSI of each judgeable training campaign (household resamples) against the type's other campaigns.
     """
-    rows, predictions = rows.reset_index(drop=True), np.asarray(predictions, dtype=float)
+    predictions = np.asarray(predictions, dtype=float)  # rows and predictions are taken by position
     rng, psis = np.random.default_rng(seed), []
     campaigns = _judgeable_campaigns(rows, min_households, min_rows)
     for c in campaigns or [None]:
@@ -497,7 +533,7 @@ def natural_drift(
         others = ~mine if c is not None else mine
         ref = reference_statistics(rows[others], predictions[others], bins)
         spec = {**ref["features"], "prediction": ref["prediction"]}
-        psis += _resampled_psi(rows[mine].reset_index(drop=True), predictions[mine], spec, draws, rng, epsilon)
+        psis += _resampled_psi(rows[mine], predictions[mine], spec, draws, rng, epsilon)
     levels = pd.DataFrame(psis).quantile(quantile)
     return {
         "features": {f: float(v) for f, v in levels.items() if f != "prediction"},
@@ -659,7 +695,7 @@ def model_age_days(trained_until, batch_start) -> float:
 class Monitor:
     "What every batch of a replay shares."
 
-    tables: dict  # the delivered tables of step 02
+    tables: dict  # the delivered tables of step 02 (on Spark, without the transactions and promotions)
     reference: dict  # campaign type → step 03's reference statistics of its training rows (features, prediction)
     score: object  # features frame → probabilities of redemption (the deployed model)
     model: dict  # the deployed model: name, version, run_id, trained_until
@@ -677,7 +713,7 @@ class Monitor:
 def drilled_batch(m: Monitor, campaign_id) -> dict:
     """The batch of `campaign_id` as the replay sees it: its slice of the tables, with the scenario's drill injected
     (seeded per campaign)."""
-    batch = slice_batch(m.tables, campaign_id, m.window_days)
+    batch = slice_batch(m.tables, campaign_id, m.window_days, m.root)
     return inject_scenario(
         batch, m.settings["scenario"], m.settings["drills"], m.tables, np.random.default_rng([m.seed, int(campaign_id)])
     )
@@ -1245,7 +1281,7 @@ def close_the_loop(
     from lib.model_development import fit_candidate
 
     cds = m.tables["campaign_descriptions"]
-    first_day = m.tables["transactions"].transaction_timestamp.min()
+    first_day, _ = transaction_times(m.tables, m.root)
     campaigns = training_campaigns(cds, trigger["start_date"], first_day, development["min_history_days"])
     out = {
         "trigger": trigger["batch"],
@@ -1301,10 +1337,10 @@ def reference_resampling(params, seed) -> dict:
 
 def build_monitor(tables, training, score, deployed, charter, params, settings, seed, spark=None, root=None) -> Monitor:
     """The replay's shared state: the drift reference per campaign type from step 03's training rows, scored by the
-    deployed model; with a Spark session `spark`, the batches' features are built on Spark from `root`."""
+    deployed model (in batches); with a Spark session `spark`, the batches' features are built on Spark from `root`."""
     references = reference_by_type(
         training,
-        score(training[FEATURES]),
+        predict_in_batches(score, training),
         settings["reference_bins"],
         params["min_reference_households"],
         reference_resampling(params, seed),
@@ -1316,7 +1352,7 @@ def build_monitor(tables, training, score, deployed, charter, params, settings, 
         {**deployed, "trained_until": settings["train_before"]},
         charter["kpis"],
         charter["ml_problem"]["top_k"],
-        tables["transactions"].transaction_timestamp.max().normalize(),
+        transaction_times(tables, root)[1].normalize(),
         params,
         settings["promo_weeks"],
         seed,
@@ -1326,13 +1362,16 @@ def build_monitor(tables, training, score, deployed, charter, params, settings, 
     )
 
 
-def replay_inputs(root, deployed, m: Monitor, tables) -> dict:
+MONITORED_TABLES = (*FEATURE_TABLES, "households")  # the delivered tables a batch result depends on
+
+
+def replay_inputs(root, deployed, m: Monitor) -> dict:
     """Everything a batch result depends on besides the batch: data, model, reference, code, settings — hashed into its
     fingerprint."""
     from lib.core import file_sha256
 
     return {
-        "data": {n: file_sha256(Path(root) / "data/processed" / f"{n}.parquet") for n in tables},
+        "data": {n: file_sha256(Path(root) / "data/processed" / f"{n}.parquet") for n in MONITORED_TABLES},
         "model": model_identity(deployed),
         "reference": file_sha256(Path(root) / "data/features/development.parquet"),
         "code": {

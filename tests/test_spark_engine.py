@@ -196,9 +196,11 @@ def _assert_close(got, want, where=""):
 @pytest.mark.pipeline
 def test_the_monitoring_replay_on_spark_gives_the_pandas_batch_rows_and_results(deployed_smoke, spark, monkeypatch):
     """Every production batch of the smoke slice, and a demographic-shift drill (which retargets the batch: the
-    features must see the drilled targeting), give the same labelled rows, scores and batch results on both engines."""
+    features must see the drilled targeting), give the same labelled rows, scores and batch results on both engines; the
+    Spark monitor holds only the small tables and reads each batch's transactions from the delivered file."""
     on_pandas, plan = _monitor_on_pandas(deployed_smoke)
-    on_spark = dataclasses.replace(on_pandas, spark=spark, root=deployed_smoke)
+    small = md.feature_tables(deployed_smoke, spark) | load_processed(deployed_smoke, ["households"])
+    on_spark = dataclasses.replace(on_pandas, tables=small, spark=spark, root=deployed_smoke)  # as step 05 holds them
     drill = {**on_pandas.settings, "scenario": "demographic_shift"}
     labelled = plan[plan.labelled].head(1)
     cases = [
@@ -410,14 +412,32 @@ def _without_run_ids(document) -> dict:
     return {k: v for k, v in document.items() if k != "run_id"}
 
 
+def _deployment_answers(project) -> dict:
+    "What step 04 of `project` delivered: the scores, the send list and the campaign's KPIs."
+    scores = pd.read_parquet(project / "data/scored/scores.parquet")[[*md.KEYS, "score"]]
+    sends = pd.read_parquet(project / "data/scored/send_list.parquet")[[*md.KEYS, "rank"]]
+    return {"scores": scores, "send_list": sends, "kpis": load_json(project / "metrics/latest_kpis.json")}
+
+
+def _assert_same_deployment(got, want):
+    "The same scored rows (scores within 1e-9), the same send list, the same KPIs."
+    assert len(want["scores"]) > 0
+    pd.testing.assert_frame_equal(got["scores"][md.KEYS], want["scores"][md.KEYS])
+    assert np.abs(got["scores"].score.to_numpy() - want["scores"].score.to_numpy()).max() <= 1e-9
+    pd.testing.assert_frame_equal(got["send_list"], want["send_list"])
+    assert got["kpis"] == want["kpis"]
+
+
 @pytest.mark.pipeline
 def test_engine_spark_runs_steps_03_to_05_with_the_same_development_rows(deployed_smoke):
     """Last in this module: it switches the shared smoke copy to the Spark engine and reruns steps 03 and 04, then runs
     step 05, whose replay builds each batch's features on Spark. Step 03 on Spark writes the development rows itself and
-    draws the training sample there: the metrics and the reference are those of the pandas run."""
+    draws the training sample there: the metrics and the reference are those of the pandas run. Step 04 on Spark, which
+    holds only the small tables, gives the pandas run's scores, send list and KPIs."""
     project = deployed_smoke
     on_pandas = pd.read_parquet(project / "data/features/development.parquet")
     developed = [_without_run_ids(load_json(project / p)) for p in DEVELOPED]
+    deployed = _deployment_answers(project)
     params = load_yaml(project / "params.yaml")
     params["shared"]["engine"], params["spark"] = "spark", LOCAL
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -432,8 +452,7 @@ def test_engine_spark_runs_steps_03_to_05_with_the_same_development_rows(deploye
     on_spark = pd.read_parquet(project / "data/features/development.parquet")
     pd.testing.assert_frame_equal(on_spark, on_pandas, check_exact=True)
     assert [_without_run_ids(load_json(project / p)) for p in DEVELOPED] == developed  # the same sample, the same fits
-    scores = pd.read_parquet(project / "data/scored/scores.parquet")
-    assert len(scores) > 0 and scores.score.between(0, 1).all()
+    _assert_same_deployment(_deployment_answers(project), deployed)
     executed = (project / "reports/executed/05_model_monitoring.ipynb").read_text()
     assert "**features:** Spark (`local[2]`)" in executed  # the replay's header names the engine that built features
     assert load_json(project / "metrics/monitoring.json")

@@ -512,6 +512,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                     'lib/model_development.py'),
                                        'lib.model_development.bin_shares': ( 'model_development.html#bin_shares',
                                                                              'lib/model_development.py'),
+                                       'lib.model_development.bucket_count': ( 'model_development.html#bucket_count',
+                                                                               'lib/model_development.py'),
                                        'lib.model_development.bucket_features': ( 'model_development.html#bucket_features',
                                                                                   'lib/model_development.py'),
                                        'lib.model_development.build_candidates': ( 'model_development.html#build_candidates',

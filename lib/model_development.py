@@ -5,17 +5,17 @@
 # %% auto #0
 __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES', 'FEATURE_KINDS', 'RULE_FEATURE',
            'FEATURE_TABLES', 'TRANSACTION_COLUMNS', 'NO_TIME', 'NO_WEEK', 'PARTIAL_COLUMNS', 'SPARK_TABLES',
-           'BROADCAST_TABLES', 'PARTIAL_SCHEMA', 'SHARES_SCHEMA', 'CANDIDATES', 'MAKERS', 'METRICS', 'SLICES',
-           'CURVE_AXES', 'SKOPS_TRUSTED_TYPES', 'check_params', 'build_candidates', 'label_candidates',
-           'history_before', 'measure_rfm', 'measure_discount_sensitivity', 'measure_offer_purchases',
-           'measure_affinity', 'measure_offer_breadth', 'count_offer_buyers', 'offer_popularity',
-           'measure_offer_popularity', 'measure_past_redemptions', 'measure_offer_redeemed_before',
+           'BROADCAST_TABLES', 'PARTIAL_SCHEMA', 'SHARES_SCHEMA', 'TRANSACTIONS_PER_BUCKET', 'CANDIDATES', 'MAKERS',
+           'METRICS', 'SLICES', 'CURVE_AXES', 'SKOPS_TRUSTED_TYPES', 'check_params', 'build_candidates',
+           'label_candidates', 'history_before', 'measure_rfm', 'measure_discount_sensitivity',
+           'measure_offer_purchases', 'measure_affinity', 'measure_offer_breadth', 'count_offer_buyers',
+           'offer_popularity', 'measure_offer_popularity', 'measure_past_redemptions', 'measure_offer_redeemed_before',
            'locate_home_stores', 'weeks_before', 'complete_weeks', 'measure_promotion_shares', 'exposure_at_home',
            'measure_promotion_exposure', 'encode_demographics', 'in_order', 'sorted_by', 'prepare_transactions',
            'campaign_context', 'context_from_history', 'features_in_context', 'campaign_features', 'build_features',
            'assemble_features', 'build_labelled_rows', 'with_labels', 'with_timestamps', 'history_partials',
            'combine_partials', 'campaign_weeks', 'contexts_from_partials', 'bucket_features', 'feature_schema',
-           'read_spark_tables', 'spark_tables', 'clear_unfinished_writes', 'write_parquet_atomically',
+           'read_spark_tables', 'spark_tables', 'clear_unfinished_writes', 'write_parquet_atomically', 'bucket_count',
            'spark_promotion_shares', 'spark_feature_frame', 'spark_features', 'by_key', 'labelled_rows_on_spark',
            'labelled_rows', 'split_campaigns', 'restrict_to_development', 'split_table', 'feature_tables',
            'transaction_span', 'transactions_between', 'TrainingDataError', 'check_training_data', 'make_rule_baseline',
@@ -35,6 +35,7 @@ __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES',
 # %% ../notebooks/03_model_development.ipynb #ed6325e4
 import hashlib
 import json
+import math
 import subprocess
 import time
 from dataclasses import dataclass, field, replace
@@ -687,6 +688,15 @@ def write_parquet_atomically(frame, path) -> Path:
     return path
 
 
+TRANSACTIONS_PER_BUCKET = 250_000  # about what one call of the pandas feature functions holds, at any scale
+
+
+def bucket_count(transactions, least=16) -> int:
+    """How many buckets of households the features of `transactions` rows run in: `least`, or more, so that a bucket
+    holds about `TRANSACTIONS_PER_BUCKET` and a Python worker's memory does not grow with the data."""
+    return max(least, math.ceil(transactions / TRANSACTIONS_PER_BUCKET))
+
+
 def _with_bucket(frame, n_buckets):
     from pyspark.sql import functions as F
 
@@ -723,11 +733,13 @@ def spark_promotion_shares(spark, promotions, tables, weeks) -> dict:
 
 
 def spark_feature_frame(
-    spark, tables, transactions, promotions, campaign_ids, promo_weeks=4, n_buckets=16, labelled=False
+    spark, tables, transactions, promotions, campaign_ids, promo_weeks=4, n_buckets=None, labelled=False
 ):
     """`build_features` (with labels: `build_labelled_rows`) of the candidate rows of `campaign_ids` as a Spark
     DataFrame, computed when written: `tables` holds the `BROADCAST_TABLES` as pandas frames, `transactions` and
-    `promotions` are Spark DataFrames. The campaigns' contexts are measured on Spark first (small results)."""
+    `promotions` are Spark DataFrames. The campaigns' contexts are measured on Spark first (small results). The
+    households run in `n_buckets` buckets (default: `bucket_count` of the transactions)."""
+    n_buckets = n_buckets or bucket_count(transactions.count())
     campaign_ids = [int(c) for c in campaign_ids]
     small = spark.sparkContext.broadcast({t: tables[t] for t in BROADCAST_TABLES})
     bucketed = _with_bucket(transactions.select(*TRANSACTION_COLUMNS), n_buckets)
@@ -759,7 +771,7 @@ def spark_features(
     campaign_ids,
     out,
     promo_weeks=4,
-    n_buckets=16,
+    n_buckets=None,
     labelled=False,
     ordered=False,
 ):

@@ -4,10 +4,11 @@
 
 # %% auto #0
 __all__ = ['KPI_SPEC', 'CHARTER_SPEC', 'MODEL_METRICS', 'ACCEPTANCE_METRICS', 'KPI_COLUMNS', 'KpiValue', 'measurable_campaigns',
-           'count_visitors', 'measure_store_visit_rate', 'measure_visit_uplift', 'measure_redemption_rate',
-           'measure_offer_precision', 'kpi_function', 'measure_kpi', 'kpi_window', 'measure_kpis', 'validate_charter',
-           'charter_summary', 'charter_overview', 'plot_kpi_targets', 'kpi_targets_table', 'stakeholders_table',
-           'ml_problem_facts', 'gate_table', 'acceptance_table', 'domains_table', 'policies_table']
+           'window_end', 'count_visitors', 'measure_store_visit_rate', 'measure_visit_uplift',
+           'measure_redemption_rate', 'measure_offer_precision', 'kpi_function', 'measure_kpi', 'kpi_window',
+           'measure_kpis', 'validate_charter', 'charter_summary', 'charter_overview', 'plot_kpi_targets',
+           'kpi_targets_table', 'stakeholders_table', 'ml_problem_facts', 'gate_table', 'acceptance_table',
+           'domains_table', 'policies_table']
 
 # %% ../notebooks/01_business_understanding.ipynb #8f89c92c
 import importlib
@@ -46,6 +47,12 @@ def measurable_campaigns(campaign_descriptions, first_day, last_day, window_days
     end = np.maximum(_calendar_day(campaign_descriptions.end_date).to_numpy(), start + np.timedelta64(window_days, "D"))
     inside = (start >= pd.Timestamp(first_day).normalize()) & (end <= pd.Timestamp(last_day).normalize())
     return campaign_descriptions[inside]
+
+
+def window_end(start, end, window_days=14) -> pd.Timestamp:
+    "The first day after a campaign's window: the later of its end and `window_days` after its start."
+    start, end = pd.Timestamp(start).normalize(), pd.Timestamp(end).normalize()
+    return max(end, start + pd.Timedelta(days=window_days)) + pd.Timedelta(days=1)
 
 # %% ../notebooks/01_business_understanding.ipynb #3798811f
 def _households_shopping(days_sorted, households_sorted, start, window_days) -> set:

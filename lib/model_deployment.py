@@ -43,7 +43,7 @@ from mlflow.pyfunc import PythonModel
 from . import model_development as md
 from .core import ParamsError, load_json, quiet, table_view, validate_spec
 from .data_acquisition import blanket_offers
-from .kpis import measurable_campaigns, measure_kpi
+from .kpis import measurable_campaigns, measure_kpi, window_end
 
 # %% ../notebooks/04_model_deployment.ipynb #6ff45f68
 SPEC = {
@@ -799,9 +799,8 @@ def kpi_transactions(root, campaign_descriptions, campaign_id, window_days=14) -
             f"campaign {campaign_id}'s KPI window ({window_days} days, and the campaign itself) is not finished "
             f"inside the data ({first:%Y-%m-%d} to {last:%Y-%m-%d})"
         )
-    start = pd.Timestamp(campaign.start_date.iloc[0]).normalize()
-    end = max(pd.Timestamp(campaign.end_date.iloc[0]).normalize(), start + pd.Timedelta(days=window_days))
-    return md.transactions_between(root, start, end + pd.Timedelta(days=1))
+    start, end = campaign.start_date.iloc[0], campaign.end_date.iloc[0]
+    return md.transactions_between(root, pd.Timestamp(start).normalize(), window_end(start, end, window_days))
 
 
 def deployment_kpi_tables(tables, transactions, send_list, campaign_id, held_back) -> dict:

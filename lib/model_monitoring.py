@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['SCENARIOS', 'SEVERITIES', 'REMEDIATIONS', 'OPS', 'RULE_SPEC', 'SPEC', 'BATCH_METRICS', 'REFERENCE_METRICS',
            'BATCH_TABLES', 'SCHEMA_RULES', 'HISTORY_TOTALS', 'RESULT_SETTINGS', 'TIMELINE_METRICS', 'PANELS',
-           'MONITORED_TABLES', 'DIAGNOSIS_COLOURS', 'check_params', 'plan_batches', 'window_end', 'window_transactions',
+           'MONITORED_TABLES', 'DIAGNOSIS_COLOURS', 'check_params', 'plan_batches', 'window_transactions',
            'transaction_times', 'slice_batch', 'rename_columns', 'degrade_quality', 'shift_demographics',
            'shift_online', 'inject_scenario', 'check_batch', 'summarize_checks', 'assess_sufficiency',
            'category_shares', 'psi', 'js_distance', 'measure_drift', 'summarize_drift', 'reference_by_type',
@@ -33,7 +33,7 @@ import pandas as pd
 
 from .core import ParamsError, load_json, quiet, save_json, table_view, validate_spec
 from .data_acquisition import PROCESSED_CONTRACTS, UNKNOWN, score_contract
-from .kpis import kpi_window, measurable_campaigns, measure_kpi
+from .kpis import kpi_window, measurable_campaigns, measure_kpi, window_end
 from lib.model_development import (
     FEATURE_KINDS,
     FEATURE_TABLES,
@@ -218,12 +218,6 @@ def plan_batches(campaign_descriptions, production_from, as_of, until="") -> pd.
 
 # %% ../notebooks/05_model_monitoring.ipynb #809cd440
 BATCH_TABLES = ("campaign_descriptions", "campaigns", "coupons", "coupon_redemptions", "transactions", "demographics")
-
-
-def window_end(start, end, window_days=14) -> pd.Timestamp:
-    "The first day after a campaign's window: the later of its end and `window_days` after its start."
-    start, end = pd.Timestamp(start).normalize(), pd.Timestamp(end).normalize()
-    return max(end, start + pd.Timedelta(days=window_days)) + pd.Timedelta(days=1)
 
 
 def window_transactions(tables, start, stop, root=None) -> pd.DataFrame:

@@ -463,29 +463,22 @@ def summarize_drift(drift, exclude=(), psi_drifted=0.25) -> dict:
         "severe_drift_features": int((judged.psi > judged["severe_above"]).sum()) if "severe_above" in judged else 0,
     }
 
-# %% ../notebooks/05_model_monitoring.ipynb #be0da25c
-def reference_by_type(training, predictions, bins, min_households, resampling=None) -> dict:
-    """Step 03's reference statistics of the training rows of each campaign type with at least `min_households`
-    households; with `resampling` (`natural_drift`'s settings), each type's natural drift levels too."""
-    predictions = pd.Series(np.asarray(predictions, dtype=float), index=training.index)
-    return {
-        str(t): {
-            **reference_statistics(rows, predictions[rows.index], bins),
-            "rows": int(len(rows)),
-            "households": int(rows.household_id.nunique()),
-            **({"natural": natural_drift(rows, predictions[rows.index], bins, **resampling)} if resampling else {}),
-        }
-        for t, rows in training.groupby("campaign_type")
-        if rows.household_id.nunique() >= min_households
-    }
-
-# %% ../notebooks/05_model_monitoring.ipynb #5e7e0a02
+# %% ../notebooks/05_model_monitoring.ipynb #a1c7e0d1
 @dataclass
 class _Picked:
-    "Rows `picked` (positions) of `columns` (name → values), a column at a time: all `measure_drift` reads of a sample."
+    """Rows `picked` (positions) of `columns` (name → values), read a column at a time: a subset or a resample of the
+    rows without a copy of all their columns."""
 
     columns: dict
     picked: np.ndarray
+
+    @classmethod
+    def of(cls, frame, names=None):
+        "Every row of `frame`'s columns `names` (all by default), read in place."
+        return cls({n: frame[n].to_numpy() for n in (frame.columns if names is None else names)}, np.arange(len(frame)))
+
+    def __len__(self):
+        return len(self.picked)
 
     def __contains__(self, name):
         return name in self.columns
@@ -493,22 +486,52 @@ class _Picked:
     def __getitem__(self, name):
         return self.columns[name][self.picked]
 
+    def take(self, which):
+        "These rows at positions, or where the mask, `which`."
+        return _Picked(self.columns, self.picked[which])
 
-def _resampled_psi(rows, predictions, spec, draws, rng, epsilon) -> list:
-    """PSI of each feature and the prediction, for `draws` household resamples of `rows` against the reference `spec`
-    (each resample taken a column at a time, not copied whole)."""
-    groups = rows.groupby("household_id").indices
+    def scored(self, predictions):
+        "These rows with their `predictions` (one per row, in order) as column `prediction`."
+        column = np.full(len(next(iter(self.columns.values()))), np.nan)
+        column[self.picked] = predictions
+        return _Picked({**self.columns, "prediction": column}, self.picked)
+
+# %% ../notebooks/05_model_monitoring.ipynb #be0da25c
+def reference_by_type(training, predictions, bins, min_households, resampling=None) -> dict:
+    """Step 03's reference statistics of the training rows of each campaign type with at least `min_households`
+    households; with `resampling` (`natural_drift`'s settings), each type's natural drift levels too. A type's rows are
+    read in place (`_Picked`), not copied."""
+    predictions = np.asarray(predictions, dtype=float)
+    rows = _Picked.of(training, [c for c in (*FEATURES, "household_id", "campaign_id") if c in training])
+    references = {}
+    for campaign_type, positions in training.groupby("campaign_type", observed=True).indices.items():
+        mine, scores = rows.take(positions), predictions[positions]
+        households = len(pd.unique(mine["household_id"]))
+        if households < min_households:
+            continue
+        references[str(campaign_type)] = {
+            **reference_statistics(mine, scores, bins),
+            "rows": len(mine),
+            "households": households,
+            **({"natural": natural_drift(mine, scores, bins, **resampling)} if resampling else {}),
+        }
+    return references
+
+# %% ../notebooks/05_model_monitoring.ipynb #5e7e0a02
+def _resampled_psi(rows, spec, draws, rng, epsilon) -> list:
+    """PSI of each feature and the prediction, for `draws` household resamples of `rows` (a `_Picked` with their
+    predictions) against the reference `spec`; each resample is read a column at a time, not copied whole."""
+    groups = pd.DataFrame({"household_id": rows["household_id"]}).groupby("household_id").indices
     households, out = np.array(list(groups)), []
-    columns = {**{name: rows[name].to_numpy() for name in spec if name in rows}, "prediction": np.asarray(predictions)}
     for _ in range(draws):
         picked = np.concatenate([groups[h] for h in rng.choice(households, len(households), replace=True)])
-        out.append(measure_drift(_Picked(columns, picked), spec, epsilon).set_index("feature").psi)
+        out.append(measure_drift(rows.take(picked), spec, epsilon).set_index("feature").psi)
     return out
 
 
-def _judgeable_campaigns(rows, min_households, min_rows) -> list:
+def _judgeable_campaigns(keys, min_households, min_rows) -> list:
     "The training campaigns of a type that would be judged as a batch, when the type has others to compare them with."
-    size = rows.groupby("campaign_id").agg(households=("household_id", "nunique"), rows=("household_id", "size"))
+    size = keys.groupby("campaign_id").agg(households=("household_id", "nunique"), rows=("household_id", "size"))
     big = size[(size.households >= min_households) & (size.rows >= min_rows)].index
     return sorted(int(c) for c in big) if len(size) > 1 else []
 
@@ -516,18 +539,19 @@ def _judgeable_campaigns(rows, min_households, min_rows) -> list:
 def natural_drift(
     rows, predictions, bins=10, quantile=0.95, draws=20, min_households=100, min_rows=300, seed=42, epsilon=1e-4
 ) -> dict:
-    """The natural drift levels of one campaign type's training `rows`: per feature and for the `predictions`, the
-    `quantile` of the PSI of each judgeable training campaign (household resamples) against the type's other campaigns.
-    """
-    predictions = np.asarray(predictions, dtype=float)  # rows and predictions are taken by position
+    """The natural drift levels of one campaign type's training `rows` (a frame, or a `_Picked`): per feature and for
+    the `predictions`, the `quantile` of the PSI of each judgeable training campaign (household resamples) against the
+    type's other campaigns."""
+    rows = (rows if isinstance(rows, _Picked) else _Picked.of(rows)).scored(np.asarray(predictions, dtype=float))
+    keys = pd.DataFrame({"household_id": rows["household_id"], "campaign_id": rows["campaign_id"]})
     rng, psis = np.random.default_rng(seed), []
-    campaigns = _judgeable_campaigns(rows, min_households, min_rows)
+    campaigns = _judgeable_campaigns(keys, min_households, min_rows)
     for c in campaigns or [None]:
-        mine = (rows.campaign_id == c).to_numpy() if c is not None else np.ones(len(rows), dtype=bool)
-        others = ~mine if c is not None else mine
-        ref = reference_statistics(rows[others], predictions[others], bins)
+        mine = (keys.campaign_id == c).to_numpy() if c is not None else np.ones(len(keys), dtype=bool)
+        others = rows.take(~mine if c is not None else mine)
+        ref = reference_statistics(others, others["prediction"], bins)
         spec = {**ref["features"], "prediction": ref["prediction"]}
-        psis += _resampled_psi(rows[mine], predictions[mine], spec, draws, rng, epsilon)
+        psis += _resampled_psi(rows.take(mine), spec, draws, rng, epsilon)
     levels = pd.DataFrame(psis).quantile(quantile)
     return {
         "features": {f: float(v) for f, v in levels.items() if f != "prediction"},
@@ -1099,7 +1123,7 @@ def compare_profiles(reference, current, path, titles, minimal=True, sample_rows
     columns = [c for c in reference.columns if c in current.columns]
     reports = [
         ProfileReport(
-            _sample(f[columns], sample_rows, seed).reset_index(drop=True), title=t, minimal=minimal, progress_bar=False
+            _sample(f, sample_rows, seed)[columns].reset_index(drop=True), title=t, minimal=minimal, progress_bar=False
         )
         for f, t in zip((reference, current), titles, strict=True)
         if len(f)
@@ -1530,11 +1554,14 @@ def alerts_document(scenario, as_of, deployed, alerts) -> dict:
     }
 
 
-def profile_latest(results, state_dir, reference, path, profile, seed) -> str | None:
-    """The profile comparison of the `reference` rows with the kept sample of the latest scored batch; that batch's
-    name, or None."""
+def profile_latest(results, state_dir, reference, path, profile, seed, columns=None) -> str | None:
+    """The profile comparison of the `reference` rows (their `columns`, all by default) with the kept sample of the
+    latest scored batch; that batch's name, or None. The reference is sampled before its columns are taken: a big one is
+    not copied whole."""
+    columns = list(reference.columns if columns is None else columns)
+    reference = _sample(reference, profile["sample_rows"], seed)[columns]
     latest, rows = latest_scored(results, state_dir)
-    current = reference.iloc[:0] if rows is None else rows[list(reference.columns)]
+    current = reference.iloc[:0] if rows is None else rows[columns]
     titles = ("training reference", latest["batch"] if latest else "no scored batch")
     compare_profiles(reference, current, path, titles, profile["minimal"], profile["sample_rows"], seed)
     return latest["batch"] if latest else None

@@ -7,7 +7,7 @@ __all__ = ['ROOT_MARKERS', 'STEPS', 'STAGES', 'SECTIONS', 'ENGINES', 'CHARTER_FI
            'SPARK_DEFAULTS', 'STAGE_DIRECTIVES', 'STAGE_TAGS', 'REPORT_CSS', 'STAGE_RUN_TAG', 'STOP_SIGNALS',
            'KERNEL_ARGUMENTS', 'project_root', 'ParamsError', 'Optional_', 'validate_spec', 'load_yaml', 'check_shared',
            'check_spark', 'load_params', 'merge_params', 'SparkUnavailableError', 'find_java', 'check_master',
-           'unmet_settings', 'spark_session', 'engine_session', 'tracking_uri', 'artifact_location',
+           'unmet_settings', 'spark_session', 'engine_session', 'stop_engine', 'tracking_uri', 'artifact_location',
            'TrackingStoreError', 'check_tracking_server', 'connect_mlflow', 'seed_everything', 'file_sha256',
            'save_json', 'load_json', 'save_csv', 'MissingOutputError', 'stage_outputs', 'check_outputs',
            'check_notebook_outputs', 'step_notebook', 'report_paths', 'check_notebook_parameters', 'runs_in_stage',
@@ -270,6 +270,24 @@ def engine_session(params_file):
     if load_params(params_file, "shared", SHARED_SPEC).get("engine", "pandas") != "spark":
         return None
     return spark_session(load_params(params_file, "spark", SPARK_SPEC))
+
+# %% ../notebooks/00_core.ipynb #b2d4e6f1
+def stop_engine(session) -> None:
+    """Stop the Spark session `session` (None on the pandas engine: nothing to do) and the JVM this process started for
+    it, with its Python workers: a stage done with Spark does not keep holding their memory. A later `spark_session`
+    starts a new JVM."""
+    if session is None:
+        return
+    from pyspark import SparkContext
+
+    gateway = SparkContext._gateway
+    session.stop()
+    if gateway is None or getattr(gateway, "proc", None) is None:
+        return  # a JVM this process did not start (Databricks Connect, an attached gateway) is not ours to stop
+    gateway.shutdown()
+    gateway.proc.stdin.close()  # the JVM exits when its standard input closes
+    gateway.proc.wait(timeout=120)
+    SparkContext._gateway = SparkContext._jvm = None
 
 # %% ../notebooks/00_core.ipynb #117c1cb5
 def tracking_uri(root, environ) -> str:

@@ -1314,13 +1314,16 @@ def with_importance(candidate, held_out, params, seed) -> Candidate:
 
 def refit_on_development(candidate, train, held_out, params, seed) -> Candidate:
     """`candidate`'s selected configuration fitted again on every labelled development campaign (training and held
-    out); its metrics, slices, curves and importance stay those measured on the held-out campaigns before the refit."""
-    rows = pd.concat([train, held_out], ignore_index=True)
-    sampled, weights = sample_training_rows(rows, params.get("negative_sample_rate", 1.0), seed)
+    out); its metrics, slices, curves and importance stay those measured on the held-out campaigns before the refit.
+    The held-out rows are sampled before they join the training sample (a sample's sample is itself): they are not
+    copied whole once more."""
+    rate = params.get("negative_sample_rate", 1.0)
+    rows = pd.concat([train, sample_training_rows(held_out, rate, seed)[0]], ignore_index=True)
+    sampled, weights = sample_training_rows(rows, rate, seed)
     model = clone(candidate.model).fit(
         sampled[FEATURES], sampled.label, **fit_arguments(candidate.name, sampled, weights)
     )
-    return replace(candidate, model=model, refit_rows=len(rows))
+    return replace(candidate, model=model, refit_rows=len(train) + len(held_out))
 
 # %% ../notebooks/03_model_development.ipynb #deb755a2
 def flat_metrics(candidates, selection, counts) -> dict:

@@ -18,8 +18,8 @@ __all__ = ['SCENARIOS', 'SEVERITIES', 'REMEDIATIONS', 'OPS', 'RULE_SPEC', 'SPEC'
            'register_challenger', 'register_verdict', 'close_the_loop', 'retrain_on_trigger', 'reference_resampling',
            'build_monitor', 'replay_inputs', 'profile_sampler', 'latest_scored', 'gate_settings', 'monitoring_summary',
            'plot_diagnoses', 'drift_table', 'rules_table', 'retraining_summary', 'challenger_tables', 'alerts_document',
-           'profile_latest', 'profile_note', 'replay_header', 'replay_table', 'figure_png', 'drift_view', 'alerts_view',
-           'drift_levels']
+           'profile_reference', 'profile_latest', 'profile_note', 'replay_header', 'replay_table', 'figure_png',
+           'drift_view', 'alerts_view', 'drift_levels']
 
 # %% ../notebooks/05_model_monitoring.ipynb #18aad86e
 import hashlib
@@ -1554,14 +1554,18 @@ def alerts_document(scenario, as_of, deployed, alerts) -> dict:
     }
 
 
-def profile_latest(results, state_dir, reference, path, profile, seed, columns=None) -> str | None:
-    """The profile comparison of the `reference` rows (their `columns`, all by default) with the kept sample of the
-    latest scored batch; that batch's name, or None. The reference is sampled before its columns are taken: a big one is
-    not copied whole."""
-    columns = list(reference.columns if columns is None else columns)
-    reference = _sample(reference, profile["sample_rows"], seed)[columns]
+def profile_reference(training, profile, seed) -> pd.DataFrame:
+    """The features of the training rows that the profile compares with: the sample `compare_profiles` would draw (at
+    most `profile["sample_rows"]` rows), taken before the columns, so the training rows are never copied whole and can
+    be let go before the replay."""
+    return _sample(training, profile["sample_rows"], seed)[FEATURES]
+
+
+def profile_latest(results, state_dir, reference, path, profile, seed) -> str | None:
+    """The profile comparison of the `reference` rows with the kept sample of the latest scored batch; that batch's
+    name, or None."""
     latest, rows = latest_scored(results, state_dir)
-    current = reference.iloc[:0] if rows is None else rows[columns]
+    current = reference.iloc[:0] if rows is None else rows[list(reference.columns)]
     titles = ("training reference", latest["batch"] if latest else "no scored batch")
     compare_profiles(reference, current, path, titles, profile["minimal"], profile["sample_rows"], seed)
     return latest["batch"] if latest else None

@@ -32,7 +32,7 @@ from conftest import ROOT, run, wait_until
 from lib import model_deployment as dep
 from lib import model_development as md
 from lib import model_monitoring as mon
-from lib.core import SparkUnavailableError, load_json, load_params, load_yaml, spark_session
+from lib.core import SparkUnavailableError, load_json, load_params, load_yaml, spark_session, stop_engine
 from lib.data_acquisition import load_processed
 
 LOCAL = {"master": "local[2]", "config": {"spark.sql.shuffle.partitions": 4}}
@@ -77,6 +77,22 @@ def test_a_second_session_with_other_settings_gets_them(spark):
         assert (conf.get("spark.master"), conf.get("spark.sql.shuffle.partitions")) == ("local[1]", "3")
         assert spark.sparkContext._jsc is None  # the first session was stopped, not returned unchanged
         assert spark_session(settings) is again  # the same settings: the running session is kept
+    finally:
+        again.stop()
+
+
+def test_a_stage_done_with_spark_lets_its_jvm_and_python_workers_go():
+    session = spark_session(LOCAL)
+    assert session.range(8).rdd.map(lambda x: x).count() == 8  # a Python job: the workers start
+    jvm = psutil.Process(pyspark.SparkContext._gateway.proc.pid)
+    workers = jvm.children(recursive=True)
+    assert workers, "a Python job ran, so the JVM has Python workers"
+    stop_engine(session)
+    gone, alive = psutil.wait_procs([jvm, *workers], timeout=120)
+    assert not alive, f"still running after stop_engine: {[p.pid for p in alive]}"
+    again = spark_session(LOCAL)  # a later session starts a JVM of its own
+    try:
+        assert again.range(5).count() == 5
     finally:
         again.stop()
 

@@ -878,6 +878,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                   'lib/model_monitoring.py'),
                                       'lib.model_monitoring.reference_resampling': ( 'model_monitoring.html#reference_resampling',
                                                                                      'lib/model_monitoring.py'),
+                                      'lib.model_monitoring.reference_training_rows': ( 'model_monitoring.html#reference_training_rows',
+                                                                                        'lib/model_monitoring.py'),
                                       'lib.model_monitoring.register_challenger': ( 'model_monitoring.html#register_challenger',
                                                                                     'lib/model_monitoring.py'),
                                       'lib.model_monitoring.register_verdict': ( 'model_monitoring.html#register_verdict',

@@ -16,10 +16,10 @@ __all__ = ['SCENARIOS', 'SEVERITIES', 'REMEDIATIONS', 'OPS', 'RULE_SPEC', 'SPEC'
            'flat_metrics', 'compare_profiles', 'deployed_model', 'model_identity', 'scoring_uri', 'load_scorer',
            'rule_thresholds', 'plot_timeline', 'retrain_trigger', 'training_campaigns', 'gate_challenger',
            'register_challenger', 'register_verdict', 'close_the_loop', 'retrain_on_trigger', 'reference_resampling',
-           'build_monitor', 'replay_inputs', 'profile_sampler', 'latest_scored', 'gate_settings', 'monitoring_summary',
-           'plot_diagnoses', 'drift_table', 'rules_table', 'retraining_summary', 'challenger_tables', 'alerts_document',
-           'profile_reference', 'profile_latest', 'profile_note', 'replay_header', 'replay_table', 'figure_png',
-           'drift_view', 'alerts_view', 'drift_levels']
+           'build_monitor', 'replay_inputs', 'reference_training_rows', 'profile_sampler', 'latest_scored',
+           'gate_settings', 'monitoring_summary', 'plot_diagnoses', 'drift_table', 'rules_table', 'retraining_summary',
+           'challenger_tables', 'alerts_document', 'profile_reference', 'profile_latest', 'profile_note',
+           'replay_header', 'replay_table', 'figure_png', 'drift_view', 'alerts_view', 'drift_levels']
 
 # %% ../notebooks/05_model_monitoring.ipynb #18aad86e
 import hashlib
@@ -1404,6 +1404,16 @@ def replay_inputs(root, deployed, m: Monitor) -> dict:
         "as_of": str(m.as_of.date()),
         "trained_until": m.model["trained_until"],
     }
+
+# %% ../notebooks/05_model_monitoring.ipynb #c3e5f7a1
+def reference_training_rows(root) -> pd.DataFrame:
+    """Step 03's training rows under `root`, with only what the drift reference and the profile read: the features and
+    each row's household and campaign."""
+    return pd.read_parquet(
+        Path(root) / "data/features/development.parquet",
+        columns=[*FEATURES, "household_id", "campaign_id"],
+        filters=[("set", "==", "train")],
+    )
 
 # %% ../notebooks/05_model_monitoring.ipynb #ff26c143
 def profile_sampler(state_dir, rows, seed):

@@ -27,7 +27,7 @@ __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES',
            'with_importance', 'refit_on_development', 'flat_metrics', 'write_plots', 'git_commit', 'params_digest',
            'lineage_tags', 'plot_curves', 'plot_importance', 'model_requirements', 'log_candidate', 'log_development',
            'AcceptanceError', 'enforce_acceptance', 'candidate_pointer', 'development_settings', 'campaign_ids',
-           'development_rows', 'write_parquet_file', 'spark_development_rows', 'training_sample', 'held_out_rows',
+           'development_rows', 'write_parquet_file', 'spark_development_rows', 'training_sample', 'development_sets',
            'check_development_sets', 'set_counts', 'develop_candidates', 'input_hashes', 'run_parameters', 'row_counts',
            'campaign_lists', 'reference_document', 'development_summary', 'plot_top_k', 'sample_note', 'model_card',
            'candidate_table', 'slice_table', 'run_facts']
@@ -1601,9 +1601,11 @@ def training_sample(path, rate, seed, spark=None) -> pd.DataFrame:
     return by_key(sample.toPandas())
 
 
-def held_out_rows(path) -> pd.DataFrame:
-    "Every held-out row of the development rows at `path`, in key order: the metrics need them whole."
-    return by_key(pd.read_parquet(path, filters=[("set", "==", "held_out")]))
+def development_sets(path, rate, seed, spark=None) -> tuple:
+    """From the development rows at `path`: the training sample (`training_sample`, on Spark session `spark` if given)
+    and every held-out row, each in key order."""
+    held_out = by_key(pd.read_parquet(path, filters=[("set", "==", "held_out")]))
+    return training_sample(path, rate, seed, spark), held_out
 
 
 def check_development_sets(train, held_out, leakage_auc_max=0.99):

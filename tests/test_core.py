@@ -1,9 +1,11 @@
 """Core helpers: the MLflow store, seeding and output checks, as the stages use them."""
 
+import os
 import time
 
 import pytest
 
+import lib.core as core
 from lib.core import TrackingStoreError, connect_mlflow, file_sha256, seed_everything, tracking_uri
 
 
@@ -33,3 +35,29 @@ def test_seeding_and_hashing_are_repeatable(tmp_path):
     assert seed_everything(3).random(4).tolist() == seed_everything(3).random(4).tolist()
     (tmp_path / "a").write_bytes(b"x" * 3_000_000)
     assert file_sha256(tmp_path / "a") == file_sha256(tmp_path / "a")
+
+
+def kernel_environment(monkeypatch) -> dict:
+    "The environment `run_stage` hands the stage's kernel (which inherits `os.environ` when papermill starts it)."
+    seen = {}
+
+    def execute(stage, root, parameters, shared):
+        seen.update(os.environ)
+        raise core.StageError("stopped before the kernel starts")
+
+    monkeypatch.setattr(core, "_execute", execute)
+    with pytest.raises(core.StageError, match="stopped before"):
+        core.run_stage("business_understanding")
+    return seen
+
+
+def test_a_stage_kernel_inherits_the_memory_settings(monkeypatch):
+    monkeypatch.setenv("MIMALLOC_PURGE_DELAY", "unset below")
+    monkeypatch.delenv("MIMALLOC_PURGE_DELAY")  # restored to its former state afterwards
+    seen = kernel_environment(monkeypatch)
+    assert {k: seen.get(k) for k in core.KERNEL_ENVIRONMENT} == core.KERNEL_ENVIRONMENT
+
+
+def test_a_memory_setting_the_environment_makes_is_kept(monkeypatch):
+    monkeypatch.setenv("MIMALLOC_PURGE_DELAY", "100")
+    assert kernel_environment(monkeypatch)["MIMALLOC_PURGE_DELAY"] == "100"

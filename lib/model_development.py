@@ -23,14 +23,14 @@ __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES',
            'training_draws', 'sample_training_rows', 'fit_arguments', 'fit_candidate', 'top_k_offers', 'precision_at_k',
            'measure_metrics', 'measure_slices', 'measure_lift', 'measure_curves', 'check_acceptance',
            'select_candidate', 'bin_shares', 'describe_numeric', 'describe_categorical', 'reference_statistics',
-           'Candidate', 'measure_importance', 'predict_in_batches', 'positive_class', 'develop_candidate',
-           'with_importance', 'refit_on_development', 'flat_metrics', 'write_plots', 'git_commit', 'params_digest',
-           'lineage_tags', 'plot_curves', 'plot_importance', 'model_requirements', 'log_candidate', 'log_development',
-           'AcceptanceError', 'enforce_acceptance', 'candidate_pointer', 'development_settings', 'campaign_ids',
-           'development_rows', 'write_parquet_file', 'spark_development_rows', 'training_sample', 'development_sets',
-           'check_development_sets', 'set_counts', 'develop_candidates', 'input_hashes', 'run_parameters', 'row_counts',
-           'campaign_lists', 'reference_document', 'development_summary', 'plot_top_k', 'sample_note', 'model_card',
-           'candidate_table', 'slice_table', 'run_facts']
+           'Candidate', 'importance_sample', 'measure_importance', 'predict_in_batches', 'positive_class',
+           'develop_candidate', 'with_importance', 'refit_on_development', 'flat_metrics', 'write_plots', 'git_commit',
+           'params_digest', 'lineage_tags', 'plot_curves', 'plot_importance', 'model_requirements', 'log_candidate',
+           'log_development', 'AcceptanceError', 'enforce_acceptance', 'candidate_pointer', 'development_settings',
+           'campaign_ids', 'development_rows', 'write_parquet_file', 'spark_development_rows', 'training_sample',
+           'development_sets', 'check_development_sets', 'set_counts', 'develop_candidates', 'input_hashes',
+           'run_parameters', 'row_counts', 'campaign_lists', 'reference_document', 'development_summary', 'plot_top_k',
+           'sample_note', 'model_card', 'candidate_table', 'slice_table', 'run_facts']
 
 # %% ../notebooks/03_model_development.ipynb #ed6325e4
 import hashlib
@@ -85,7 +85,7 @@ SPEC = {
     },
     "leakage_auc_max": (int, float),  # a single feature ranking the training label this well is taken as a copy of it
     "importance_repeats": int,  # permutation importance: shuffles per feature
-    "importance_max_samples": (int, float),  # permutation importance: share of held-out rows per shuffle
+    "importance_rows": int,  # permutation importance: held-out rows it shuffles, a seeded sample of them
     "reference_bins": int,  # quantile bins of the monitoring reference
     "curve_points": int,  # points per ROC / precision-recall curve in plots/
 }
@@ -102,9 +102,12 @@ def check_params(params) -> dict:
         )
     if params["cv_folds"] < 2 or params["search_iterations"] < 1:
         raise ValueError("model_development: cv_folds must be at least 2 and search_iterations at least 1")
-    for key in ("negative_sample_rate", "importance_max_samples"):
-        if not 0 < params[key] <= 1:
-            raise ValueError(f"model_development.{key} must lie in (0, 1], got {params[key]}")
+    if not 0 < params["negative_sample_rate"] <= 1:
+        raise ValueError(
+            f"model_development.negative_sample_rate must lie in (0, 1], got {params['negative_sample_rate']}"
+        )
+    if params["importance_rows"] < 1:
+        raise ValueError(f"model_development.importance_rows must be at least 1, got {params['importance_rows']}")
     return params
 
 # %% ../notebooks/03_model_development.ipynb #e5ec98a0
@@ -1254,18 +1257,24 @@ class Candidate:
     refit_rows: int = 0  # rows of the final fit on every labelled development campaign (0: not refitted)
 
 
+def importance_sample(frame, rows, seed) -> pd.DataFrame:
+    "A seeded sample of `rows` rows of `frame` (every row when it has no more), in the frame's order."
+    return frame if len(frame) <= rows else frame.sample(n=rows, random_state=seed).sort_index()
+
+
 def measure_importance(model, frame, params, seed) -> pd.DataFrame:
-    """Permutation importance of each feature on `frame`: the mean drop in average precision when it is shuffled; the
-    features are shuffled in parallel, one per core, with the same seeded shuffles on any number of cores."""
+    """Permutation importance of each feature on `importance_sample`'s `importance_rows` rows of `frame`: the mean drop
+    in average precision when it is shuffled. The sample bounds the memory and time it takes whatever the size of the
+    data; the features are shuffled in parallel, one per core, with the same seeded shuffles on any number of cores."""
     from sklearn.inspection import permutation_importance
 
+    rows = importance_sample(frame, params["importance_rows"], seed)
     result = permutation_importance(
         model,
-        frame[FEATURES],
-        frame.label,
+        rows[FEATURES],
+        rows.label,
         scoring="average_precision",
         n_repeats=params["importance_repeats"],
-        max_samples=params["importance_max_samples"],
         random_state=seed,
         n_jobs=-1,
     )

@@ -23,14 +23,15 @@ __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES',
            'training_draws', 'sample_training_rows', 'fit_arguments', 'fit_candidate', 'top_k_offers', 'precision_at_k',
            'measure_metrics', 'measure_slices', 'measure_lift', 'measure_curves', 'check_acceptance',
            'select_candidate', 'bin_shares', 'describe_numeric', 'describe_categorical', 'reference_statistics',
-           'Candidate', 'importance_sample', 'measure_importance', 'predict_in_batches', 'positive_class',
-           'develop_candidate', 'with_importance', 'refit_on_development', 'flat_metrics', 'write_plots', 'git_commit',
-           'params_digest', 'lineage_tags', 'plot_curves', 'plot_importance', 'model_requirements', 'log_candidate',
-           'log_development', 'AcceptanceError', 'enforce_acceptance', 'candidate_pointer', 'development_settings',
-           'campaign_ids', 'development_rows', 'write_parquet_file', 'spark_development_rows', 'training_sample',
-           'development_sets', 'check_development_sets', 'set_counts', 'develop_candidates', 'input_hashes',
-           'run_parameters', 'row_counts', 'campaign_lists', 'reference_document', 'development_summary', 'plot_top_k',
-           'sample_note', 'model_card', 'candidate_table', 'slice_table', 'run_facts']
+           'Candidate', 'importance_sample', 'measure_importance', 'predict_in_batches', 'positive_class', 'timed_fit',
+           'measure_candidate', 'develop_candidate', 'with_importance', 'refit_on_development', 'flat_metrics',
+           'write_plots', 'git_commit', 'params_digest', 'lineage_tags', 'plot_curves', 'plot_importance',
+           'model_requirements', 'log_candidate', 'log_development', 'AcceptanceError', 'enforce_acceptance',
+           'candidate_pointer', 'development_settings', 'campaign_ids', 'development_rows', 'write_parquet_file',
+           'spark_development_rows', 'training_sample', 'read_parts', 'held_out_rows', 'set_counts', 'fit_candidates',
+           'evaluate_candidates', 'input_hashes', 'run_parameters', 'row_counts', 'campaign_lists',
+           'reference_document', 'development_summary', 'plot_top_k', 'sample_note', 'model_card', 'candidate_table',
+           'slice_table', 'run_facts']
 
 # %% ../notebooks/03_model_development.ipynb #ed6325e4
 import hashlib
@@ -1295,11 +1296,15 @@ def positive_class(model):
     return lambda features: model.predict_proba(features)[:, 1]
 
 
-def develop_candidate(name, train, held_out, params, k, seed) -> Candidate:
-    "Fit candidate `name` on `train` and measure it on `held_out`."
+def timed_fit(name, train, params, seed) -> tuple:
+    "`fit_candidate`'s model and search of candidate `name` on `train`, and the seconds the fit took."
     started = time.perf_counter()
     model, search = fit_candidate(name, train, params, seed)
-    seconds = time.perf_counter() - started
+    return model, search, time.perf_counter() - started
+
+
+def measure_candidate(name, model, search, seconds, held_out, params, k) -> Candidate:
+    "Candidate `name` (its fitted `model`, `search` and fit `seconds`, from `timed_fit`) measured on `held_out`."
     scores = predict_in_batches(positive_class(model), held_out)
     best = search.loc[search.selected, "params"].iloc[0] if len(search) else {}
     chosen = {key.removeprefix("model__"): value for key, value in best.items()}
@@ -1316,8 +1321,13 @@ def develop_candidate(name, train, held_out, params, k, seed) -> Candidate:
     )
 
 
+def develop_candidate(name, train, held_out, params, k, seed) -> Candidate:
+    "Fit candidate `name` on `train` and measure it on `held_out`."
+    return measure_candidate(name, *timed_fit(name, train, params, seed), held_out, params, k)
+
+
 def with_importance(candidate, held_out, params, seed) -> Candidate:
-    "`candidate` with its permutation importance on the held-out rows."
+    "`candidate` with its permutation importance on a sample of the held-out rows (`measure_importance`)."
     return replace(candidate, importance=measure_importance(candidate.model, held_out, params, seed))
 
 
@@ -1610,17 +1620,21 @@ def training_sample(path, rate, seed, spark=None) -> pd.DataFrame:
     return by_key(sample.toPandas())
 
 
-def development_sets(path, rate, seed, spark=None) -> tuple:
-    """From the development rows at `path`: the training sample (`training_sample`, on Spark session `spark` if given)
-    and every held-out row, each in key order."""
-    held_out = by_key(pd.read_parquet(path, filters=[("set", "==", "held_out")]))
-    return training_sample(path, rate, seed, spark), held_out
+def read_parts(path, filters) -> pd.DataFrame:
+    """The rows of the parquet `path` that pass `filters`, read a part at a time when `path` is a folder of parts (as
+    Spark writes one), in name order: the filter holds one part's rows at once, not the whole table's."""
+    path = Path(path)
+    parts = [pd.read_parquet(p, filters=filters) for p in sorted(path.glob("*.parquet"))] if path.is_dir() else []
+    kept = [part for part in parts if len(part)]
+    return pd.concat(kept, ignore_index=True) if kept else pd.read_parquet(path, filters=filters)
 
 
-def check_development_sets(train, held_out, leakage_auc_max=0.99):
-    "`check_training_data` of the training sample and of the held-out rows, before any model sees them."
-    check_training_data(train, FEATURES, leakage_auc_max=leakage_auc_max)
+def held_out_rows(path, leakage_auc_max=0.99) -> pd.DataFrame:
+    """Every held-out row of the development rows at `path` (`read_parts`), in key order, checked as the training sample
+    is (`check_training_data`) before any model is measured on them."""
+    held_out = by_key(read_parts(path, [("set", "==", "held_out")]))
     check_training_data(held_out, FEATURES, leakage_auc_max=leakage_auc_max, where="held-out rows")
+    return held_out
 
 
 def set_counts(path) -> pd.DataFrame:
@@ -1629,15 +1643,19 @@ def set_counts(path) -> pd.DataFrame:
     return rows.groupby(["set", "campaign_id"]).label.agg(rows="size", positives="sum").reset_index()
 
 # %% ../notebooks/03_model_development.ipynb #0b1c2d33
-def develop_candidates(train, held_out, params, k, seed, say=quiet) -> dict:
-    "Every candidate of `CANDIDATES`, fitted on `train` and measured on `held_out`, by name."
-    developed = {}
+def fit_candidates(train, params, seed, say=quiet) -> dict:
+    "Every candidate of `CANDIDATES` fitted on `train` (`timed_fit`: model, search, seconds), by name."
+    fitted = {}
     for name in CANDIDATES:
-        developed[name] = develop_candidate(name, train, held_out, params, k, seed)
-        say(
-            f"{name}: fitted in {developed[name].fit_seconds:.0f} s, held-out AP "
-            f"{developed[name].metrics['average_precision']:.4f}"
-        )
+        fitted[name] = timed_fit(name, train, params, seed)
+        say(f"{name}: fitted in {fitted[name][2]:.0f} s")
+    return fitted
+
+
+def evaluate_candidates(fitted, held_out, params, k, say=quiet) -> dict:
+    "Each candidate `fit_candidates` fitted, measured on `held_out` (`measure_candidate`), by name."
+    developed = {name: measure_candidate(name, *fit, held_out, params, k) for name, fit in fitted.items()}
+    say("held-out AP: " + ", ".join(f"{n} {c.metrics['average_precision']:.4f}" for n, c in developed.items()))
     return developed
 
 # %% ../notebooks/03_model_development.ipynb #0b1c2d35

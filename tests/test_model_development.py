@@ -370,7 +370,7 @@ def test_running_the_stage_twice_gives_identical_metrics(smoke_pipeline, tmp_pat
 )
 def test_bad_training_data_stops_the_stage(smoke_pipeline, tmp_path, fault, message):
     project = copy_project(smoke_pipeline, tmp_path / "fault")
-    insert_cell(project, fault, before="check_development_sets(train, held_out, params")
+    insert_cell(project, fault, before="check_training_data(train, FEATURES")
     proc = run(["dvc", "repro", "--single-item", STAGE], project, check=False)
     assert proc.returncode != 0
     assert "stage 'model_development' failed" in proc.stderr and message in proc.stderr

@@ -70,6 +70,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                           'lib.core.stop_descendants': ('core.html#stop_descendants', 'lib/core.py'),
                           'lib.core.stop_engine': ('core.html#stop_engine', 'lib/core.py'),
                           'lib.core.stop_stage_on_signals': ('core.html#stop_stage_on_signals', 'lib/core.py'),
+                          'lib.core.stop_workers': ('core.html#stop_workers', 'lib/core.py'),
                           'lib.core.table_view': ('core.html#table_view', 'lib/core.py'),
                           'lib.core.tracking_uri': ('core.html#tracking_uri', 'lib/core.py'),
                           'lib.core.uncached_outputs': ('core.html#uncached_outputs', 'lib/core.py'),

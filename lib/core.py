@@ -8,14 +8,14 @@ __all__ = ['ROOT_MARKERS', 'STEPS', 'STAGES', 'SECTIONS', 'ENGINES', 'CHARTER_FI
            'KERNEL_ARGUMENTS', 'KERNEL_ENVIRONMENT', 'project_root', 'ParamsError', 'Optional_', 'validate_spec',
            'load_yaml', 'check_shared', 'check_spark', 'load_params', 'merge_params', 'SparkUnavailableError',
            'find_java', 'check_master', 'unmet_settings', 'spark_session', 'engine_session', 'stop_engine',
-           'tracking_uri', 'artifact_location', 'TrackingStoreError', 'check_tracking_server', 'connect_mlflow',
-           'seed_everything', 'file_sha256', 'save_json', 'load_json', 'save_csv', 'MissingOutputError',
-           'stage_outputs', 'check_outputs', 'check_notebook_outputs', 'step_notebook', 'report_paths',
-           'check_notebook_parameters', 'runs_in_stage', 'stage_view', 'render_report', 'progress', 'quiet', 'show',
-           'table_view', 'peak_rss_mb', 'open_stage', 'ipc_kernel_manager', 'watch_parent', 'pipeline_chain',
-           'stop_descendants', 'stage_run_context', 'end_stage_runs', 'end_runs_of', 'stop_stage_on_signals',
-           'guard_stage_kernel', 'StageError', 'run_stage', 'run_stage_cli', 'changed_outputs', 'uncached_outputs',
-           'keep_failed_notebooks', 'recover', 'recover_cli']
+           'stop_workers', 'tracking_uri', 'artifact_location', 'TrackingStoreError', 'check_tracking_server',
+           'connect_mlflow', 'seed_everything', 'file_sha256', 'save_json', 'load_json', 'save_csv',
+           'MissingOutputError', 'stage_outputs', 'check_outputs', 'check_notebook_outputs', 'step_notebook',
+           'report_paths', 'check_notebook_parameters', 'runs_in_stage', 'stage_view', 'render_report', 'progress',
+           'quiet', 'show', 'table_view', 'peak_rss_mb', 'open_stage', 'ipc_kernel_manager', 'watch_parent',
+           'pipeline_chain', 'stop_descendants', 'stage_run_context', 'end_stage_runs', 'end_runs_of',
+           'stop_stage_on_signals', 'guard_stage_kernel', 'StageError', 'run_stage', 'run_stage_cli', 'changed_outputs',
+           'uncached_outputs', 'keep_failed_notebooks', 'recover', 'recover_cli']
 
 # %% ../notebooks/00_core.ipynb #1504f3be
 import ast
@@ -289,6 +289,14 @@ def stop_engine(session) -> None:
     gateway.proc.stdin.close()  # the JVM exits when its standard input closes
     gateway.proc.wait(timeout=120)
     SparkContext._gateway = SparkContext._jvm = None
+
+# %% ../notebooks/00_core.ipynb #b2d4e6f3
+def stop_workers() -> None:
+    """Shut down the worker processes joblib keeps between parallel jobs (scikit-learn's searches and permutation
+    importance): idle, each still holds the memory of its last job for minutes. A later parallel job starts new ones."""
+    from joblib.externals.loky import get_reusable_executor
+
+    get_reusable_executor().shutdown(wait=True)  # asked with other settings than joblib's, it replaces joblib's first
 
 # %% ../notebooks/00_core.ipynb #117c1cb5
 def tracking_uri(root, environ) -> str:

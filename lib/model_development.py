@@ -51,7 +51,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, OrdinalEncoder, QuantileTransformer
 
-from .core import file_sha256, quiet, table_view, validate_spec
+from .core import file_sha256, parquet_frame, quiet, table_view, validate_spec
 from .data_acquisition import TABLES, UNKNOWN
 
 # %% ../notebooks/03_model_development.ipynb #2f337a1a
@@ -804,7 +804,7 @@ def labelled_rows_on_spark(spark, tables, campaign_ids, promo_weeks, root, say=q
         path = spark_features(
             spark, tables, *big, campaign_ids, Path(tmp) / "rows", promo_weeks, labelled=True, ordered=True
         )
-        return by_key(pd.read_parquet(path))
+        return by_key(parquet_frame(path))
 
 
 def labelled_rows(tables, campaign_ids, promo_weeks=4, say=quiet, spark=None, root=None) -> pd.DataFrame:
@@ -874,7 +874,7 @@ def transactions_between(root, start, stop) -> pd.DataFrame:
     """The delivered transactions under `root` from `start` up to, not including, `stop`: read with a filter, so only
     they are held."""
     inside = [("transaction_timestamp", ">=", pd.Timestamp(start)), ("transaction_timestamp", "<", pd.Timestamp(stop))]
-    return pd.read_parquet(Path(root) / "data/processed/transactions.parquet", filters=inside)
+    return parquet_frame(Path(root) / "data/processed/transactions.parquet", filters=inside)
 
 # %% ../notebooks/03_model_development.ipynb #23bf2169
 class TrainingDataError(ValueError):
@@ -1614,7 +1614,7 @@ def training_sample(path, rate, seed, spark=None) -> pd.DataFrame:
     """`sample_training_rows`' sample of the training rows at `path`, in key order: drawn here, or on Spark session
     `spark`, which sends back only the sample (each row's draw depends on its keys alone, so both draw the same)."""
     if spark is None:
-        return sample_training_rows(pd.read_parquet(path, filters=[("set", "==", "train")]), rate, seed)[0]
+        return sample_training_rows(parquet_frame(path, filters=[("set", "==", "train")]), rate, seed)[0]
     train = spark.read.parquet(str(path)).where("set = 'train'")
     sample = train.mapInPandas(lambda parts: (sample_training_rows(p, rate, seed)[0] for p in parts), train.schema)
     return by_key(sample.toPandas())
@@ -1624,9 +1624,9 @@ def read_parts(path, filters) -> pd.DataFrame:
     """The rows of the parquet `path` that pass `filters`, read a part at a time when `path` is a folder of parts (as
     Spark writes one), in name order: the filter holds one part's rows at once, not the whole table's."""
     path = Path(path)
-    parts = [pd.read_parquet(p, filters=filters) for p in sorted(path.glob("*.parquet"))] if path.is_dir() else []
+    parts = [parquet_frame(p, filters=filters) for p in sorted(path.glob("*.parquet"))] if path.is_dir() else []
     kept = [part for part in parts if len(part)]
-    return pd.concat(kept, ignore_index=True) if kept else pd.read_parquet(path, filters=filters)
+    return pd.concat(kept, ignore_index=True) if kept else parquet_frame(path, filters=filters)
 
 
 def held_out_rows(path, leakage_auc_max=0.99) -> pd.DataFrame:

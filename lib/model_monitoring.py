@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import ParamsError, load_json, quiet, save_json, table_view, validate_spec
+from .core import ParamsError, load_json, parquet_frame, quiet, save_json, table_view, validate_spec
 from .data_acquisition import PROCESSED_CONTRACTS, UNKNOWN, score_contract
 from .kpis import kpi_window, measurable_campaigns, measure_kpi, window_end
 from lib.model_development import (
@@ -771,17 +771,14 @@ def _batch_result(row, status, reason, metrics, drift=None, seconds=None, findin
     )
 
 # %% ../notebooks/05_model_monitoring.ipynb #95883939
-def _measure_drift(m, reference, features, scores) -> tuple:
-    "Drift of a scored batch against its type's `reference`, judged by the reference's natural levels; and findings."
+def _measure_drift(m, reference, scored) -> tuple:
+    """Drift of a batch's `scored` rows (features and `prediction`) against its type's `reference`, judged by the
+    reference's natural levels; and findings."""
     s = m.settings
-    drift = measure_drift(
-        features.assign(prediction=scores),
-        {**reference["features"], "prediction": reference["prediction"]},
-        s["psi_epsilon"],
-    )
+    drift = measure_drift(scored, {**reference["features"], "prediction": reference["prediction"]}, s["psi_epsilon"])
     drift = judge_drift(drift, reference.get("natural", {}), s["psi_drifted"], s["severe_factor"])
     feature_drift, prediction = drift[drift.feature != "prediction"], drift[drift.feature == "prediction"].iloc[0]
-    kinds, findings = check_feature_kinds(features, reference)
+    kinds, findings = check_feature_kinds(scored, reference)
     metrics = {
         **summarize_drift(feature_drift, s["drift_exclude"], s["psi_drifted"]),
         **kinds,
@@ -798,7 +795,7 @@ def _measure_scored(m, batch, features, scores, seconds) -> tuple:
     reference = m.reference.get(str(batch["campaign_descriptions"].campaign_type.iloc[0]))
     feature_drift, findings = None, {}
     if reference:
-        more, feature_drift, findings = _measure_drift(m, reference, features, scores)
+        more, feature_drift, findings = _measure_drift(m, reference, features)
         metrics |= more
     seconds["drift"] = time.perf_counter() - started
     ended = (
@@ -836,12 +833,13 @@ def monitor_batch(row, m: Monitor) -> tuple:
     )
     if reason:
         return _batch_result(row, "insufficient_data", reason, metrics, seconds=seconds), None
-    scores = np.asarray(m.score(features[FEATURES]), dtype=float)
+    features["prediction"] = predict_in_batches(m.score, features)  # in place, a batch of rows at a time: no copies
+    scores = features.prediction.to_numpy()
     more, drift, findings = _measure_scored(m, batch, features, scores, seconds)
     groups = more.pop("top_k_groups", None)
     seconds["total"] = time.perf_counter() - started
     result = _batch_result(row, "ok", "", {**metrics, **more}, drift, seconds, findings)
-    return {**result, **({"top_k_groups": groups} if groups else {})}, features.assign(prediction=scores)
+    return {**result, **({"top_k_groups": groups} if groups else {})}, features
 
 # %% ../notebooks/05_model_monitoring.ipynb #12d8c683
 RESULT_SETTINGS = (
@@ -1409,7 +1407,7 @@ def replay_inputs(root, deployed, m: Monitor) -> dict:
 def reference_training_rows(root) -> pd.DataFrame:
     """Step 03's training rows under `root`, with only what the drift reference and the profile read: the features and
     each row's household and campaign."""
-    return pd.read_parquet(
+    return parquet_frame(
         Path(root) / "data/features/development.parquet",
         columns=[*FEATURES, "household_id", "campaign_id"],
         filters=[("set", "==", "train")],

@@ -81,6 +81,11 @@ def test_a_second_session_with_other_settings_gets_them(spark):
         again.stop()
 
 
+def test_the_driver_jvm_runs_with_the_settings_that_give_idle_heap_back(spark):
+    arguments = list(spark._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments())
+    assert {"-XX:G1PeriodicGCInterval=3000", "-XX:MaxHeapFreeRatio=20"} <= set(arguments), arguments
+
+
 def test_a_stage_done_with_spark_lets_its_jvm_and_python_workers_go():
     session = spark_session(LOCAL)
     assert session.range(8).rdd.map(lambda x: x).count() == 8  # a Python job: the workers start

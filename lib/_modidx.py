@@ -55,6 +55,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                           'lib.core.quiet': ('core.html#quiet', 'lib/core.py'),
                           'lib.core.recover': ('core.html#recover', 'lib/core.py'),
                           'lib.core.recover_cli': ('core.html#recover_cli', 'lib/core.py'),
+                          'lib.core.release_driver_heap': ('core.html#release_driver_heap', 'lib/core.py'),
                           'lib.core.render_report': ('core.html#render_report', 'lib/core.py'),
                           'lib.core.report_paths': ('core.html#report_paths', 'lib/core.py'),
                           'lib.core.run_stage': ('core.html#run_stage', 'lib/core.py'),

@@ -8,14 +8,14 @@ __all__ = ['ROOT_MARKERS', 'STEPS', 'STAGES', 'SECTIONS', 'ENGINES', 'CHARTER_FI
            'KERNEL_ARGUMENTS', 'KERNEL_ENVIRONMENT', 'project_root', 'ParamsError', 'Optional_', 'validate_spec',
            'load_yaml', 'check_shared', 'check_spark', 'load_params', 'merge_params', 'SparkUnavailableError',
            'find_java', 'check_master', 'unmet_settings', 'spark_session', 'engine_session', 'stop_engine',
-           'stop_workers', 'tracking_uri', 'artifact_location', 'TrackingStoreError', 'check_tracking_server',
-           'connect_mlflow', 'seed_everything', 'file_sha256', 'save_json', 'load_json', 'save_csv',
-           'MissingOutputError', 'stage_outputs', 'check_outputs', 'check_notebook_outputs', 'parquet_frame',
-           'step_notebook', 'report_paths', 'check_notebook_parameters', 'runs_in_stage', 'stage_view', 'render_report',
-           'progress', 'quiet', 'show', 'table_view', 'peak_rss_mb', 'open_stage', 'ipc_kernel_manager', 'watch_parent',
-           'pipeline_chain', 'stop_descendants', 'stage_run_context', 'end_stage_runs', 'end_runs_of',
-           'stop_stage_on_signals', 'guard_stage_kernel', 'StageError', 'run_stage', 'run_stage_cli', 'changed_outputs',
-           'uncached_outputs', 'keep_failed_notebooks', 'recover', 'recover_cli']
+           'release_driver_heap', 'stop_workers', 'tracking_uri', 'artifact_location', 'TrackingStoreError',
+           'check_tracking_server', 'connect_mlflow', 'seed_everything', 'file_sha256', 'save_json', 'load_json',
+           'save_csv', 'MissingOutputError', 'stage_outputs', 'check_outputs', 'check_notebook_outputs',
+           'parquet_frame', 'step_notebook', 'report_paths', 'check_notebook_parameters', 'runs_in_stage', 'stage_view',
+           'render_report', 'progress', 'quiet', 'show', 'table_view', 'peak_rss_mb', 'open_stage',
+           'ipc_kernel_manager', 'watch_parent', 'pipeline_chain', 'stop_descendants', 'stage_run_context',
+           'end_stage_runs', 'end_runs_of', 'stop_stage_on_signals', 'guard_stage_kernel', 'StageError', 'run_stage',
+           'run_stage_cli', 'changed_outputs', 'uncached_outputs', 'keep_failed_notebooks', 'recover', 'recover_cli']
 
 # %% ../notebooks/00_core.ipynb #1504f3be
 import ast
@@ -234,8 +234,8 @@ SPARK_DEFAULTS = {
     "spark.ui.showConsoleProgress": "false",  # no progress bars in notebook outputs
     "spark.sql.execution.arrow.pyspark.enabled": "true",
     "spark.sql.legacy.parquet.nanosAsLong": "true",  # pandas' nanosecond timestamps: read as ns since the epoch
-    # the driver's JVM gives its unused heap back within seconds of a job (a periodic collection when idle, and a
-    # heap kept at most 20 % free) instead of holding it while the stage works in pandas beside it
+    # the driver's JVM keeps its heap small: a periodic collection when idle, at most 20 % of the heap kept free (a
+    # written output gives back the rest at once: `release_driver_heap`)
     "spark.driver.extraJavaOptions": "-XX:G1PeriodicGCInterval=3000 -XX:MinHeapFreeRatio=10 -XX:MaxHeapFreeRatio=20",
 }
 
@@ -297,6 +297,27 @@ def stop_engine(session) -> None:
     gateway.proc.stdin.close()  # the JVM exits when its standard input closes
     gateway.proc.wait(timeout=120)
     SparkContext._gateway = SparkContext._jvm = None
+
+# %% ../notebooks/00_core.ipynb #d8e1a0c1
+def release_driver_heap(spark) -> None:
+    """Have the driver's JVM give the heap it does not use back to the system at once: a full collection while at most
+    20 % of the heap may stay free, then the JVM's own free-heap bounds again. For when a job's output is written and
+    the stage goes on in pandas: in local mode the job ran in this JVM (on the data ×10, 1.45 GB after one campaign's
+    features, 0.5 GB three seconds after this call). Nothing to do for None (the pandas engine) or a session without a
+    JVM in this process (Spark Connect)."""
+    jvm = getattr(spark, "_jvm", None)
+    if jvm is None:
+        return
+    bean = jvm.java.lang.management.ManagementFactory.getPlatformMXBean(
+        jvm.java.lang.Class.forName("com.sun.management.HotSpotDiagnosticMXBean")
+    )
+    tight = {"MinHeapFreeRatio": "10", "MaxHeapFreeRatio": "20"}  # the lower bound set first, reset last: it never
+    own = {key: bean.getVMOption(key).getValue() for key in tight}  # exceeds the upper one
+    for key, value in tight.items():
+        bean.setVMOption(key, value)
+    jvm.System.gc()
+    for key in reversed(tight):
+        bean.setVMOption(key, own[key])
 
 # %% ../notebooks/00_core.ipynb #b2d4e6f3
 def stop_workers() -> None:

@@ -51,7 +51,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, OrdinalEncoder, QuantileTransformer
 
-from .core import file_sha256, parquet_frame, quiet, table_view, validate_spec
+from .core import file_sha256, parquet_frame, quiet, release_driver_heap, table_view, validate_spec
 from .data_acquisition import TABLES, UNKNOWN
 
 # %% ../notebooks/03_model_development.ipynb #2f337a1a
@@ -672,7 +672,8 @@ def clear_unfinished_writes(path) -> list:
 
 def write_parquet_atomically(frame, path) -> Path:
     """Spark DataFrame `frame` as the parquet folder `path`: written under a temporary sibling, then renamed into place;
-    what an earlier writer killed outright left behind is cleared first."""
+    what an earlier writer killed outright left behind is cleared first. The driver's JVM then gives back the heap the
+    job grew (`release_driver_heap`), before the stage reads the folder."""
     import shutil
     import uuid
 
@@ -685,6 +686,7 @@ def write_parquet_atomically(frame, path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    release_driver_heap(frame.sparkSession)
     if path.exists():
         path.rename(old)
     tmp.rename(path)

@@ -86,6 +86,34 @@ def test_the_driver_jvm_runs_with_the_settings_that_give_idle_heap_back(spark):
     assert {"-XX:G1PeriodicGCInterval=3000", "-XX:MaxHeapFreeRatio=20"} <= set(arguments), arguments
 
 
+def _heap_mb(spark) -> tuple:
+    "The driver JVM's committed and used heap, in MB."
+    usage = spark._jvm.java.lang.management.ManagementFactory.getMemoryMXBean().getHeapMemoryUsage()
+    return usage.getCommitted() / 2**20, usage.getUsed() / 2**20
+
+
+def test_a_written_output_leaves_the_driver_holding_no_more_heap_than_it_uses(spark, tmp_path):
+    shuffled = spark.range(0, 8_000_000, numPartitions=2).selectExpr("id", "uuid() AS u").orderBy("u")
+    shuffled.write.parquet(str(tmp_path / "plain"))  # the same job without the release: the heap it grows
+    grown, _ = _heap_mb(spark)
+    assert grown > 400, f"the job grew the heap to {grown:.0f} MB only: nothing to give back"
+    jvm = spark._jvm
+    bean = jvm.java.lang.management.ManagementFactory.getPlatformMXBean(
+        jvm.java.lang.Class.forName("com.sun.management.HotSpotDiagnosticMXBean")
+    )
+    own = {"MaxHeapFreeRatio": "60", "MinHeapFreeRatio": "30"}  # a user's own bounds, looser than SPARK_DEFAULTS'
+    for key, value in own.items():
+        bean.setVMOption(key, value)
+    try:
+        md.write_parquet_atomically(shuffled, tmp_path / "released")
+        committed, used = _heap_mb(spark)
+        assert committed < grown / 2 and committed <= used / 0.8 + 64, (grown, committed, used)
+        assert {key: bean.getVMOption(key).getValue() for key in own} == own  # the JVM's own bounds again
+    finally:
+        for key, value in reversed({"MaxHeapFreeRatio": "20", "MinHeapFreeRatio": "10"}.items()):
+            bean.setVMOption(key, value)
+
+
 def test_a_stage_done_with_spark_lets_its_jvm_and_python_workers_go():
     session = spark_session(LOCAL)
     assert session.range(8).rdd.map(lambda x: x).count() == 8  # a Python job: the workers start

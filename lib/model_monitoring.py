@@ -789,24 +789,26 @@ def _measure_drift(m, reference, scored) -> tuple:
     return metrics, feature_drift, {**findings, **drift_findings(feature_drift, s["drift_exclude"])}
 
 
-def _measure_scored(m, batch, features, scores, seconds) -> tuple:
-    "Drift, performance and KPIs of a scored batch; and what the drift checks found, in words."
-    started, metrics = time.perf_counter(), {"mean_score": float(np.mean(scores))}
+def _measure_scored(m, batch, scored, seconds) -> tuple:
+    """Drift, performance and KPIs of a batch's `scored` rows (features and `prediction`); and what the drift checks
+    found, in words."""
+    started, scores = time.perf_counter(), scored.prediction.to_numpy()
+    metrics = {"mean_score": float(np.mean(scores))}
     reference = m.reference.get(str(batch["campaign_descriptions"].campaign_type.iloc[0]))
     feature_drift, findings = None, {}
     if reference:
-        more, feature_drift, findings = _measure_drift(m, reference, features)
+        more, feature_drift, findings = _measure_drift(m, reference, scored)
         metrics |= more
     seconds["drift"] = time.perf_counter() - started
     ended = (
         batch["campaign_descriptions"].end_date.iloc[0].normalize() <= m.as_of.normalize()
     )  # labels exist once the campaign is over
     metrics |= measure_performance(
-        features if ended else features.iloc[:0], scores if ended else scores[:0], m.top_k, m.settings["min_positives"]
+        scored if ended else scored.iloc[:0], scores if ended else scores[:0], m.top_k, m.settings["min_positives"]
     )
     if ended:
-        metrics |= top_k_side_by_side(features, scores, m.top_k)
-    messaged = top_k_offers(features, scores, m.top_k)
+        metrics |= top_k_side_by_side(scored, scores, m.top_k)
+    messaged = top_k_offers(scored, scores, m.top_k)
     metrics |= measure_batch_kpis(m.kpis, batch, m.tables["households"], messaged, m.as_of)
     return metrics, feature_drift, findings
 
@@ -834,8 +836,7 @@ def monitor_batch(row, m: Monitor) -> tuple:
     if reason:
         return _batch_result(row, "insufficient_data", reason, metrics, seconds=seconds), None
     features["prediction"] = predict_in_batches(m.score, features)  # in place, a batch of rows at a time: no copies
-    scores = features.prediction.to_numpy()
-    more, drift, findings = _measure_scored(m, batch, features, scores, seconds)
+    more, drift, findings = _measure_scored(m, batch, features, seconds)
     groups = more.pop("top_k_groups", None)
     seconds["total"] = time.perf_counter() - started
     result = _batch_result(row, "ok", "", {**metrics, **more}, drift, seconds, findings)

@@ -80,6 +80,23 @@ def test_setup_compiles_the_packages_so_no_process_compiles_them_again(package):
     assert not missing, f"{len(missing)} modules of {package} have no bytecode, e.g. {missing[0]}: run `make setup`"
 
 
+SLOW_AT_IMPORT = ("rfc3987_syntax", "lark")  # ~40 grammars compiled at import: 1.2 s in each process loading them
+
+
+def modules_loaded_by(statement) -> set:
+    "The top-level modules a fresh interpreter of the environment has loaded after running `statement`."
+    code = f"import sys; {statement}; print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    return set(run([str(ROOT / ".venv/bin/python"), "-c", code], ROOT).stdout.split())
+
+
+def test_a_stage_runner_loads_no_parser_it_never_uses():
+    """Each stage's runner imports papermill and nbconvert, which validate notebooks with jsonschema; jsonschema ≥ 4.25
+    with the extra JupyterLab asks for also imports rfc3987-syntax, which compiles its grammars at once."""
+    loaded = modules_loaded_by("import papermill, nbconvert, nbformat")
+    assert {"papermill", "nbconvert", "jsonschema"} <= loaded
+    assert not loaded & set(SLOW_AT_IMPORT), f"{sorted(loaded & set(SLOW_AT_IMPORT))} loaded: see the jsonschema pin"
+
+
 def test_a_module_without_bytecode_is_found(tmp_path):
     (tmp_path / "compiled.py").write_text("x = 1\n")
     (tmp_path / "plain.py").write_text("y = 2\n")

@@ -5,22 +5,22 @@
 # %% auto #0
 __all__ = ['PROCESSED_TABLES', 'UNKNOWN', 'BANDS', 'DISPLAY_LOCATIONS', 'MAILER_LOCATIONS', 'FIRST_DAY', 'LAST_DAY', 'HOUSEHOLD',
            'CONTRACTS', 'PROCESSED_CONTRACTS', 'SCORECARD_COLUMNS', 'FOREIGN_KEYS', 'SNAPSHOT_COLUMNS', 'CSV_OPTIONS',
-           'EXTRA_COLUMN_POLICIES', 'ARROW_TYPES', 'FIRST_NAMES', 'LAST_NAMES', 'DEMO_NOTE', 'CONTACT_KEY_VAR',
-           'DEVELOPMENT_KEY', 'HOUSEHOLD_TABLES', 'LOCATIONS', 'DEVELOPMENT_KEY_WARNING', 'DEMO_CONTACTS_NOTE', 'SPEC',
-           'column', 'ContractError', 'violation', 'duplicated_rows', 'score_contract', 'raise_for_failures',
-           'check_contract', 'foreign_key_rule', 'interval_rule', 'campaign_window_rule', 'week_rule', 'meaning_rules',
-           'check_meaning', 'describe_column', 'take_snapshot', 'column_psi', 'compare_snapshot', 'SnapshotError',
-           'check_snapshot', 'snapshot_table', 'reading', 'source_columns', 'iter_source', 'text_dtypes',
-           'select_columns', 'coerce_table', 'arrow_schema', 'ingest_table', 'concat_chunks', 'stream_table',
-           'generate_contacts', 'DevelopmentKeyWarning', 'pseudonym_key', 'pseudonymize', 'sample_households',
-           'drop_duplicate_rows', 'without_rows', 'standardize_demographics', 'fill_unknown_text', 'to_categories',
-           'find_home_stores', 'pseudonymize_contacts', 'sort_by_key', 'process_tables', 'promotion_rows',
-           'promotion_reducer', 'process_promotions', 'Acquisition', 'write_raw', 'ingest_contacts',
-           'source_households', 'sample_filter', 'acquire', 'write_tables', 'load_processed', 'quality_scores',
-           'quality_metrics', 'catalog_entry', 'build_catalog', 'profile_table', 'profile_tables', 'has_pii',
-           'blanket_offers', 'kpi_tables', 'acquisition_summary', 'source_notes', 'plot_quality', 'profile_links',
-           'catalog_table', 'pii_table', 'rule_summary', 'imperfect_rules', 'processing_log', 'promotion_volume',
-           'baseline_table', 'baseline_note', 'plot_baseline', 'check_params']
+           'EXTRA_COLUMN_POLICIES', 'ARROW_TYPES', 'PROGRESS_ROWS', 'FIRST_NAMES', 'LAST_NAMES', 'DEMO_NOTE',
+           'CONTACT_KEY_VAR', 'DEVELOPMENT_KEY', 'HOUSEHOLD_TABLES', 'LOCATIONS', 'DEVELOPMENT_KEY_WARNING',
+           'DEMO_CONTACTS_NOTE', 'SPEC', 'column', 'ContractError', 'violation', 'duplicated_rows', 'score_contract',
+           'raise_for_failures', 'check_contract', 'foreign_key_rule', 'interval_rule', 'campaign_window_rule',
+           'week_rule', 'meaning_rules', 'check_meaning', 'describe_column', 'take_snapshot', 'column_psi',
+           'compare_snapshot', 'SnapshotError', 'check_snapshot', 'snapshot_table', 'reading', 'source_columns',
+           'iter_source', 'text_dtypes', 'select_columns', 'coerce_table', 'arrow_schema', 'ingest_table',
+           'concat_chunks', 'stream_table', 'generate_contacts', 'DevelopmentKeyWarning', 'pseudonym_key',
+           'pseudonymize', 'sample_households', 'drop_duplicate_rows', 'without_rows', 'standardize_demographics',
+           'fill_unknown_text', 'to_categories', 'find_home_stores', 'pseudonymize_contacts', 'sort_by_key',
+           'process_tables', 'promotion_rows', 'promotion_reducer', 'process_promotions', 'Acquisition', 'write_raw',
+           'ingest_contacts', 'source_households', 'sample_filter', 'acquire', 'write_tables', 'load_processed',
+           'quality_scores', 'quality_metrics', 'catalog_entry', 'build_catalog', 'profile_table', 'profile_tables',
+           'has_pii', 'blanket_offers', 'kpi_tables', 'acquisition_summary', 'source_notes', 'plot_quality',
+           'profile_links', 'catalog_table', 'pii_table', 'rule_summary', 'imperfect_rules', 'processing_log',
+           'promotion_volume', 'baseline_table', 'baseline_note', 'plot_baseline', 'check_params']
 
 # %% ../notebooks/02_data_acquisition.ipynb #93cdfefe
 import contextlib
@@ -38,7 +38,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .core import ParamsError, file_sha256, parquet_frame, table_view
+from .core import ParamsError, file_sha256, parquet_frame, quiet, table_view
 from .kpis import measurable_campaigns
 from lib.sources import (
     SOURCE_SPEC,
@@ -851,7 +851,10 @@ def arrow_schema(contract) -> pa.Schema:
     return pa.schema([(name, ARROW_TYPES[spec["dtype"]]) for name, spec in contract["columns"].items()])
 
 
-def _read_checked(source, table, contracts, extra_columns, chunk_rows, keep=None):
+PROGRESS_ROWS = 5_000_000  # a long table says how far it got every this many rows
+
+
+def _read_checked(source, table, contracts, extra_columns, chunk_rows, keep=None, say=quiet):
     """Chunks of `table` with the contract's columns and dtypes — only the rows `keep(chunk)` keeps, when given — and a
     note
     of what was dropped, parsed, read and skipped."""
@@ -866,18 +869,22 @@ def _read_checked(source, table, contracts, extra_columns, chunk_rows, keep=None
         kept = typed if keep is None else keep(typed)
         notes["rows_read"] += len(typed)
         notes["rows_skipped"] += len(typed) - len(kept)
+        if notes["rows_read"] // PROGRESS_ROWS > (notes["rows_read"] - len(typed)) // PROGRESS_ROWS:
+            say(f"{table}: {notes['rows_read']:,} rows read")
         yield kept, notes
 
 
-def ingest_table(source, table, contracts, extra_columns="error", chunk_rows=1_000_000, keep=None) -> tuple:
+def ingest_table(source, table, contracts, extra_columns="error", chunk_rows=1_000_000, keep=None, say=quiet) -> tuple:
     """Table `table` from `source` under its contract (the rows `keep` keeps): (frame, scorecard, notes); raises
-    `ContractError`."""
+    `ContractError`. `say` hears how far a long table got, and when the table is in."""
     chunks, notes = [], {"dropped_columns": [], "leading_zero_ids": {}, "rows_read": 0, "rows_skipped": 0}
-    for chunk, seen in _read_checked(source, table, contracts, extra_columns, chunk_rows, keep):
+    for chunk, seen in _read_checked(source, table, contracts, extra_columns, chunk_rows, keep, say):
         chunks.append(chunk)
         notes = seen
     frame = concat_chunks(chunks) if chunks else arrow_schema(contracts[table]).empty_table().to_pandas()
-    return frame, raise_for_failures(score_contract(table, frame, contracts)), notes
+    scorecard = raise_for_failures(score_contract(table, frame, contracts))
+    say(f"{table}: {len(frame):,} rows, under its contract")
+    return frame, scorecard, notes
 
 
 def concat_chunks(chunks) -> pd.DataFrame:
@@ -902,15 +909,15 @@ def _sum_scorecards(cards) -> pd.DataFrame:
 
 
 def stream_table(
-    source, table, contracts, raw_path, reduce, extra_columns="error", chunk_rows=1_000_000, keep=None
+    source, table, contracts, raw_path, reduce, extra_columns="error", chunk_rows=1_000_000, keep=None, say=quiet
 ) -> tuple:
     """Stream `table` chunk by chunk (the rows `keep` keeps): check it, write the raw snapshot to `raw_path`, keep what
-    `reduce(chunk)` returns."""
+    `reduce(chunk)` returns; `say` hears how far it got."""
     raw_path = Path(raw_path)
     raw_path.parent.mkdir(parents=True, exist_ok=True)
     schema, kept, cards, notes = arrow_schema(contracts[table]), [], [], {"rows_read": 0}
     with pq.ParquetWriter(raw_path, schema) as writer:
-        for chunk, seen in _read_checked(source, table, contracts, extra_columns, chunk_rows, keep):
+        for chunk, seen in _read_checked(source, table, contracts, extra_columns, chunk_rows, keep, say):
             notes = seen
             cards.append(score_contract(table, chunk, contracts, table_rules=False))
             writer.write_table(pa.Table.from_pandas(chunk, schema=schema, preserve_index=False))
@@ -919,7 +926,9 @@ def stream_table(
     card = pd.concat(
         [_sum_scorecards(cards) if cards else None, pd.DataFrame(_table_rules(table, frame, contracts[table]))]
     )
-    return frame, raise_for_failures(card.reset_index(drop=True)), dict(notes)
+    scorecard = raise_for_failures(card.reset_index(drop=True))
+    say(f"{table}: {notes['rows_read']:,} rows read, {len(frame):,} kept, under its contract")
+    return frame, scorecard, dict(notes)
 
 # %% ../notebooks/02_data_acquisition.ipynb #663918b2
 FIRST_NAMES = (
@@ -1166,12 +1175,13 @@ def write_raw(frame, path, contract) -> Path:
     return path
 
 
-def ingest_contacts(source, population, seed, contracts, extra_columns, chunk_rows, keep=None) -> tuple:
+def ingest_contacts(source, population, seed, contracts, extra_columns, chunk_rows, keep=None, say=quiet) -> tuple:
     """The CRM extract from the source (the rows `keep` keeps), or the generated demo extract for `population`; (frame,
     scorecard, notes, generated)."""
     if has_table(source, "contacts"):
-        return (*ingest_table(source, "contacts", contracts, extra_columns, chunk_rows, keep), False)
+        return (*ingest_table(source, "contacts", contracts, extra_columns, chunk_rows, keep, say), False)
     frame = generate_contacts(population, seed)
+    say(f"contacts: {len(frame):,} demo contacts generated (the source has no CRM extract)")
     return frame, check_contract("contacts", frame, contracts), {"dropped_columns": [], "leading_zero_ids": {}}, True
 
 # %% ../notebooks/02_data_acquisition.ipynb #ef17e9e9
@@ -1194,31 +1204,33 @@ def sample_filter(source, households_sample, seed, chunk_rows=1_000_000):
     return lambda frame: frame[frame.household_id.isin(sample)]
 
 
-def _ingest_raw(source, keep, seed, extra_columns, chunk_rows) -> tuple:
+def _ingest_raw(source, keep, seed, extra_columns, chunk_rows, say=quiet) -> tuple:
     """Every source table but promotions under its contract, household tables through `keep`: (raw, scorecards, notes,
     generated)."""
     raw, cards, notes = {}, [], {}
     for table in (t for t in SOURCE_TABLES if t not in ("promotions", "contacts")):
         rows = keep if table in HOUSEHOLD_TABLES else None
-        raw[table], card, notes[table] = ingest_table(source, table, CONTRACTS, extra_columns, chunk_rows, rows)
+        raw[table], card, notes[table] = ingest_table(source, table, CONTRACTS, extra_columns, chunk_rows, rows, say)
         cards.append(card)
     population = np.unique(raw["transactions"].household_id)
     raw["contacts"], card, notes["contacts"], generated = ingest_contacts(
-        source, population, seed, CONTRACTS, extra_columns, chunk_rows, keep
+        source, population, seed, CONTRACTS, extra_columns, chunk_rows, keep, say
     )
     return raw, [*cards, card], notes, generated
 
 
 def acquire(
-    source, raw_dir, households_sample=0, seed=42, key=b"", extra_columns="error", chunk_rows=1_000_000
+    source, raw_dir, households_sample=0, seed=42, key=b"", extra_columns="error", chunk_rows=1_000_000, say=quiet
 ) -> Acquisition:
     """Ingest every table of `source` under its contract, snapshot it in `raw_dir`, and process it for delivery. With a
-    sample, only the sampled households' rows (and the promotions they can use) are checked and snapshotted."""
+    sample, only the sampled households' rows (and the promotions they can use) are checked and snapshotted. `say`
+    hears each part as it starts and each table as it comes in."""
     keep = sample_filter(source, households_sample, seed, chunk_rows)
-    raw, cards, notes, generated = _ingest_raw(source, keep, seed, extra_columns, chunk_rows)
+    raw, cards, notes, generated = _ingest_raw(source, keep, seed, extra_columns, chunk_rows, say)
     files = {
         table: write_raw(frame, Path(raw_dir) / f"{table}.parquet", CONTRACTS[table]) for table, frame in raw.items()
     }
+    say("processing: duplicate rows, demographic bands, home stores, pseudonymized contacts")
     processed, log = process_tables(raw, np.unique(raw["transactions"].household_id), key)
     log += [
         _log(t, "rows of households outside the sample, not ingested", n["rows_skipped"])
@@ -1228,10 +1240,13 @@ def acquire(
     del raw
     reduce, useful = (f(processed["coupons"], processed["households"]) for f in (promotion_reducer, promotion_rows))
     raw_promotions = files["promotions"] = Path(raw_dir) / "promotions.parquet"
+    say("promotions: streamed, keeping those of a coupon's products at a household's home store")
+    in_sample = useful if keep else None  # a sample checks and snapshots only the promotions its households can use
     promotions, card, notes["promotions"] = stream_table(
-        source, "promotions", CONTRACTS, raw_promotions, reduce, extra_columns, chunk_rows, useful if keep else None
+        source, "promotions", CONTRACTS, raw_promotions, reduce, extra_columns, chunk_rows, in_sample, say
     )
     processed["promotions"], entries = process_promotions(promotions, notes["promotions"]["rows_read"])
+    say("checking the delivered tables: their contracts, then what they mean together")
     for table in PROCESSED_TABLES:
         check_contract(table, processed[table], PROCESSED_CONTRACTS)
     meaning = check_meaning(processed)

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+import lib.data_acquisition as da
 from conftest import run
 from lib.core import file_sha256
 from lib.data_acquisition import (
@@ -124,6 +125,37 @@ def test_processed_tables_meet_the_delivery_contract(acquired):
     assert set(processed["households"].household_id) == set(processed["transactions"].household_id)
     assert processed["promotions"].product_id.isin(processed["coupons"].product_id).all()
     assert processed["promotions"].store_id.isin(processed["households"].home_store_id).all()
+
+
+def test_acquisition_says_each_part_and_how_far_each_long_table_got(slice_dirs, tmp_path, monkeypatch):
+    """Ingestion is the longest silent part of a stage otherwise: each part is named as it starts, each table when it is
+    in (with its rows), and a long table every `PROGRESS_ROWS` rows."""
+    monkeypatch.setattr(da, "PROGRESS_ROWS", 10_000)
+    heard = []
+    result = acquire(
+        files_source("csv", slice_dirs), tmp_path / "raw", 0, SEED, KEY, chunk_rows=5_000, say=heard.append
+    )
+    rows = {t: n["rows_read"] for t, n in result.notes.items() if "rows_read" in n}
+    assert rows["transactions"] > 20_000 and rows["promotions"] == PROMOTION_ROWS  # long enough to report progress
+    for table in ("transactions", "promotions"):
+        assert [m for m in heard if m.endswith(" rows read") and m.startswith(f"{table}: ")] == [
+            f"{table}: {n:,} rows read" for n in range(10_000, rows[table] + 1, 10_000)
+        ]
+    repeats = next(
+        e["count"] for e in result.log if e["table"] == "promotions" and e["step"] == "drop exact duplicate rows"
+    )
+    kept = len(result.processed["promotions"]) + repeats
+    done = [m for m in heard if "under its contract" in m]
+    assert done == [
+        *(f"{t}: {rows[t]:,} rows, under its contract" for t in rows if t != "promotions"),
+        f"promotions: {rows['promotions']:,} rows read, {kept:,} kept, under its contract",
+    ]
+    parts = [
+        m.split(":")[0]
+        for m in heard
+        if m.split(":")[0] in ("processing", "promotions", "checking the delivered tables")
+    ]
+    assert parts[0] == "processing" and parts[-1] == "checking the delivered tables"
 
 
 def test_pseudonyms_are_stable_across_runs_and_differ_under_another_key(acquired, slice_dirs, tmp_path):

@@ -1328,16 +1328,18 @@ def develop_candidate(name, train, held_out, params, k, seed) -> Candidate:
     return measure_candidate(name, *timed_fit(name, train, params, seed), held_out, params, k)
 
 
-def with_importance(candidate, held_out, params, seed) -> Candidate:
+def with_importance(candidate, held_out, params, seed, say=quiet) -> Candidate:
     "`candidate` with its permutation importance on a sample of the held-out rows (`measure_importance`)."
+    say(f"{candidate.name}: permutation importance on {min(len(held_out), params['importance_rows']):,} held-out rows")
     return replace(candidate, importance=measure_importance(candidate.model, held_out, params, seed))
 
 
-def refit_on_development(candidate, train, held_out, params, seed) -> Candidate:
+def refit_on_development(candidate, train, held_out, params, seed, say=quiet) -> Candidate:
     """`candidate`'s selected configuration fitted again on every labelled development campaign (training and held
     out); its metrics, slices, curves and importance stay those measured on the held-out campaigns before the refit.
     The held-out rows are sampled before they join the training sample (a sample's sample is itself): they are not
     copied whole once more."""
+    say(f"{candidate.name}: refitting its configuration on all {len(train) + len(held_out):,} development rows")
     rate = params.get("negative_sample_rate", 1.0)
     rows = pd.concat([train, sample_training_rows(held_out, rate, seed)[0]], ignore_index=True)
     sampled, weights = sample_training_rows(rows, rate, seed)
@@ -1649,6 +1651,7 @@ def fit_candidates(train, params, seed, say=quiet) -> dict:
     "Every candidate of `CANDIDATES` fitted on `train` (`timed_fit`: model, search, seconds), by name."
     fitted = {}
     for name in CANDIDATES:
+        say(f"{name}: fitting on {len(train):,} training rows")
         fitted[name] = timed_fit(name, train, params, seed)
         say(f"{name}: fitted in {fitted[name][2]:.0f} s")
     return fitted
@@ -1656,6 +1659,7 @@ def fit_candidates(train, params, seed, say=quiet) -> dict:
 
 def evaluate_candidates(fitted, held_out, params, k, say=quiet) -> dict:
     "Each candidate `fit_candidates` fitted, measured on `held_out` (`measure_candidate`), by name."
+    say(f"measuring {len(fitted)} candidates on {len(held_out):,} held-out rows")
     developed = {name: measure_candidate(name, *fit, held_out, params, k) for name, fit in fitted.items()}
     say("held-out AP: " + ", ".join(f"{n} {c.metrics['average_precision']:.4f}" for n, c in developed.items()))
     return developed

@@ -1339,7 +1339,7 @@ def refit_on_development(candidate, train, held_out, params, seed, say=quiet) ->
     out); its metrics, slices, curves and importance stay those measured on the held-out campaigns before the refit.
     The held-out rows are sampled before they join the training sample (a sample's sample is itself): they are not
     copied whole once more."""
-    say(f"{candidate.name}: refitting its configuration on all {len(train) + len(held_out):,} development rows")
+    say(f"{candidate.name}: refitting its configuration on the training sample and {len(held_out):,} held-out rows")
     rate = params.get("negative_sample_rate", 1.0)
     rows = pd.concat([train, sample_training_rows(held_out, rate, seed)[0]], ignore_index=True)
     sampled, weights = sample_training_rows(rows, rate, seed)

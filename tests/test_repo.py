@@ -81,6 +81,7 @@ def test_setup_compiles_the_packages_so_no_process_compiles_them_again(package):
 
 
 SLOW_AT_IMPORT = ("rfc3987_syntax", "lark")  # ~40 grammars compiled at import: 1.2 s in each process loading them
+STAGE_RUNNER_IMPORTS = ("papermill", "nbconvert", "nbformat")  # what `run-stage` loads to run and render a notebook
 
 
 def modules_loaded_by(statement) -> set:
@@ -92,8 +93,8 @@ def modules_loaded_by(statement) -> set:
 def test_a_stage_runner_loads_no_parser_it_never_uses():
     """Each stage's runner imports papermill and nbconvert, which validate notebooks with jsonschema; jsonschema ≥ 4.25
     with the extra JupyterLab asks for also imports rfc3987-syntax, which compiles its grammars at once."""
-    loaded = modules_loaded_by("import papermill, nbconvert, nbformat")
-    assert {"papermill", "nbconvert", "jsonschema"} <= loaded
+    loaded = modules_loaded_by(f"import {', '.join(STAGE_RUNNER_IMPORTS)}")
+    assert {*STAGE_RUNNER_IMPORTS, "jsonschema"} <= loaded
     assert not loaded & set(SLOW_AT_IMPORT), f"{sorted(loaded & set(SLOW_AT_IMPORT))} loaded: see the jsonschema pin"
 
 

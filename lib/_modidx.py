@@ -79,6 +79,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                           'lib.core.uncached_outputs': ('core.html#uncached_outputs', 'lib/core.py'),
                           'lib.core.unmet_settings': ('core.html#unmet_settings', 'lib/core.py'),
                           'lib.core.validate_spec': ('core.html#validate_spec', 'lib/core.py'),
+                          'lib.core.vm_options': ('core.html#vm_options', 'lib/core.py'),
                           'lib.core.watch_parent': ('core.html#watch_parent', 'lib/core.py')},
             'lib.data_acquisition': { 'lib.data_acquisition.Acquisition': ('data_acquisition.html#acquisition', 'lib/data_acquisition.py'),
                                       'lib.data_acquisition.ContractError': ( 'data_acquisition.html#contracterror',

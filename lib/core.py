@@ -8,14 +8,15 @@ __all__ = ['ROOT_MARKERS', 'STEPS', 'STAGES', 'SECTIONS', 'ENGINES', 'CHARTER_FI
            'KERNEL_ARGUMENTS', 'KERNEL_ENVIRONMENT', 'project_root', 'ParamsError', 'Optional_', 'validate_spec',
            'load_yaml', 'check_shared', 'check_spark', 'load_params', 'merge_params', 'SparkUnavailableError',
            'find_java', 'check_master', 'unmet_settings', 'spark_session', 'engine_session', 'stop_engine',
-           'release_driver_heap', 'stop_workers', 'tracking_uri', 'artifact_location', 'TrackingStoreError',
-           'check_tracking_server', 'connect_mlflow', 'seed_everything', 'file_sha256', 'save_json', 'load_json',
-           'save_csv', 'MissingOutputError', 'stage_outputs', 'check_outputs', 'check_notebook_outputs',
-           'parquet_frame', 'step_notebook', 'report_paths', 'check_notebook_parameters', 'runs_in_stage', 'stage_view',
-           'render_report', 'progress', 'quiet', 'show', 'table_view', 'peak_rss_mb', 'open_stage',
-           'ipc_kernel_manager', 'watch_parent', 'pipeline_chain', 'stop_descendants', 'stage_run_context',
-           'end_stage_runs', 'end_runs_of', 'stop_stage_on_signals', 'guard_stage_kernel', 'StageError', 'run_stage',
-           'run_stage_cli', 'changed_outputs', 'uncached_outputs', 'keep_failed_notebooks', 'recover', 'recover_cli']
+           'vm_options', 'release_driver_heap', 'stop_workers', 'tracking_uri', 'artifact_location',
+           'TrackingStoreError', 'check_tracking_server', 'connect_mlflow', 'seed_everything', 'file_sha256',
+           'save_json', 'load_json', 'save_csv', 'MissingOutputError', 'stage_outputs', 'check_outputs',
+           'check_notebook_outputs', 'parquet_frame', 'step_notebook', 'report_paths', 'check_notebook_parameters',
+           'runs_in_stage', 'stage_view', 'render_report', 'progress', 'quiet', 'show', 'table_view', 'peak_rss_mb',
+           'open_stage', 'ipc_kernel_manager', 'watch_parent', 'pipeline_chain', 'stop_descendants',
+           'stage_run_context', 'end_stage_runs', 'end_runs_of', 'stop_stage_on_signals', 'guard_stage_kernel',
+           'StageError', 'run_stage', 'run_stage_cli', 'changed_outputs', 'uncached_outputs', 'keep_failed_notebooks',
+           'recover', 'recover_cli']
 
 # %% ../notebooks/00_core.ipynb #1504f3be
 import ast
@@ -299,6 +300,13 @@ def stop_engine(session) -> None:
     SparkContext._gateway = SparkContext._jvm = None
 
 # %% ../notebooks/00_core.ipynb #d8e1a0c1
+def vm_options(jvm):
+    "The HotSpot diagnostic bean of the JVM behind py4j gateway `jvm`: it reads and sets the JVM's manageable options."
+    return jvm.java.lang.management.ManagementFactory.getPlatformMXBean(
+        jvm.java.lang.Class.forName("com.sun.management.HotSpotDiagnosticMXBean")
+    )
+
+
 def release_driver_heap(spark) -> None:
     """Have the driver's JVM give the heap it does not use back to the system at once: a full collection while at most
     20 % of the heap may stay free, then the JVM's own free-heap bounds again. For when a job's output is written and
@@ -308,9 +316,7 @@ def release_driver_heap(spark) -> None:
     jvm = getattr(spark, "_jvm", None)
     if jvm is None:
         return
-    bean = jvm.java.lang.management.ManagementFactory.getPlatformMXBean(
-        jvm.java.lang.Class.forName("com.sun.management.HotSpotDiagnosticMXBean")
-    )
+    bean = vm_options(jvm)
     tight = {"MinHeapFreeRatio": "10", "MaxHeapFreeRatio": "20"}  # the lower bound set first, reset last: it never
     own = {key: bean.getVMOption(key).getValue() for key in tight}  # exceeds the upper one
     for key, value in tight.items():

@@ -32,7 +32,7 @@ from conftest import ROOT, run, wait_until
 from lib import model_deployment as dep
 from lib import model_development as md
 from lib import model_monitoring as mon
-from lib.core import SparkUnavailableError, load_json, load_params, load_yaml, spark_session, stop_engine
+from lib.core import SparkUnavailableError, load_json, load_params, load_yaml, spark_session, stop_engine, vm_options
 from lib.data_acquisition import load_processed
 
 LOCAL = {"master": "local[2]", "config": {"spark.sql.shuffle.partitions": 4}}
@@ -97,11 +97,9 @@ def test_a_written_output_leaves_the_driver_holding_no_more_heap_than_it_uses(sp
     shuffled.write.parquet(str(tmp_path / "plain"))  # the same job without the release: the heap it grows
     grown, _ = _heap_mb(spark)
     assert grown > 400, f"the job grew the heap to {grown:.0f} MB only: nothing to give back"
-    jvm = spark._jvm
-    bean = jvm.java.lang.management.ManagementFactory.getPlatformMXBean(
-        jvm.java.lang.Class.forName("com.sun.management.HotSpotDiagnosticMXBean")
-    )
+    bean = vm_options(spark._jvm)
     own = {"MaxHeapFreeRatio": "60", "MinHeapFreeRatio": "30"}  # a user's own bounds, looser than SPARK_DEFAULTS'
+    session = {key: bean.getVMOption(key).getValue() for key in own}  # the session's, back for the next tests
     for key, value in own.items():
         bean.setVMOption(key, value)
     try:
@@ -110,8 +108,8 @@ def test_a_written_output_leaves_the_driver_holding_no_more_heap_than_it_uses(sp
         assert committed < grown / 2 and committed <= used / 0.8 + 64, (grown, committed, used)
         assert {key: bean.getVMOption(key).getValue() for key in own} == own  # the JVM's own bounds again
     finally:
-        for key, value in reversed({"MaxHeapFreeRatio": "20", "MinHeapFreeRatio": "10"}.items()):
-            bean.setVMOption(key, value)
+        for key in reversed(session):
+            bean.setVMOption(key, session[key])
 
 
 def test_a_stage_done_with_spark_lets_its_jvm_and_python_workers_go():

@@ -370,30 +370,48 @@ def _column_rules(table, name, series, spec) -> list:
 
 # %% ../notebooks/02_data_acquisition.ipynb #2d3087f1
 def _column_codes(column) -> tuple:
-    "A column as int64 codes from 0, equal exactly where the values are (missing ones too), and how many can occur."
-    if isinstance(column.dtype, pd.CategoricalDtype):
-        return column.cat.codes.to_numpy(np.int64) + 1, len(column.cat.categories) + 1
+    """A column as int64 codes from 0 in its sort order (a Categorical's by its categories, missing values last, as
+    pandas sorts), equal exactly where the values are (missing ones too), and how many can occur."""
     if isinstance(column.dtype, np.dtype) and column.dtype.kind in "ib" and len(column):
-        low = int(column.min())
-        return column.to_numpy(np.int64) - low, int(column.max()) - low + 1
-    factorized, uniques = pd.factorize(column)
-    return factorized.astype(np.int64) + 1, len(uniques) + 1
+        low, high = int(column.min()), int(column.max())
+        if high - low < np.iinfo(np.int64).max:  # else the offsets would overflow: ranked below, like text
+            return column.to_numpy(np.int64) - low, high - low + 1
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        codes, size = column.cat.codes.to_numpy(np.int64), len(column.cat.categories)
+    else:
+        codes, uniques = pd.factorize(column, sort=True)
+        codes, size = codes.astype(np.int64, copy=False), len(uniques)
+    codes[codes < 0] = size  # missing values last
+    return codes, size + 1
 
 
 def _dense(codes) -> tuple:
-    "`codes` renumbered 0, 1, 2, … (equal exactly where they were equal), and how many distinct ones there are."
-    dense, uniques = pd.factorize(codes)
-    return dense.astype(np.int64, copy=False), max(len(uniques), 1)
+    """`codes` renumbered in place 0, 1, 2, … keeping their order (equal exactly where they were equal), and how many
+    there are: their ranks, from one sort (a long table's codes are held about four times, where `np.unique` held them
+    seven)."""
+    order = np.argsort(codes)
+    ordered = codes[order]
+    starts = np.empty(len(codes), dtype=bool)  # where a new value starts in sorted order
+    starts[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=starts[1:])
+    del ordered
+    ranks = np.cumsum(starts)
+    ranks -= 1
+    codes[order] = ranks
+    return codes, max(int(starts.sum()), 1)
 
 
-def _row_codes(frame) -> np.ndarray:
-    """One int64 per row, equal exactly when the rows are equal: the columns' codes packed together, renumbered densely
-    (at most one code per row) whenever the next column would not fit in 63 bits."""
+def _row_codes(frame, columns=None) -> np.ndarray:
+    """One int64 per row, equal exactly when the rows are equal and ordered as the rows sort by `columns` (default:
+    all): the columns' codes packed together, renumbered densely (at most one code per row) whenever the next column
+    would not fit in 63 bits."""
     limit, codes, span = np.iinfo(np.int64).max, np.zeros(len(frame), dtype=np.int64), 1
-    for name in frame.columns:
+    for name in frame.columns if columns is None else columns:
         values, size = _column_codes(frame[name])
         if span > limit // size:
             codes, span = _dense(codes)
+            if span == len(frame):  # every row differs already: the columns left would only split ties
+                return codes
         if span > limit // size:  # the column's own range is too wide: its distinct values, numbered
             values, size = _dense(values)
         codes *= size  # in place: no temporary copies of a long table's codes
@@ -1101,8 +1119,10 @@ def pseudonymize_contacts(contacts, key) -> pd.DataFrame:
 
 
 def sort_by_key(frame, contract) -> pd.DataFrame:
-    "Rows ordered by the contract's key (or by every column), whatever order the source returned them in."
-    return frame.sort_values(contract.get("key") or list(frame.columns), kind="stable", ignore_index=True)
+    """Rows ordered by the contract's key (or by every column) as a stable `sort_values` orders them, whatever order the
+    source returned them in. `frame` is emptied a column at a time: a long table is held once and a column twice."""
+    order = np.argsort(_row_codes(frame, contract.get("key")), kind="stable")
+    return pd.DataFrame({name: frame.pop(name).array.take(order) for name in list(frame.columns)}, copy=False)
 
 # %% ../notebooks/02_data_acquisition.ipynb #6f08ba47
 HOUSEHOLD_TABLES = tuple(t for t, c in CONTRACTS.items() if c.get("household_level"))

@@ -278,6 +278,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                           'lib.kpis._check_ml_problem': ('business_understanding.html#_check_ml_problem', 'lib/kpis.py'),
                           'lib.kpis._comparison_rate': ('business_understanding.html#_comparison_rate', 'lib/kpis.py'),
                           'lib.kpis._households_shopping': ('business_understanding.html#_households_shopping', 'lib/kpis.py'),
+                          'lib.kpis._nanoseconds': ('business_understanding.html#_nanoseconds', 'lib/kpis.py'),
                           'lib.kpis._pooled_rate': ('business_understanding.html#_pooled_rate', 'lib/kpis.py'),
                           'lib.kpis._within_campaign': ('business_understanding.html#_within_campaign', 'lib/kpis.py'),
                           'lib.kpis.acceptance_table': ('business_understanding.html#acceptance_table', 'lib/kpis.py'),

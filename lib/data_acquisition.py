@@ -1420,9 +1420,7 @@ def has_pii(contract) -> bool:
 def blanket_offers(campaigns, coupons) -> pd.DataFrame:
     "Every coupon of each campaign for every household it targeted: what a blanket mailing messages."
     coupon_list = coupons[["campaign_id", "coupon_upc"]].drop_duplicates()
-    return campaigns[["household_id", "campaign_id"]].merge(coupon_list, on="campaign_id")[
-        ["household_id", "campaign_id", "coupon_upc"]
-    ]
+    return campaigns[["household_id", "campaign_id"]].merge(coupon_list, on="campaign_id")  # in the key's order
 
 
 def kpi_tables(processed, window_days=14) -> dict:

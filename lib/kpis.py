@@ -55,23 +55,28 @@ def window_end(start, end, window_days=14) -> pd.Timestamp:
     return max(end, start + pd.Timedelta(days=window_days)) + pd.Timedelta(days=1)
 
 # %% ../notebooks/01_business_understanding.ipynb #3798811f
-def _households_shopping(days_sorted, households_sorted, start, window_days) -> set:
-    "Households with a transaction on calendar days [start, start + window_days]."
-    lo, hi = np.searchsorted(days_sorted, [start, start + np.timedelta64(window_days + 1, "D")])
-    return set(households_sorted[lo:hi].tolist())
+def _nanoseconds(timestamps) -> np.ndarray:
+    "Timestamps as int64 nanoseconds: a view, not a copy, of a datetime64[ns] column."
+    series = pd.Series(timestamps)
+    if series.dtype != "datetime64[ns]":
+        series = pd.to_datetime(series).astype("datetime64[ns]")
+    return series.to_numpy().view(np.int64)
+
+
+def _households_shopping(times, households, start, window_days) -> set:
+    "Households with a transaction (`times` in nanoseconds) on calendar days [start, start + window_days]."
+    first = pd.Timestamp(start).normalize().value
+    inside = (times >= first) & (times < first + pd.Timedelta(days=window_days + 1).value)
+    return set(np.unique(households[inside]).tolist())
 
 
 def count_visitors(transactions, campaigns, campaign_descriptions, households, window_days=14) -> pd.DataFrame:
     "Per campaign: messaged and comparison households, and how many of each shopped within `window_days`."
-    days = _calendar_day(transactions.transaction_timestamp).to_numpy()
-    order = np.argsort(days, kind="stable")
-    days, shoppers = days[order], transactions.household_id.to_numpy()[order]
-    population = set(households.household_id.tolist())
+    times = _nanoseconds(transactions.transaction_timestamp)  # integers: compared without a copy, never sorted
+    shoppers, population = transactions.household_id.to_numpy(), set(households.household_id.tolist())
     rows = []
     for c in campaign_descriptions.itertuples():
-        visited = _households_shopping(
-            days, shoppers, np.datetime64(pd.Timestamp(c.start_date).normalize()), window_days
-        )
+        visited = _households_shopping(times, shoppers, c.start_date, window_days)
         messaged = set(campaigns.household_id[campaigns.campaign_id == c.campaign_id].tolist())
         comparison = population - messaged
         rows.append(
@@ -132,12 +137,16 @@ def measure_redemption_rate(campaigns, campaign_descriptions, coupon_redemptions
 
 # %% ../notebooks/01_business_understanding.ipynb #994ccf57
 def measure_offer_precision(offers, campaign_descriptions, coupon_redemptions) -> KpiValue:
-    "Share of messaged offers (household × campaign × coupon) redeemed during their campaign."
+    """Share of messaged offers (household × campaign × coupon) redeemed during their campaign; a campaign at a time,
+    so a blanket mailing's millions of offers are never copied whole."""
     keys = ["household_id", "campaign_id", "coupon_upc"]
     redeemed = _within_campaign(coupon_redemptions, campaign_descriptions, "redemption_date")[keys].drop_duplicates()
-    sent = offers[offers.campaign_id.isin(campaign_descriptions.campaign_id)][keys].drop_duplicates()
-    rows = sent.merge(redeemed.assign(redeemed=1), on=keys, how="left").fillna({"redeemed": 0})
-    counts = rows.groupby("campaign_id").agg(offers=("coupon_upc", "size"), redeemed=("redeemed", "sum")).reset_index()
+    campaign_of, rows = offers.campaign_id.to_numpy(), []
+    for campaign_id in sorted(set(pd.unique(campaign_of)) & set(campaign_descriptions.campaign_id)):
+        distinct = offers.loc[campaign_of == campaign_id, keys].drop_duplicates()
+        hits = distinct.merge(redeemed[redeemed.campaign_id == campaign_id], on=keys)
+        rows.append(dict(campaign_id=campaign_id, offers=len(distinct), redeemed=len(hits)))
+    counts = pd.DataFrame(rows, columns=["campaign_id", "offers", "redeemed"])
     counts["value"] = counts.redeemed / counts.offers
     return KpiValue(_pooled_rate(counts, "redeemed", "offers"), counts)
 

@@ -420,10 +420,10 @@ def _row_codes(frame, columns=None) -> np.ndarray:
     return codes
 
 
-def duplicated_rows(frame) -> np.ndarray:
-    """`frame.duplicated()` as a boolean array (every repeat of a row after its first), by sorting packed row codes: a
-    few int64 per row, where pandas would hold several per column."""
-    codes = _row_codes(frame)
+def duplicated_rows(frame, columns=None) -> np.ndarray:
+    """`frame.duplicated(columns)` as a boolean array (every repeat of a row after its first, comparing `columns`,
+    default all), by sorting packed row codes: a few int64 per row, where pandas would hold several per column."""
+    codes = _row_codes(frame, columns)
     order = np.argsort(codes, kind="stable")  # equal rows keep their order: the first of each run is the original
     ordered = codes[order]
     repeated = np.zeros(len(frame), dtype=bool)
@@ -433,14 +433,15 @@ def duplicated_rows(frame) -> np.ndarray:
 # %% ../notebooks/02_data_acquisition.ipynb #2d3087fa
 def _table_rules(table, frame, contract, min_distinct_share=0.9) -> list:
     "Rules on the whole table: not empty, mostly distinct rows, a unique key among distinct rows."
-    n = len(frame)
+    n, key = len(frame), contract.get("key")
+    keyed = bool(key) and set(key) <= set(frame.columns)  # a missing key column is reported as such
     rows = [_rule(table, "*", "non_empty", 1, int(n == 0))]
-    repeated = duplicated_rows(frame)
+    # the key's columns first: where they tell the rows apart, packing their codes stops after them
+    repeated = duplicated_rows(frame, [*key, *(c for c in frame.columns if c not in key)] if keyed else None)
     rows.append(_rule(table, "*", "distinct_rows", n, int(repeated.sum()), min_distinct_share))
-    key = contract.get("key")
-    if key and set(key) <= set(frame.columns):  # a missing key column is reported as such
-        distinct_keys = frame.loc[~repeated, key]
-        rows.append(_rule(table, "+".join(key), "unique_key", len(distinct_keys), duplicated_rows(distinct_keys).sum()))
+    if keyed:
+        distinct = frame.loc[~repeated, key] if repeated.any() else frame  # no copy of a table without repeats
+        rows.append(_rule(table, "+".join(key), "unique_key", len(distinct), duplicated_rows(distinct, key).sum()))
     return rows
 
 
@@ -940,7 +941,7 @@ def stream_table(
             cards.append(score_contract(table, chunk, contracts, table_rules=False))
             writer.write_table(pa.Table.from_pandas(chunk, schema=schema, preserve_index=False))
             kept.append(reduce(chunk))
-    frame = pd.concat(kept, ignore_index=True) if kept else schema.empty_table().to_pandas()
+    frame = concat_chunks(kept) if kept else schema.empty_table().to_pandas()
     card = pd.concat(
         [_sum_scorecards(cards) if cards else None, pd.DataFrame(_table_rules(table, frame, contracts[table]))]
     )

@@ -1419,9 +1419,20 @@ def has_pii(contract) -> bool:
 
 # %% ../notebooks/02_data_acquisition.ipynb #b389b8b1
 def blanket_offers(campaigns, coupons) -> pd.DataFrame:
-    "Every coupon of each campaign for every household it targeted: what a blanket mailing messages."
+    """Every coupon of each campaign for every household it targeted: what a blanket mailing messages. Written campaign
+    by campaign into columns of their final length: millions of offers are held once, not beside a merge's copies."""
     coupon_list = coupons[["campaign_id", "coupon_upc"]].drop_duplicates()
-    return campaigns[["household_id", "campaign_id"]].merge(coupon_list, on="campaign_id")  # in the key's order
+    upcs = {c: g.to_numpy() for c, g in coupon_list.groupby("campaign_id").coupon_upc}
+    targeted = [(c, g.to_numpy(), upcs[c]) for c, g in campaigns.groupby("campaign_id").household_id if c in upcs]
+    total = sum(len(households) * len(codes) for _, households, codes in targeted)
+    offers, at = {name: np.empty(total, dtype=np.int64) for name in ("household_id", "campaign_id", "coupon_upc")}, 0
+    for campaign_id, households, codes in targeted:
+        end = at + len(households) * len(codes)
+        offers["household_id"][at:end] = np.repeat(households, len(codes))
+        offers["campaign_id"][at:end] = campaign_id
+        offers["coupon_upc"][at:end] = np.tile(codes, len(households))
+        at = end
+    return pd.DataFrame(offers, copy=False)
 
 
 def kpi_tables(processed, window_days=14) -> dict:

@@ -377,7 +377,7 @@ def _column_codes(column) -> tuple:
         if high - low < np.iinfo(np.int64).max:  # else the offsets would overflow: ranked below, like text
             return column.to_numpy(np.int64) - low, high - low + 1
     if isinstance(column.dtype, pd.CategoricalDtype):
-        codes, size = column.cat.codes.to_numpy(np.int64), len(column.cat.categories)
+        codes, size = column.cat.codes.to_numpy(np.int64, copy=True), len(column.cat.categories)
     else:
         codes, uniques = pd.factorize(column, sort=True)
         codes, size = codes.astype(np.int64, copy=False), len(uniques)

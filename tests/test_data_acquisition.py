@@ -583,3 +583,29 @@ def test_a_changed_source_file_reruns_acquisition_and_an_unchanged_one_does_not(
     proc = run(["dvc", "repro", "data_acquisition"], project_copy, check=False)
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert "coupons.parquet is not a readable parquet file" in proc.stderr
+
+
+def _mixed_frame(seed, rows=400) -> pd.DataFrame:
+    "Few distinct values per column (many ties and repeats), missing ones in every kind of column but the integers."
+    rng = np.random.default_rng(seed)
+    pick = lambda values: [values[i] for i in rng.integers(0, len(values), rows)]  # noqa: E731
+    return pd.DataFrame(
+        {
+            "store": rng.integers(-3, 3, rows),
+            "upc": rng.integers(0, 3, rows) * 2**40,  # ranges too wide to pack beside the others
+            "band": pd.Categorical(pick(["b", "a", None]), categories=["b", "a"]),
+            "price": pick([0.5, -1.25, np.nan]),
+            "brand": pick(["Private", "National", None]),
+            "day": pd.to_datetime(pick(["2024-01-02", "2023-12-31", None])),
+        }
+    )
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_row_codes_sort_and_deduplicate_exactly_as_pandas_does(seed):
+    frame = _mixed_frame(seed)
+    for key in (None, ["band", "price"], ["day", "upc", "brand"], ["store"]):
+        columns = key or list(frame.columns)
+        expected = frame.sort_values(columns, kind="stable", ignore_index=True)
+        pd.testing.assert_frame_equal(da.sort_by_key(frame.copy(), {"key": key}), expected)
+        assert da.duplicated_rows(frame, key).tolist() == frame.duplicated(key).tolist()

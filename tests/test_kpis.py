@@ -1,5 +1,6 @@
 """KPI functions of the charter on small hand-made frames with known answers."""
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -122,3 +123,32 @@ def test_measure_kpi_passes_tables_by_parameter_name_and_kpi_params():
     assert measure_kpi(kpi, tables).value == 0.0  # a one-day window: the visit on day 1 is outside
     with pytest.raises(KeyError, match="needs table"):
         measure_kpi(kpi, {k: v for k, v in tables.items() if k != "households"})
+
+
+def test_offer_precision_counts_each_distinct_offer_once_per_measured_campaign():
+    rng = np.random.default_rng(7)
+    offers = pd.DataFrame(  # repeats, and campaign 3, which DESCS does not measure
+        {
+            "household_id": rng.integers(1, 7, 300),
+            "campaign_id": rng.integers(1, 4, 300),
+            "coupon_upc": rng.integers(10, 14, 300),
+        }
+    )
+    redemptions = pd.DataFrame(
+        {
+            "household_id": rng.integers(1, 7, 40),
+            "coupon_upc": rng.integers(10, 14, 40),
+            "campaign_id": rng.integers(1, 4, 40),
+            "redemption_date": pd.Timestamp("2017-03-05") + pd.to_timedelta(rng.integers(0, 40, 40), unit="D"),
+        }
+    )
+    measured = measure_offer_precision(offers, DESCS, redemptions).by_campaign.set_index("campaign_id")
+    window = DESCS.set_index("campaign_id")
+    for campaign_id in (1, 2):
+        sent = {tuple(r) for r in offers[offers.campaign_id == campaign_id].to_numpy()}
+        day = redemptions.redemption_date
+        in_window = day.between(window.start_date[campaign_id], window.end_date[campaign_id])
+        on_time = redemptions[(redemptions.campaign_id == campaign_id) & in_window]
+        redeemed = {(h, c, u) for h, u, c in on_time[["household_id", "coupon_upc", "campaign_id"]].to_numpy()}
+        assert measured.loc[campaign_id, ["offers", "redeemed"]].tolist() == [len(sent), len(sent & redeemed)]
+    assert 3 not in measured.index

@@ -387,8 +387,7 @@ def _column_codes(column) -> tuple:
 
 def _dense(codes) -> tuple:
     """`codes` renumbered in place 0, 1, 2, … keeping their order (equal exactly where they were equal), and how many
-    there are: their ranks, from one sort (a long table's codes are held about four times, where `np.unique` held them
-    seven)."""
+    there are: their ranks, from one sort."""
     order = np.argsort(codes)
     ordered = codes[order]
     starts = np.empty(len(codes), dtype=bool)  # where a new value starts in sorted order

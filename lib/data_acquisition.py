@@ -419,14 +419,22 @@ def _row_codes(frame, columns=None) -> np.ndarray:
     return codes
 
 
+def _repeats_in_order(codes) -> tuple:
+    """The stable order of `codes`, and where that order repeats the code before it: equal rows keep their order, so the
+    first of each run is the original and the others are its repeats."""
+    order = np.argsort(codes, kind="stable")
+    ordered = codes[order]
+    again = np.zeros(len(codes), dtype=bool)
+    np.equal(ordered[1:], ordered[:-1], out=again[1:])
+    return order, again
+
+
 def duplicated_rows(frame, columns=None) -> np.ndarray:
     """`frame.duplicated(columns)` as a boolean array (every repeat of a row after its first, comparing `columns`,
     default all), by sorting packed row codes: a few int64 per row, where pandas would hold several per column."""
-    codes = _row_codes(frame, columns)
-    order = np.argsort(codes, kind="stable")  # equal rows keep their order: the first of each run is the original
-    ordered = codes[order]
+    order, again = _repeats_in_order(_row_codes(frame, columns))
     repeated = np.zeros(len(frame), dtype=bool)
-    repeated[order[1:][ordered[1:] == ordered[:-1]]] = True
+    repeated[order[again]] = True
     return repeated
 
 # %% ../notebooks/02_data_acquisition.ipynb #2d3087fa
@@ -1121,8 +1129,12 @@ def pseudonymize_contacts(contacts, key) -> pd.DataFrame:
 def sort_by_key(frame, contract) -> pd.DataFrame:
     """Rows ordered by the contract's key (or by every column) as a stable `sort_values` orders them, whatever order the
     source returned them in. `frame` is emptied a column at a time: a long table is held once and a column twice."""
-    order = np.argsort(_row_codes(frame, contract.get("key")), kind="stable")
-    return pd.DataFrame({name: frame.pop(name).array.take(order) for name in list(frame.columns)}, copy=False)
+    return _rows_at(frame, np.argsort(_row_codes(frame, contract.get("key")), kind="stable"))
+
+
+def _rows_at(frame, positions) -> pd.DataFrame:
+    "The rows of `frame` at `positions`, numbered from 0; `frame` is emptied as each column moves into the result."
+    return pd.DataFrame({name: frame.pop(name).array.take(positions) for name in list(frame.columns)}, copy=False)
 
 # %% ../notebooks/02_data_acquisition.ipynb #6f08ba47
 HOUSEHOLD_TABLES = tuple(t for t, c in CONTRACTS.items() if c.get("household_level"))
@@ -1167,10 +1179,14 @@ def promotion_reducer(coupons, households):
 
 
 def process_promotions(frame, rows_read) -> tuple:
-    "Kept promotions without exact duplicates, ordered; and the log."
-    out, entry = drop_duplicate_rows("promotions", frame)
-    log = [_log("promotions", "keep coupon products at home stores", rows_read - len(frame), "rows removed"), entry]
-    return sort_by_key(out, PROCESSED_CONTRACTS["promotions"]), log
+    """Kept promotions without exact duplicates, ordered; and the log. Their contract has no key, so they are ordered
+    by every column: one sort of their row codes finds the repeats and the order (`frame` is emptied as it goes)."""
+    order, again = _repeats_in_order(_row_codes(frame))
+    log = [
+        _log("promotions", "keep coupon products at home stores", rows_read - len(frame), "rows removed"),
+        _log("promotions", "drop exact duplicate rows", again.sum()),
+    ]
+    return _rows_at(frame, order[~again]), log
 
 # %% ../notebooks/02_data_acquisition.ipynb #5f3a5570
 @dataclass

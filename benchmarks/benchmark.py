@@ -14,8 +14,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -23,6 +21,7 @@ from scoring import measure_scoring  # noqa: E402
 
 from conftest import make_project_copy  # noqa: E402
 from conftest import measure as measure_command  # noqa: E402
+from lib.core import pipeline_stages  # noqa: E402
 
 PEAK_MEMORY_BUDGET_MB = 4096  # no stage may need more: the template runs on a laptop or a small CI runner
 
@@ -54,7 +53,8 @@ def check_budget(results, budget_mb=PEAK_MEMORY_BUDGET_MB):
 
 
 def stages(project) -> list:
-    return list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
+    "The DVC addresses of `project`'s stages, in an order that runs each after its upstream stages."
+    return list(pipeline_stages(project))
 
 
 def benchmark(project) -> dict:

@@ -50,6 +50,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                           'lib.core.parquet_frame': ('core.html#parquet_frame', 'lib/core.py'),
                           'lib.core.peak_rss_mb': ('core.html#peak_rss_mb', 'lib/core.py'),
                           'lib.core.pipeline_chain': ('core.html#pipeline_chain', 'lib/core.py'),
+                          'lib.core.pipeline_stages': ('core.html#pipeline_stages', 'lib/core.py'),
                           'lib.core.progress': ('core.html#progress', 'lib/core.py'),
                           'lib.core.project_root': ('core.html#project_root', 'lib/core.py'),
                           'lib.core.quiet': ('core.html#quiet', 'lib/core.py'),

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lib.core import load_yaml, merge_params
+from lib.core import PIPELINE_FILES, load_yaml, merge_params, pipeline_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -68,9 +68,10 @@ def make_project_copy(dest: Path, overlay: Path = ROOT / "tests/smoke/params.yam
     shutil.copytree(ROOT, dest, ignore=NOT_COPIED)
     for folder in OUTPUT_DIRS:
         for path in (dest / folder).glob("*") if (dest / folder).exists() else []:
-            if path.name != ".gitignore":
+            if path.name not in (".gitignore", "dvc.yaml"):  # data/dvc.yaml: the source's fingerprint stage
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
-    (dest / "dvc.lock").unlink(missing_ok=True)
+    for pipeline_file in PIPELINE_FILES:
+        (dest / pipeline_file).with_suffix(".lock").unlink(missing_ok=True)
     if overlay is not None:
         merged = merge_params(load_yaml(ROOT / "params.yaml"), load_yaml(overlay), where=Path(overlay).name)
         (dest / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False, allow_unicode=True))
@@ -97,8 +98,10 @@ def measure(cmd, cwd) -> dict:
 
 def measure_stages(project, force=False) -> dict:
     """Each stage of `project`'s pipeline run in order, alone (`dvc repro --single-item`): its time and peak memory."""
-    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
-    return {s: measure(["dvc", "repro", "--single-item", *(["--force"] if force else []), s], project) for s in stages}
+    return {
+        s: measure(["dvc", "repro", "--single-item", *(["--force"] if force else []), s], project)
+        for s in pipeline_stages(project)
+    }
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import yaml
 
 import lib.data_acquisition as da
 from conftest import run
-from lib.core import file_sha256
+from lib.core import file_sha256, pipeline_stages
 from lib.data_acquisition import (
     CONTRACTS,
     PROCESSED_CONTRACTS,
@@ -450,8 +450,8 @@ def test_a_table_as_a_folder_of_parquet_parts_reads_as_the_same_table(slice_dirs
 
 
 def test_acquisition_depends_on_a_fingerprint_of_the_source_taken_at_every_repro():
-    stages = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
-    fingerprint = stages["source_fingerprint"]
+    stages = pipeline_stages(Path(__file__).parents[1])
+    fingerprint = stages["data/dvc.yaml:source_fingerprint"]
     assert fingerprint["always_changed"] is True
     out = next(iter(fingerprint["outs"][0]))
     assert out in stages["data_acquisition"]["deps"]

@@ -68,7 +68,7 @@ def make_project_copy(dest: Path, overlay: Path = ROOT / "tests/smoke/params.yam
     shutil.copytree(ROOT, dest, ignore=NOT_COPIED)
     for folder in OUTPUT_DIRS:
         for path in (dest / folder).glob("*") if (dest / folder).exists() else []:
-            if path.name not in (".gitignore", "dvc.yaml"):  # data/dvc.yaml: the source's fingerprint stage
+            if path.name != ".gitignore" and path.relative_to(dest).as_posix() not in PIPELINE_FILES:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     for pipeline_file in PIPELINE_FILES:
         (dest / pipeline_file).with_suffix(".lock").unlink(missing_ok=True)

@@ -37,6 +37,7 @@ NOT_COPIED = shutil.ignore_patterns(
     "results.json",
 )
 OUTPUT_DIRS = ("data", "models", "metrics", "plots", "reports")
+SPARK_LOCAL = {"master": "local[2]", "config": {"spark.sql.shuffle.partitions": 4}}  # Spark in the tests
 
 
 def project_env(extra=None) -> dict:
@@ -156,6 +157,16 @@ def smoke_pipeline(tmp_path_factory, worker_id):
     return shared / "smoke" / "project"
 
 
+@pytest.fixture(scope="module")
+def deployed_smoke(smoke_pipeline, tmp_path_factory):
+    """The session's smoke run, copied for one test module with its MLflow store (the models' artifacts stay where the
+    run put them): processed data, a candidate and a registered @champion. A module may change its copy (switch it to
+    the Spark engine, rerun a stage); the shared run stays as it was."""
+    project = tmp_path_factory.mktemp("deployed") / "project"
+    shutil.copytree(smoke_pipeline, project, symlinks=True)
+    return project
+
+
 # ---------------------------------------------------------------- the fast tier and the pipeline tier
 
 # A test needs a pipeline run when it uses one of these fixtures, directly or through a fixture built on them ...
@@ -210,6 +221,27 @@ def pipeline_needs(item) -> list:
     return reasons
 
 
+# The pipeline tier's longest test files, longest first (`--durations`: 370, 300, 130, 200, 270, 200 and 150 s): the
+# tier hands files to its workers in this order (`--no-loadscope-reorder`), so the long ones start at once, on a worker
+# each, and the short ones fill in around them. test_foundation_pipeline.py needs no smoke run: it keeps a worker busy
+# while the first test that needs the shared smoke run builds it.
+LONGEST_FIRST = (
+    "test_team.py",
+    "test_spark_engine.py",
+    "test_foundation_pipeline.py",
+    "test_spark_pipeline.py",
+    "test_model_monitoring.py",
+    "test_model_deployment.py",
+    "test_notebook_parity.py",
+)
+
+
+def start_rank(item) -> int:
+    "Where `item`'s file stands in LONGEST_FIRST; every other file after them, in the order collected."
+    name = item.path.name
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Before `-m`, `-k` or `--deselect` leave anything out: record every collected test that needs a pipeline run, and
@@ -222,5 +254,6 @@ def pytest_collection_modifyitems(config, items):
     }
     record["needs"] = {nodeid: reasons for nodeid, reasons in record["needs"].items() if reasons}
     config.stash[TIERS] = record
+    items.sort(key=start_rank)  # stable: a file's tests keep their order
     if os.environ.get("PIPELINE_TIER_REPORT"):
         Path(os.environ["PIPELINE_TIER_REPORT"]).write_text(json.dumps(record))

@@ -35,8 +35,8 @@ echo "== fast tier passed in ${SECONDS} s"
 [ "$tier" = fast ] && exit 0
 echo "== pytest, pipeline tier (-m pipeline) on three workers"
 # Each test file on one worker: a module's project copy, smoke run or team stack is built once; the session's shared
-# smoke run is built once, by the first worker that needs it. Three workers on two cores: a pipeline test spends part
-# of its time waiting (for a server to answer, Chromium to print, a lock, a database to start), and the third worker
-# uses those waits.
-pytest -m pipeline -n 3 --dist loadfile --durations=15 "$@"
+# smoke run is built once, by the first worker that needs it. Files start longest first (LONGEST_FIRST in
+# conftest.py). Three workers on two cores: a pipeline test spends part of its time waiting (for a server to answer,
+# Chromium to print, a lock, a database to start), and the third worker uses those waits.
+pytest -m pipeline -n 3 --dist loadfile --no-loadscope-reorder --durations=15 "$@"
 echo "== all tests passed in ${SECONDS} s"

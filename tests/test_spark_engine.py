@@ -2,13 +2,12 @@
 it builds the same feature table, the same scores and the same send list as the pandas engine, in local mode and on a
 standalone cluster of a master and two workers, and the monitoring replay gives the same batch rows and results; and a
 Python worker killed while features are written fails the write without leaving output, after which a rerun
-succeeds."""
+succeeds. Steps 03 to 05 run through DVC on Spark in test_spark_pipeline.py."""
 
 import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,17 +24,15 @@ import pandas as pd
 import psutil
 import pyspark
 import pytest
-import yaml
 from mlflow import MlflowClient
 
-from conftest import ROOT, run, wait_until
+from conftest import ROOT, SPARK_LOCAL, wait_until
 from lib import model_deployment as dep
 from lib import model_development as md
 from lib import model_monitoring as mon
 from lib.core import SparkUnavailableError, load_json, load_params, load_yaml, spark_session, stop_engine, vm_options
 from lib.data_acquisition import load_processed
 
-LOCAL = {"master": "local[2]", "config": {"spark.sql.shuffle.partitions": 4}}
 CAMPAIGNS = [16, 17, 18]  # the smoke slice's gate campaigns and the target campaign of step 04
 TOP_K = 3
 SPARK_HOME = Path(pyspark.__file__).parent  # pyspark's own distribution: bin/spark-class, jars/
@@ -113,7 +110,7 @@ def test_a_written_output_leaves_the_driver_holding_no_more_heap_than_it_uses(sp
 
 
 def test_a_stage_done_with_spark_lets_its_jvm_and_python_workers_go():
-    session = spark_session(LOCAL)
+    session = spark_session(SPARK_LOCAL)
     assert session.range(8).rdd.map(lambda x: x).count() == 8  # a Python job: the workers start
     jvm = psutil.Process(pyspark.SparkContext._gateway.proc.pid)
     workers = jvm.children(recursive=True)
@@ -121,26 +118,16 @@ def test_a_stage_done_with_spark_lets_its_jvm_and_python_workers_go():
     stop_engine(session)
     gone, alive = psutil.wait_procs([jvm, *workers], timeout=120)
     assert not alive, f"still running after stop_engine: {[p.pid for p in alive]}"
-    again = spark_session(LOCAL)  # a later session starts a JVM of its own
+    again = spark_session(SPARK_LOCAL)  # a later session starts a JVM of its own
     try:
         assert again.range(5).count() == 5
     finally:
         again.stop()
 
 
-@pytest.fixture(scope="module")
-def deployed_smoke(smoke_pipeline, tmp_path_factory):
-    """The session's smoke run, copied with its MLflow store (the models' artifacts stay where the run put them):
-    processed data, a candidate and a registered @champion. The last test of the module switches this copy, not the
-    shared run, to the Spark engine."""
-    project = tmp_path_factory.mktemp("spark") / "project"
-    shutil.copytree(smoke_pipeline, project, symlinks=True)
-    return project
-
-
 @pytest.fixture
 def spark():
-    session = spark_session(LOCAL)
+    session = spark_session(SPARK_LOCAL)
     yield session
     session.stop()
 
@@ -450,56 +437,3 @@ def test_a_python_worker_killed_while_features_are_written_fails_the_write_and_a
 
     with cluster_session(standalone_cluster) as spark:
         _assert_same_features(_features_on_spark(spark, deployed_smoke, out, promo_weeks), on_pandas)
-
-
-DEVELOPED = ("metrics/model_development.json", "models/reference_stats.json")  # what step 03 measured on its rows
-
-
-def _without_run_ids(document) -> dict:
-    return {k: v for k, v in document.items() if k != "run_id"}
-
-
-def _deployment_answers(project) -> dict:
-    "What step 04 of `project` delivered: the scores, the send list and the campaign's KPIs."
-    scores = pd.read_parquet(project / "data/scored/scores.parquet")[[*md.KEYS, "score"]]
-    sends = pd.read_parquet(project / "data/scored/send_list.parquet")[[*md.KEYS, "rank"]]
-    return {"scores": scores, "send_list": sends, "kpis": load_json(project / "metrics/latest_kpis.json")}
-
-
-def _assert_same_deployment(got, want):
-    "The same scored rows (scores within 1e-9), the same send list, the same KPIs."
-    assert len(want["scores"]) > 0
-    pd.testing.assert_frame_equal(got["scores"][md.KEYS], want["scores"][md.KEYS])
-    assert np.abs(got["scores"].score.to_numpy() - want["scores"].score.to_numpy()).max() <= 1e-9
-    pd.testing.assert_frame_equal(got["send_list"], want["send_list"])
-    assert got["kpis"] == want["kpis"]
-
-
-@pytest.mark.pipeline
-def test_engine_spark_runs_steps_03_to_05_with_the_same_development_rows(deployed_smoke):
-    """Last in this module: it switches the shared smoke copy to the Spark engine and reruns steps 03 and 04, then runs
-    step 05, whose replay builds each batch's features on Spark. Step 03 on Spark writes the development rows itself and
-    draws the training sample there: the metrics and the reference are those of the pandas run. Step 04 on Spark, which
-    holds only the small tables, gives the pandas run's scores, send list and KPIs."""
-    project = deployed_smoke
-    on_pandas = pd.read_parquet(project / "data/features/development.parquet")
-    developed = [_without_run_ids(load_json(project / p)) for p in DEVELOPED]
-    deployed = _deployment_answers(project)
-    params = load_yaml(project / "params.yaml")
-    params["shared"]["engine"], params["spark"] = "spark", LOCAL
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    stages = [
-        run(["dvc", "repro", "--single-item", s], project)
-        for s in ("model_development", "model_deployment", "model_monitoring")
-    ]
-    said = [proc.stdout + proc.stderr for proc in stages]
-    assert "features on Spark (local[2])" in said[0] and "scoring on Spark (local[2])" in said[1]
-    assert "features on Spark (local[2]): 2 campaigns" in said[1]  # the gate's rows of campaigns 16 and 17
-    assert (project / "data/features/development.parquet").is_dir()  # written by Spark, not collected to the driver
-    on_spark = pd.read_parquet(project / "data/features/development.parquet")
-    pd.testing.assert_frame_equal(on_spark, on_pandas, check_exact=True)
-    assert [_without_run_ids(load_json(project / p)) for p in DEVELOPED] == developed  # the same sample, the same fits
-    _assert_same_deployment(_deployment_answers(project), deployed)
-    executed = (project / "reports/executed/05_model_monitoring.ipynb").read_text()
-    assert "**features:** Spark (`local[2]`)" in executed  # the replay's header names the engine that built features
-    assert load_json(project / "metrics/monitoring.json")

@@ -13,7 +13,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from conftest import TIERS, build_once, exclusive, run, wait_until
+from conftest import LONGEST_FIRST, TIERS, build_once, exclusive, run, start_rank, wait_until
 
 TESTS = Path(__file__).parent
 
@@ -48,6 +48,16 @@ def fast_tier_nbdev_test() -> list:
     line = re.search(r"^nbdev-test\b[^>&|]*", (TESTS / "run_all.sh").read_text(), re.MULTILINE)
     assert line, "tests/run_all.sh runs no nbdev-test"
     return shlex.split(line.group(0))
+
+
+def test_the_pipeline_tier_starts_its_longest_files_first(request, tmp_path):
+    """Every file LONGEST_FIRST names holds pipeline tests (a renamed file would silently start last), and the tier
+    hands files to its workers in collection order, which puts them first."""
+    marked_files = {nodeid.split("::")[0].split("/")[-1] for nodeid in tier_record(request.config, tmp_path)["marked"]}
+    assert not set(LONGEST_FIRST) - marked_files, "LONGEST_FIRST names files without pipeline tests"
+    ranks = [start_rank(item) for item in request.session.items]
+    assert ranks == sorted(ranks), "collection does not start with the longest files"
+    assert "--no-loadscope-reorder" in (TESTS / "run_all.sh").read_text()  # else pytest-xdist reorders by test count
 
 
 def test_the_fast_tier_s_nbdev_test_ends_with_the_notebooks_not_with_idle_joblib_workers(tmp_path):

@@ -459,6 +459,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                'lib/model_deployment.py'),
                                       'lib.model_deployment.scoring_facts': ( 'model_deployment.html#scoring_facts',
                                                                               'lib/model_deployment.py'),
+                                      'lib.model_deployment.serve_and_package': ( 'model_deployment.html#serve_and_package',
+                                                                                  'lib/model_deployment.py'),
                                       'lib.model_deployment.serving': ('model_deployment.html#serving', 'lib/model_deployment.py'),
                                       'lib.model_deployment.serving_facts': ( 'model_deployment.html#serving_facts',
                                                                               'lib/model_deployment.py'),

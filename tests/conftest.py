@@ -221,10 +221,10 @@ def pipeline_needs(item) -> list:
     return reasons
 
 
-# The pipeline tier's longest test files, longest first (`--durations`: 370, 300, 130, 200, 270, 200 and 150 s): the
-# tier hands files to its workers in this order (`--no-loadscope-reorder`), so the long ones start at once, on a worker
-# each, and the short ones fill in around them. test_foundation_pipeline.py needs no smoke run: it keeps a worker busy
-# while the first test that needs the shared smoke run builds it.
+# The pipeline tier's longest test files (`--durations`: 370, 300, 130, 200, 270, 200 and 150 s), in the order the tier
+# hands them to its workers (`--no-loadscope-reorder`): the long ones start at once, on a worker each, and the short
+# ones fill in around them. test_foundation_pipeline.py, third, needs no smoke run: it keeps a worker busy while the
+# first test that needs the shared smoke run builds it.
 LONGEST_FIRST = (
     "test_team.py",
     "test_spark_engine.py",

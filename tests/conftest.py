@@ -167,6 +167,13 @@ def deployed_smoke(smoke_pipeline, tmp_path_factory):
     return project
 
 
+def use_spark(project: Path) -> None:
+    "Switch `project`'s params to the Spark engine in local mode (`SPARK_LOCAL`)."
+    params = load_yaml(project / "params.yaml")
+    params["shared"]["engine"], params["spark"] = "spark", SPARK_LOCAL
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 # ---------------------------------------------------------------- the fast tier and the pipeline tier
 
 # A test needs a pipeline run when it uses one of these fixtures, directly or through a fixture built on them ...
@@ -221,15 +228,16 @@ def pipeline_needs(item) -> list:
     return reasons
 
 
-# The pipeline tier's longest test files (`--durations`: 370, 300, 130, 200, 270, 200 and 150 s), in the order the tier
-# hands them to its workers (`--no-loadscope-reorder`): the long ones start at once, on a worker each, and the short
-# ones fill in around them. test_foundation_pipeline.py, third, needs no smoke run: it keeps a worker busy while the
-# first test that needs the shared smoke run builds it.
+# The pipeline tier's longest test files (`--durations`, alone: 370, 300, 130, 75, 90, 270, 200 and 150 s), in the
+# order the tier hands them to its workers (`--no-loadscope-reorder`): the long ones start at once, on a worker each,
+# and the short ones fill in around them. test_foundation_pipeline.py, third, needs no smoke run: it keeps a worker busy
+# while the first test that needs the shared smoke run builds it.
 LONGEST_FIRST = (
     "test_team.py",
     "test_spark_engine.py",
     "test_foundation_pipeline.py",
     "test_spark_pipeline.py",
+    "test_spark_deployment.py",
     "test_model_monitoring.py",
     "test_model_deployment.py",
     "test_notebook_parity.py",

@@ -2,7 +2,8 @@
 it builds the same feature table, the same scores and the same send list as the pandas engine, in local mode and on a
 standalone cluster of a master and two workers, and the monitoring replay gives the same batch rows and results; and a
 Python worker killed while features are written fails the write without leaving output, after which a rerun
-succeeds. Steps 03 to 05 run through DVC on Spark in test_spark_pipeline.py."""
+succeeds. Steps 03 to 05 run through DVC on Spark in test_spark_pipeline.py (03) and test_spark_deployment.py
+(04, 05)."""
 
 import contextlib
 import dataclasses

@@ -605,6 +605,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                'lib/model_development.py'),
                                        'lib.model_development.git_commit': ( 'model_development.html#git_commit',
                                                                              'lib/model_development.py'),
+                                       'lib.model_development.grid_size': ('model_development.html#grid_size', 'lib/model_development.py'),
                                        'lib.model_development.held_out_rows': ( 'model_development.html#held_out_rows',
                                                                                 'lib/model_development.py'),
                                        'lib.model_development.history_before': ( 'model_development.html#history_before',

@@ -20,8 +20,8 @@ __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES',
            'labelled_rows', 'split_campaigns', 'restrict_to_development', 'split_table', 'feature_tables',
            'transaction_span', 'transactions_between', 'TrainingDataError', 'check_training_data', 'make_rule_baseline',
            'make_logistic_regression', 'make_gradient_boosting', 'OfferChoice', 'make_offer_choice', 'search_grid',
-           'training_draws', 'sample_training_rows', 'fit_arguments', 'fit_candidate', 'top_k_offers', 'precision_at_k',
-           'measure_metrics', 'measure_slices', 'measure_lift', 'measure_curves', 'check_acceptance',
+           'grid_size', 'training_draws', 'sample_training_rows', 'fit_arguments', 'fit_candidate', 'top_k_offers',
+           'precision_at_k', 'measure_metrics', 'measure_slices', 'measure_lift', 'measure_curves', 'check_acceptance',
            'select_candidate', 'bin_shares', 'describe_numeric', 'describe_categorical', 'reference_statistics',
            'Candidate', 'importance_sample', 'measure_importance', 'predict_in_batches', 'positive_class', 'timed_fit',
            'measure_candidate', 'develop_candidate', 'with_importance', 'refit_on_development', 'flat_metrics',
@@ -1006,6 +1006,11 @@ def search_grid(params, name) -> dict:
     return {f"model__{k}": v for k, v in params.get(name, {}).items()}
 
 
+def grid_size(grid) -> int:
+    "How many configurations `grid` (a list of values per hyperparameter) holds."
+    return math.prod(len(values) for values in grid.values())
+
+
 def _mix(x):
     "splitmix64's finalizer: every bit of the 64-bit integers `x` moves every bit of the result."
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -1031,9 +1036,9 @@ def sample_training_rows(train, rate, seed) -> tuple:
 
 
 def _halving_search(model, grid, params, seed):
-    """A seeded successive-halving search: every draw is scored on a third of the rows, the best third go on with all of
-    them. Its fits run in parallel, one per core: each fit is seeded, so the result is the same on any number of
-    cores."""
+    """A seeded successive-halving search: every draw (`search_iterations` of them, or every configuration of a smaller
+    grid) is scored on a third of the rows, the best third go on with all of them. Its fits run in parallel, one per
+    core: each fit is seeded, so the result is the same on any number of cores."""
     from sklearn.experimental import enable_halving_search_cv  # noqa: F401
     from sklearn.model_selection import HalvingRandomSearchCV, StratifiedGroupKFold
 
@@ -1041,7 +1046,7 @@ def _halving_search(model, grid, params, seed):
     return HalvingRandomSearchCV(
         model,
         grid,
-        n_candidates=params["search_iterations"],
+        n_candidates=min(params["search_iterations"], grid_size(grid)),
         factor=3,
         min_resources="exhaust",
         scoring="average_precision",

@@ -226,7 +226,7 @@ def rule_scores(features) -> np.ndarray:
 class CharterRule(PythonModel):
     "The charter's rule as a pyfunc model: answers like the candidates, the probabilities of both classes."
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None):  # a hint: MLflow leaves the input as it is
         score = rule_scores(model_input)
         return np.column_stack([1 - score, score])
 

@@ -10,6 +10,7 @@ the two largest factors measured). Writes benchmarks/scale.json and benchmarks/s
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -82,6 +84,28 @@ def run_measured(cmd, cwd, log_path, interval_s=0.5) -> dict:
         tail = Path(log_path).read_text(errors="replace")[-3000:]
         raise SystemExit(f"bench-scale: {' '.join(cmd)} failed in {cwd}:\n{tail}")
     return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024), "tree_rss_mb": round(peak[0])}
+
+
+def in_fresh_process(function, *args):
+    """`function(*args)` in a process of its own. A command starts as a copy of this process, and its peak memory
+    counts this process's peak at that moment: work that loads whole tables here (the engine comparison) would show
+    in the largest-process figure of every stage measured after it."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def code_version(root=ROOT) -> str:
+    """The commit a project copy made now is made from, `+changes` when tracked files outside `benchmarks/` (where the
+    results are written) differ from it."""
+    git = ["git", "-C", str(root)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+    changes = subprocess.run(
+        [*git, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return commit.stdout.strip() + ("+changes" if changes.stdout.strip() else "")
 
 
 # ---------------------------------------------------------------- planning: data, disk and memory
@@ -260,7 +284,10 @@ def markdown(results) -> str:
         "| data | engine | stage | seconds | largest process MB | process tree MB |",
         "|---|---|---|---:|---:|---:|",
     ]
-    rates = ["| data | engine | feature rows | rows/s | scored rows | rows/s |", "|---|---|---:|---:|---:|---:|"]
+    rates = [
+        "| data | engine | code | feature rows | rows/s | scored rows | rows/s |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
     for factor, engines in results["runs"].items():
         for engine, run in engines.items():
             for stage, m in run["stages"].items():
@@ -272,7 +299,7 @@ def markdown(results) -> str:
                 f"{r['rows']:,} | {r['rows_per_s']:,}" if r else "— | —"
                 for r in (run.get("throughput", {}).get(part) for part in TIMED_CELLS)
             ]
-            rates.append(f"| ×{factor} | {engine} | {' | '.join(cells)} |")
+            rates.append(f"| ×{factor} | {engine} | {run.get('code', '—')} | {' | '.join(cells)} |")
     same = [
         f"- ×{factor}: features identical: {c['features_identical']} ({c['feature_rows'][0]:,} rows); scores within "
         f"1e-9: {c['scores_within_tolerance']} (largest difference {c['max_score_difference']:.2e}); send lists "
@@ -290,7 +317,8 @@ def markdown(results) -> str:
             "",
             *rows,
             "",
-            "Throughput of the engine's own cells (step 03's feature build, step 04's batch scoring):",
+            "Throughput of the engine's own cells (step 03's feature build, step 04's batch scoring), and the commit"
+            " each run's project copy was made from:",
             "",
             *rates,
             "",
@@ -336,10 +364,13 @@ def bench_scale(factors, engines, spark_master, workdir, save, until="", results
             overlay.write_text(yaml.safe_dump(overlay_for(source, engine, spark_master)))
             projects[engine] = make_project_copy(Path(workdir) / f"x{factor}-{engine}" / "project", overlay)
             figures = results["runs"].setdefault(str(factor), {}).setdefault(engine, {})
+            figures["code"] = code_version()
             bench_run(projects[engine], figures, stages_until(projects[engine], until), lambda: save(results), say)
             stage02[factor] = figures["stages"]["data_acquisition"]["tree_rss_mb"]
         if {"pandas", "spark"} <= set(projects) and not until:
-            results["same_answers"][str(factor)] = compare_engines(projects["pandas"], projects["spark"])
+            results["same_answers"][str(factor)] = in_fresh_process(
+                compare_engines, projects["pandas"], projects["spark"]
+            )
             say(f"×{factor}: {results['same_answers'][str(factor)]}")
         for project in projects.values():
             shutil.rmtree(project.parent)  # the next factor needs the room

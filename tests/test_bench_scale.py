@@ -2,6 +2,7 @@
 comparison that must catch a difference, and the goals read from the figures."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,19 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from scale import KEYS, RUNNER, cell_seconds, goals, markdown, run_measured, same_answers, skip_reason, tree_rss_mb  # noqa: E402
+from scale import (  # noqa: E402
+    KEYS,
+    RUNNER,
+    cell_seconds,
+    code_version,
+    goals,
+    in_fresh_process,
+    markdown,
+    run_measured,
+    same_answers,
+    skip_reason,
+    tree_rss_mb,
+)
 
 HOLD = "import sys; b = bytearray({mb} * 2**20); b[::4096] = b'x' * len(b[::4096]); print('ready', flush=True); {end}"
 
@@ -80,7 +93,7 @@ def test_the_goals_are_read_from_the_figures_and_the_table_shows_every_run():
     results = {
         "runs": {
             1: {"pandas": _run(100, 2000), "spark": _run(150, 2500)},
-            10: {"pandas": _run(1200, 9000), "spark": _run(900, 4500)},
+            10: {"pandas": _run(1200, 9000), "spark": _run(900, 4500) | {"code": "8a50688"}},
         },
         "same_answers": {},
         "skipped": {100: "needs about 52 GB of disk, 50 GB free"},
@@ -95,6 +108,7 @@ def test_the_goals_are_read_from_the_figures_and_the_table_shows_every_run():
     table = markdown(results)
     assert "| ×10 | spark | data_acquisition | 900.0 | 4,500 | 4,500 |" in table
     assert "- ×100: skipped, needs about 52 GB of disk, 50 GB free" in table
+    assert "| ×10 | spark | 8a50688 | 10 | 10 | 10 | 10 |" in table
 
 
 def test_a_run_that_stopped_early_is_compared_on_the_stages_it_ran():
@@ -111,7 +125,7 @@ def test_a_run_that_stopped_early_is_compared_on_the_stages_it_ran():
         "spark: ×10 data took 3.0× the time of ×1 over the stages up to model_development (goal ≤ 10×): met"
     )
     results["machine"] = {"cpus": 2, "memory_gb": 24, "python": "3.11", "spark_master": "local[*]"}
-    assert "| ×10 | spark | — | — | — | — |" in markdown(results)
+    assert "| ×10 | spark | — | — | — | — | — |" in markdown(results)  # no commit recorded, no throughput
 
 
 def test_the_throughput_is_timed_on_the_run_cell_that_calls_the_function_not_the_one_that_defines_it(tmp_path):
@@ -123,3 +137,25 @@ def test_the_throughput_is_timed_on_the_run_cell_that_calls_the_function_not_the
     assert cell_seconds(tmp_path / "03.ipynb", "development_rows(") == 42.5
     with pytest.raises(ValueError, match="no run cell holds 'score_campaign\\('"):
         cell_seconds(tmp_path / "03.ipynb", "score_campaign(")
+
+
+def test_each_run_records_the_commit_its_copy_was_made_from_and_whether_code_differed(tmp_path):
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    (tmp_path / "benchmarks").mkdir()
+    for name in ("step.py", "benchmarks/scale.md"):
+        (tmp_path / name).write_text("before\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "start")
+    commit = git("rev-parse", "--short", "HEAD").strip()
+    assert code_version(tmp_path) == commit
+    (tmp_path / "benchmarks/scale.md").write_text("results\n")  # the benchmark's own output: not a code change
+    assert code_version(tmp_path) == commit
+    (tmp_path / "step.py").write_text("after\n")
+    assert code_version(tmp_path) == commit + "+changes"
+
+
+def test_the_engine_comparison_runs_in_a_process_of_its_own():
+    assert in_fresh_process(os.getpid) != os.getpid()

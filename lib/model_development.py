@@ -795,26 +795,28 @@ def by_key(frame) -> pd.DataFrame:
     return frame if in_order(frame, KEYS) else frame.sort_values(KEYS, ignore_index=True)
 
 
-def labelled_rows_on_spark(spark, tables, campaign_ids, promo_weeks, root, say=quiet) -> pd.DataFrame:
+def labelled_rows_on_spark(spark, tables, campaign_ids, promo_weeks, root, say=quiet, many=False) -> pd.DataFrame:
     """`build_labelled_rows` on Spark: `spark_features` with labels, from the small `tables` and the big ones under
-    `root`, sorted by Spark and read back in that order (no second, sorted copy of a large frame)."""
+    `root`, read back in key order. `many` rows (many campaigns) are sorted by Spark, so that no second, sorted copy of
+    a large frame is made here; a few campaigns' rows are sorted here, which spares Spark a range-partitioning job."""
     import tempfile
 
     say(f"features on Spark ({spark.sparkContext.master}): {len(campaign_ids)} campaigns")
     with tempfile.TemporaryDirectory() as tmp:
         big = read_spark_tables(spark, root)
         path = spark_features(
-            spark, tables, *big, campaign_ids, Path(tmp) / "rows", promo_weeks, labelled=True, ordered=True
+            spark, tables, *big, campaign_ids, Path(tmp) / "rows", promo_weeks, labelled=True, ordered=many
         )
         return by_key(parquet_frame(path))
 
 
-def labelled_rows(tables, campaign_ids, promo_weeks=4, say=quiet, spark=None, root=None) -> pd.DataFrame:
+def labelled_rows(tables, campaign_ids, promo_weeks=4, say=quiet, spark=None, root=None, many=False) -> pd.DataFrame:
     """The labelled rows with features of `campaign_ids`, sorted: `build_labelled_rows` here, or with a Spark session
-    `spark` on Spark (`labelled_rows_on_spark`, the big tables read from `root`'s data/processed/)."""
+    `spark` on Spark (`labelled_rows_on_spark`, the big tables read from `root`'s data/processed/; `many`: a frame
+    too large to sort twice)."""
     if spark is None:
         return build_labelled_rows(tables, campaign_ids, promo_weeks, say)
-    return labelled_rows_on_spark(spark, tables, campaign_ids, promo_weeks, root, say)
+    return labelled_rows_on_spark(spark, tables, campaign_ids, promo_weeks, root, say, many)
 
 # %% ../notebooks/03_model_development.ipynb #9981b7f3
 def split_campaigns(campaign_descriptions, first_transaction, params) -> pd.DataFrame:

@@ -1311,7 +1311,7 @@ def close_the_loop(
         0
     ]:
         return {**out, "reasons": [f"{trigger['batch']} has no labels yet: the gate waits for them"]}
-    train = labelled_rows(m.tables, campaigns, m.promo_weeks, spark=m.spark, root=m.root)
+    train = labelled_rows(m.tables, campaigns, m.promo_weeks, spark=m.spark, root=m.root, many=True)
     model, _ = fit_candidate(family, train, development, m.seed)
     frame = batch_rows(m.tables, drilled_batch(m, trigger["campaign_id"]), m.promo_weeks, m.spark, m.root)
     verdict = gate_challenger(

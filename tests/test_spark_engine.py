@@ -1,12 +1,13 @@
 """The Spark engine: its session fails clearly without Java or with a master that does not answer; on the smoke slice
 it builds the same feature table, the same scores and the same send list as the pandas engine, in local mode and on a
-standalone cluster of a master and two workers, and the monitoring replay gives the same batch rows and results; and a
-Python worker killed while features are written fails the write without leaving output, after which a rerun
-succeeds. Steps 03 to 05 run through DVC on Spark in test_spark_pipeline.py (03) and test_spark_deployment.py
-(04, 05)."""
+standalone cluster of a master and two workers, and the monitoring replay gives the same batch rows and results; a few
+campaigns' rows are sorted once read, many by Spark; and a Python worker killed while features are written fails the
+write without leaving output, after which a rerun succeeds. Steps 03 to 05 run through DVC on Spark in
+test_spark_pipeline.py (03) and test_spark_deployment.py (04, 05)."""
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -182,6 +183,36 @@ def _assert_same_answers(spark, project, tmp_path):
 @pytest.mark.pipeline
 def test_spark_features_scores_and_send_list_equal_the_pandas_ones(deployed_smoke, spark, tmp_path):
     _assert_same_answers(spark, deployed_smoke, tmp_path)
+
+
+def _with_jobs(spark, group, call) -> tuple:
+    "What `call()` returns, and how many Spark jobs it ran (tagged with job group `group`)."
+    spark.sparkContext.setJobGroup(group, group)
+    try:
+        out = call()
+    finally:
+        spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
+    return out, len(spark.sparkContext.statusTracker().getJobIdsForGroup(group))
+
+
+@pytest.mark.pipeline
+def test_few_campaigns_rows_are_sorted_after_reading_and_many_by_spark(deployed_smoke, spark):
+    """`labelled_rows` on Spark gives the pandas rows in key order either way; sorting `many` rows on Spark (a
+    retraining's) takes more jobs than sorting a few campaigns' rows once they are read (the range partitioning's
+    sample and shuffle), which step 04's gate and each monitoring batch are spared."""
+    on_pandas, promo_weeks = _rows_on_pandas(deployed_smoke)
+    build = functools.partial(
+        md.labelled_rows,
+        md.feature_tables(deployed_smoke, spark),
+        CAMPAIGNS,
+        promo_weeks,
+        spark=spark,
+        root=deployed_smoke,
+    )
+    built = {many: _with_jobs(spark, f"many={many}", functools.partial(build, many=many)) for many in (False, True)}
+    for rows, _ in built.values():
+        pd.testing.assert_frame_equal(rows, on_pandas, check_exact=True)
+    assert built[True][1] > built[False][1] > 0, {many: jobs for many, (_, jobs) in built.items()}
 
 
 def _monitor_on_pandas(project):

@@ -826,10 +826,14 @@ KERNEL_ARGUMENTS = [
 ]
 
 # %% ../notebooks/00_core.ipynb #e7c1a0b1
-# What a stage's kernel, and the Spark workers it starts, inherit unless the environment sets it already: Arrow's
-# allocator (mimalloc) hands freed memory back to the system at once instead of keeping it for reuse. A stage reads
-# each large table once, so kept pages only raise its peak (the held-out rows of the data ×10: 2.5 GB kept, not 0.8).
-KERNEL_ENVIRONMENT = {"MIMALLOC_PURGE_DELAY": "0"}
+# What a stage's kernel, and the processes it starts, inherit unless the environment sets it already:
+# - Arrow's allocator (mimalloc) hands freed memory back to the system at once instead of keeping it for reuse. A stage
+#   reads each large table once, so kept pages only raise its peak (the held-out rows of the data ×10: 2.5 GB kept, not
+#   0.8).
+# - No library progress bars (ydata-profiling draws some that its `progress_bar=False` does not reach), and not tqdm's
+#   warning, at import, that a kernel without ipywidgets cannot draw them: the stage says how far it got on the
+#   terminal, and the bars' redraws would only fill the executed notebook.
+KERNEL_ENVIRONMENT = {"MIMALLOC_PURGE_DELAY": "0", "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore:IProgress not found"}
 
 # %% ../notebooks/00_core.ipynb #fec56bda
 class StageError(RuntimeError):

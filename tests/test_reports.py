@@ -1,6 +1,7 @@
 """The stakeholder reports of a smoke run of the whole pipeline, checked in a real browser (Debian's Chromium)."""
 
 import html
+import json
 import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -110,3 +111,17 @@ def test_stakeholder_pages_show_no_code(smoke_pipeline):
         text = path.read_text()
         assert "jp-InputArea" not in text and "input_area" not in text, f"{path.name} shows code cells"
         assert "Traceback" not in text and "#| export" not in text, f"{path.name} shows code or tracebacks"
+
+
+def printed_to_stderr(notebook: Path) -> str:
+    "What the cells of an executed notebook printed to stderr."
+    cells = json.loads(notebook.read_text())["cells"]
+    return "".join("".join(o.get("text", "")) for c in cells for o in c.get("outputs", []) if o.get("name") == "stderr")
+
+
+def test_executed_notebooks_hold_no_progress_bars_nor_the_warning_that_widgets_are_missing(smoke_pipeline):
+    executed = sorted((smoke_pipeline / "reports/executed").glob("*.ipynb"))
+    assert len(executed) == 6
+    for notebook in executed:
+        printed = printed_to_stderr(notebook)
+        assert "IProgress not found" not in printed and "it/s]" not in printed, f"{notebook.name}: {printed[:500]}"

@@ -12,11 +12,11 @@ __all__ = ['ROOT_MARKERS', 'STEPS', 'STAGES', 'SECTIONS', 'ENGINES', 'CHARTER_FI
            'TrackingStoreError', 'check_tracking_server', 'connect_mlflow', 'seed_everything', 'file_sha256',
            'save_json', 'load_json', 'save_csv', 'MissingOutputError', 'pipeline_stages', 'stage_outputs',
            'check_outputs', 'check_notebook_outputs', 'parquet_frame', 'step_notebook', 'report_paths',
-           'check_notebook_parameters', 'runs_in_stage', 'stage_view', 'render_report', 'progress', 'quiet', 'show',
-           'table_view', 'peak_rss_mb', 'open_stage', 'ipc_kernel_manager', 'watch_parent', 'pipeline_chain',
-           'stop_descendants', 'stage_run_context', 'end_stage_runs', 'end_runs_of', 'stop_stage_on_signals',
-           'guard_stage_kernel', 'StageError', 'run_stage', 'run_stage_cli', 'changed_outputs', 'uncached_outputs',
-           'keep_failed_notebooks', 'recover', 'recover_cli']
+           'check_notebook_parameters', 'runs_in_stage', 'stage_view', 'render_report', 'progress', 'quiet',
+           'figure_png', 'show', 'table_view', 'peak_rss_mb', 'open_stage', 'ipc_kernel_manager', 'watch_parent',
+           'pipeline_chain', 'stop_descendants', 'stage_run_context', 'end_stage_runs', 'end_runs_of',
+           'stop_stage_on_signals', 'guard_stage_kernel', 'StageError', 'run_stage', 'run_stage_cli', 'changed_outputs',
+           'uncached_outputs', 'keep_failed_notebooks', 'recover', 'recover_cli']
 
 # %% ../notebooks/00_core.ipynb #1504f3be
 import ast
@@ -628,14 +628,24 @@ def quiet(message):
     "A progress function that says nothing (the default of functions that report progress)."
 
 # %% ../notebooks/00_core.ipynb #d1a2b3d1
-def show(*figures):
-    "Display each matplotlib figure in the notebook, then close it."
+def figure_png(fig, dpi=90) -> bytes:
+    "A matplotlib figure as PNG bytes, cropped as the inline backend crops it, whatever backend runs; closed."
+    import io
+
     import matplotlib.pyplot as plt
-    from IPython.display import display
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def show(*figures):
+    "Display each matplotlib figure in the notebook as a PNG (`figure_png`), then close it."
+    from IPython.display import Image, display
 
     for fig in figures:
-        display(fig)
-        plt.close(fig)
+        display(Image(figure_png(fig)))
 
 # %% ../notebooks/00_core.ipynb #d1a2b3e1
 def table_view(frame, formats=None, na_rep=None, index=False):

@@ -1259,7 +1259,7 @@ def plot_gate(comparison, k):
     ax.barh(list(hits.index), hits.values, color=["#3e7cb1" if n == "candidate" else "#b0bec5" for n in hits.index])
     for y, v in enumerate(hits.values):
         ax.text(v, y, f" {v:.0f}", va="center")
-    ax.set_xlabel(f"redeemed offers among each household's top {k} (gate campaigns)")
+    ax.set_xlabel(f"redeemed offers among each household's top {k}\non the gate campaigns")
     ax.set_xlim(0, max(hits.max() * 1.2, 1))
     fig.tight_layout()
     return fig

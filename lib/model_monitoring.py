@@ -19,7 +19,7 @@ __all__ = ['SCENARIOS', 'SEVERITIES', 'REMEDIATIONS', 'OPS', 'RULE_SPEC', 'SPEC'
            'build_monitor', 'replay_inputs', 'reference_training_rows', 'profile_sampler', 'latest_scored',
            'gate_settings', 'monitoring_summary', 'plot_diagnoses', 'drift_table', 'rules_table', 'retraining_summary',
            'challenger_tables', 'alerts_document', 'profile_reference', 'profile_latest', 'profile_note',
-           'replay_header', 'replay_table', 'figure_png', 'drift_view', 'alerts_view', 'drift_levels']
+           'replay_header', 'replay_table', 'drift_view', 'alerts_view', 'drift_levels']
 
 # %% ../notebooks/05_model_monitoring.ipynb #18aad86e
 import hashlib
@@ -1611,18 +1611,6 @@ def replay_table(timeline, results):
     }
     table = timeline[columns].assign(**side_by_side, reason=[r["reason"] for r in results])
     return table_view(table, {c: "{:,.0f}" for c in ("households", "rows", "positives")}, na_rep="—")
-
-
-def figure_png(fig, dpi=90) -> bytes:
-    "A matplotlib figure as PNG bytes (whatever backend the kernel runs); the figure is closed."
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 def drift_view(heat):

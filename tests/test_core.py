@@ -61,3 +61,15 @@ def test_a_stage_kernel_inherits_the_memory_settings(monkeypatch):
 def test_a_memory_setting_the_environment_makes_is_kept(monkeypatch):
     monkeypatch.setenv("MIMALLOC_PURGE_DELAY", "100")
     assert kernel_environment(monkeypatch)["MIMALLOC_PURGE_DELAY"] == "100"
+
+
+def test_show_displays_each_figure_as_a_png_and_closes_it(monkeypatch):
+    import matplotlib.pyplot as plt
+
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda *objects: shown.extend(objects))
+    figures = [plt.figure(), plt.figure()]
+    core.show(*figures)
+    assert [type(o).__name__ for o in shown] == ["Image", "Image"]  # not the figures: their text where no backend draws
+    assert all(o.data[:4] == b"\x89PNG" for o in shown)
+    assert not any(plt.fignum_exists(f.number) for f in figures)

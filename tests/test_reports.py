@@ -113,6 +113,13 @@ def test_stakeholder_pages_show_no_code(smoke_pipeline):
         assert "Traceback" not in text and "#| export" not in text, f"{path.name} shows code or tracebacks"
 
 
+def test_every_chart_reaches_its_step_page_as_an_image(smoke_pipeline):
+    for path in sorted((smoke_pipeline / "reports/html").glob("0[1-5]_*.html")):
+        text = path.read_text()
+        assert "<img" in text, f"{path.name} has no chart"
+        assert "Figure size" not in text, f"{path.name}: a chart shows as its text, not as an image"
+
+
 def printed_to_stderr(notebook: Path) -> str:
     "What the cells of an executed notebook printed to stderr."
     cells = json.loads(notebook.read_text())["cells"]

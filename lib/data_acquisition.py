@@ -1103,8 +1103,12 @@ def fill_unknown_text(table, frame, columns) -> tuple:
 
 
 def to_categories(frame, columns_categories) -> pd.DataFrame:
-    "Text columns as unordered Categoricals with fixed categories."
-    return frame.assign(**{c: pd.Categorical(frame[c], categories=cats) for c, cats in columns_categories.items()})
+    """Text columns as unordered Categoricals with fixed categories. The other columns are shared with `frame`, not
+    copied (`assign` would copy every column of each promotions chunk); `frame` itself is left as it was."""
+    out = frame.copy(deep=False)
+    for c, cats in columns_categories.items():
+        out[c] = pd.Categorical(frame[c], categories=cats)
+    return out
 
 # %% ../notebooks/02_data_acquisition.ipynb #0d219577
 def find_home_stores(transactions) -> pd.DataFrame:

@@ -174,6 +174,22 @@ def use_spark(project: Path) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def assert_close(got, want, where=""):
+    "Equal nested results (dicts, lists, values), floats within 1e-9; `where` names the first difference."
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), where
+        for key in want:
+            assert_close(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_close(g, w, f"{where}[{i}]")
+    elif isinstance(want, float) and not isinstance(got, bool):
+        assert got == pytest.approx(want, abs=1e-9, nan_ok=True), where
+    else:
+        assert got == want, where
+
+
 # ---------------------------------------------------------------- the fast tier and the pipeline tier
 
 # A test needs a pipeline run when it uses one of these fixtures, directly or through a fixture built on them ...

@@ -1,14 +1,16 @@
 """Steps 04 and 05 through DVC on the Spark engine: step 04, which holds only the small tables, gives the pandas run's
-scores, send list and KPIs, and step 05's replay builds each batch's features on Spark. A module of its own, like
+scores, send list and KPIs, and step 05's replay builds every batch's features on Spark and gives the pandas run's
+results. A module of its own, like
 tests/test_spark_pipeline.py (step 03 on Spark), so that the pipeline tier runs the two side by side."""
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
-from conftest import run, use_spark
+from conftest import assert_close, run, use_spark
 from lib import model_development as md
-from lib.core import load_json
+from lib.core import load_json, load_yaml
 
 
 def _deployment_answers(project) -> dict:
@@ -16,6 +18,12 @@ def _deployment_answers(project) -> dict:
     scores = pd.read_parquet(project / "data/scored/scores.parquet")[[*md.KEYS, "score"]]
     sends = pd.read_parquet(project / "data/scored/send_list.parquet")[[*md.KEYS, "rank"]]
     return {"scores": scores, "send_list": sends, "kpis": load_json(project / "metrics/latest_kpis.json")}
+
+
+def _batch_results(project) -> dict:
+    "Step 05's stored result of each batch, without what differs between any two runs (its seconds, its fingerprint)."
+    stored = sorted((project / "data/monitoring/batches").glob("campaign_*.json"))
+    return {p.stem: {k: v for k, v in load_json(p).items() if k not in ("seconds", "fingerprint")} for p in stored}
 
 
 def _assert_same_deployment(got, want):
@@ -28,10 +36,13 @@ def _assert_same_deployment(got, want):
 
 
 @pytest.mark.pipeline
-def test_steps_04_and_05_on_spark_give_the_pandas_scores_and_replay_on_spark(deployed_smoke):
+def test_steps_04_and_05_on_spark_give_the_pandas_scores_and_batch_results(deployed_smoke):
     project = deployed_smoke
-    deployed = _deployment_answers(project)
+    deployed, replayed = _deployment_answers(project), _batch_results(project)
     use_spark(project)
+    params = load_yaml(project / "params.yaml")
+    params["model_monitoring"]["incremental"] = False  # the replay builds every batch again (on Spark), none reused
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     said = [
         run(["dvc", "repro", "--force", "--single-item", s], project) for s in ("model_deployment", "model_monitoring")
     ]
@@ -41,4 +52,6 @@ def test_steps_04_and_05_on_spark_give_the_pandas_scores_and_replay_on_spark(dep
     _assert_same_deployment(_deployment_answers(project), deployed)
     executed = (project / "reports/executed/05_model_monitoring.ipynb").read_text()
     assert "**features:** Spark (`local[2]`)" in executed  # the replay's header names the engine that built features
-    assert load_json(project / "metrics/monitoring.json")
+    computed = load_json(project / "data/monitoring/run.json")["computed"]
+    assert len(computed) == len(replayed) > 1
+    assert_close(_batch_results(project), replayed)

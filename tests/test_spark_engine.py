@@ -1,8 +1,8 @@
 """The Spark engine: its session fails clearly without Java or with a master that does not answer; on the smoke slice
 it builds the same feature table, the same scores and the same send list as the pandas engine, in local mode and on a
-standalone cluster of a master and two workers, and the monitoring replay gives the same batch rows and results; a few
-campaigns' rows are sorted once read, many by Spark; and a Python worker killed while features are written fails the
-write without leaving output, after which a rerun succeeds. Steps 03 to 05 run through DVC on Spark in
+standalone cluster of a master and two workers, and a monitoring batch and its drill give the same rows and results;
+a few campaigns' rows are sorted once read, many by Spark; and a Python worker killed while features are written fails
+the write without leaving output, after which a rerun succeeds. Steps 03 to 05 run through DVC on Spark in
 test_spark_pipeline.py (03) and test_spark_deployment.py (04, 05)."""
 
 import contextlib
@@ -28,7 +28,7 @@ import pyspark
 import pytest
 from mlflow import MlflowClient
 
-from conftest import ROOT, SPARK_LOCAL, wait_until
+from conftest import ROOT, SPARK_LOCAL, assert_close, wait_until
 from lib import model_deployment as dep
 from lib import model_development as md
 from lib import model_monitoring as mon
@@ -243,34 +243,19 @@ def _kept(monkeypatch, name) -> list:
     return frames
 
 
-def _assert_close(got, want, where=""):
-    "Equal nested results, floats within 1e-9."
-    if isinstance(want, dict):
-        assert got.keys() == want.keys(), where
-        for key in want:
-            _assert_close(got[key], want[key], f"{where}.{key}")
-    elif isinstance(want, list):
-        assert len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            _assert_close(g, w, f"{where}[{i}]")
-    elif isinstance(want, float) and not isinstance(got, bool):
-        assert got == pytest.approx(want, abs=1e-9, nan_ok=True), where
-    else:
-        assert got == want, where
-
-
 @pytest.mark.pipeline
-def test_the_monitoring_replay_on_spark_gives_the_pandas_batch_rows_and_results(deployed_smoke, spark, monkeypatch):
-    """Every production batch of the smoke slice, and a demographic-shift drill (which retargets the batch: the
+def test_a_monitoring_batch_and_its_drill_on_spark_give_the_pandas_rows_and_results(deployed_smoke, spark, monkeypatch):
+    """A labelled production batch of the smoke slice, and its demographic-shift drill (which retargets the batch: the
     features must see the drilled targeting), give the same labelled rows, scores and batch results on both engines; the
-    Spark monitor holds only the small tables and reads each batch's transactions from the delivered file."""
+    Spark monitor holds only the small tables and reads each batch's transactions from the delivered file. Every batch's
+    results, through DVC: tests/test_spark_deployment.py."""
     on_pandas, plan = _monitor_on_pandas(deployed_smoke)
     small = md.feature_tables(deployed_smoke, spark) | load_processed(deployed_smoke, ["households"])
     on_spark = dataclasses.replace(on_pandas, tables=small, spark=spark, root=deployed_smoke)  # as step 05 holds them
     drill = {**on_pandas.settings, "scenario": "demographic_shift"}
     labelled = plan[plan.labelled].head(1)
     cases = [
-        (on_pandas, on_spark, plan),
+        (on_pandas, on_spark, labelled),
         (dataclasses.replace(on_pandas, settings=drill), dataclasses.replace(on_spark, settings=drill), labelled),
     ]
     rows = {"pandas": _kept(monkeypatch, "build_labelled_rows"), "spark": _kept(monkeypatch, "labelled_rows_on_spark")}
@@ -282,7 +267,7 @@ def test_the_monitoring_replay_on_spark_gives_the_pandas_batch_rows_and_results(
             built += 1
             assert len(rows["pandas"]) == len(rows["spark"]) == built  # each engine built this batch's rows itself
             pd.testing.assert_frame_equal(rows["spark"][-1], rows["pandas"][-1], check_exact=True)
-            _assert_close(*({k: v for k, v in r.items() if k != "seconds"} for r in (got, want)), row.batch)
+            assert_close(*({k: v for k, v in r.items() if k != "seconds"} for r in (got, want)), row.batch)
             if want_scored is not None:
                 keys = (
                     got_scored.sort_values(md.KEYS, ignore_index=True),
@@ -290,7 +275,7 @@ def test_the_monitoring_replay_on_spark_gives_the_pandas_batch_rows_and_results(
                 )
                 pd.testing.assert_frame_equal(*(k.drop(columns="prediction") for k in keys), check_exact=True)
                 assert np.abs(keys[0].prediction.to_numpy() - keys[1].prediction.to_numpy()).max() <= 1e-9
-    assert built == len(plan) + 1 and plan.labelled.any()
+    assert built == 2 and plan.labelled.any()
     drilled = mon.drilled_batch(cases[1][0], labelled.campaign_id.iloc[0])["campaigns"].household_id
     assert set(rows["spark"][-1].household_id) == set(drilled)  # the drill's households, not the delivered ones
 

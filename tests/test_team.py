@@ -381,8 +381,9 @@ def start_repro(project, env, log, *args):
 
 def test_the_server_killed_during_model_development_then_two_clones_at_once(team_stack, teammate_a, teammate_b):
     """The MLflow server dies while step 03 runs: the stage fails naming the server and the registry is unchanged.
-    After `team-stack up`, B's next `dvc repro` and a forced one in A, at the same time, both succeed; the registry's
-    aliases point at versions both clones know, and both clones' runs are on the server."""
+    After `team-stack up`, B's next `dvc repro` and A's forced step 03 (alone: the steps before it do not talk to the
+    server), at the same time, both succeed; the registry's aliases point at versions both clones know, and both
+    clones' runs are on the server."""
     from mlflow import MlflowClient
 
     name, base = SMOKE["model_deployment"]["registered_model"], team_stack.base
@@ -408,7 +409,7 @@ def test_the_server_killed_during_model_development_then_two_clones_at_once(team
     started = time.monotonic()
     both = {
         "b": start_repro(teammate_b, env, base / "b-again.log"),
-        "a": start_repro(teammate_a.project, teammate_a.env, base / "a-again.log", "-f", "model_development"),
+        "a": start_repro(teammate_a.project, teammate_a.env, base / "a-again.log", "-f", "-s", "model_development"),
     }
     codes = {who: p.wait(timeout=2400) for who, p in both.items()}
     print(f"two clones at once: {time.monotonic() - started:.0f} s")

@@ -1,6 +1,7 @@
 """JupyterLab parity: each step notebook, run top to bottom by a notebook client started in notebooks/ (as JupyterLab
-does), gives the same results as the pipeline run by DVC from the project root; and JupyterLab offers the project's
-kernel."""
+does), gives the same results as the pipeline run by DVC from the project root — a second run of every step, in a
+copy of its own, so this is also the check that the pipeline gives the same results when run again; and JupyterLab
+offers the project's kernel."""
 
 import json
 import os
@@ -12,6 +13,7 @@ import urllib.error
 import urllib.request
 
 import nbformat
+import pandas as pd
 import pytest
 import yaml
 from nbclient import NotebookClient
@@ -32,13 +34,15 @@ def stage_notebooks(project) -> list:
 
 
 def results(project) -> dict:
-    """What the pipeline decided: the charter, the catalog's content hashes and every metric that does not time the
-    machine."""
+    """What the pipeline decided: the charter, the catalog's content hashes, the monitoring reference (but for the run
+    it names) and every metric that does not time the machine."""
+    reference = json.loads((project / "models/reference_stats.json").read_text())
     out = {
         "charter": json.loads((project / "data/charter.json").read_text()),
         "hashes": {
             name: t["sha256"] for name, t in json.loads((project / "data/catalog.json").read_text())["tables"].items()
         },
+        "reference": {k: v for k, v in reference.items() if k != "run_id"},
     }
     for path in sorted((project / "metrics").glob("*.json")):
         out[path.name] = {k: v for k, v in json.loads(path.read_text()).items() if not MEASURED.search(k)}
@@ -58,6 +62,10 @@ def test_step_notebooks_run_from_the_notebooks_folder_with_the_pipeline_results(
     assert by_notebooks.keys() == by_pipeline.keys()
     for name in by_pipeline:
         assert by_notebooks[name] == by_pipeline[name], f"{name} differs between JupyterLab and the pipeline"
+    rows = (pd.read_parquet(p / "data/features/development.parquet") for p in (project, smoke_pipeline))
+    pd.testing.assert_frame_equal(*rows)  # step 03's development rows
+    runs = (json.loads((p / "models/candidate.json").read_text())["run_id"] for p in (project, smoke_pipeline))
+    assert len(set(runs)) == 2  # the same results from a run of its own
 
 
 def kernelspecs_when_ready(log_path, process, attempts=120) -> dict:

@@ -247,8 +247,8 @@ def _kept(monkeypatch, name) -> list:
 def test_a_monitoring_batch_and_its_drill_on_spark_give_the_pandas_rows_and_results(deployed_smoke, spark, monkeypatch):
     """A labelled production batch of the smoke slice, and its demographic-shift drill (which retargets the batch: the
     features must see the drilled targeting), give the same labelled rows, scores and batch results on both engines; the
-    Spark monitor holds only the small tables and reads each batch's transactions from the delivered file. Every batch's
-    results, through DVC: tests/test_spark_deployment.py."""
+    Spark monitor holds only the small tables and reads each batch's transactions from the delivered file. The batch
+    the pandas run judged, rebuilt on Spark through DVC: tests/test_spark_deployment.py."""
     on_pandas, plan = _monitor_on_pandas(deployed_smoke)
     small = md.feature_tables(deployed_smoke, spark) | load_processed(deployed_smoke, ["households"])
     on_spark = dataclasses.replace(on_pandas, tables=small, spark=spark, root=deployed_smoke)  # as step 05 holds them

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import assert_close, run, use_spark
 from lib import model_development as md
+from lib import model_monitoring as mon
 from lib.core import load_json
 
 
@@ -39,7 +40,8 @@ def test_steps_04_and_05_on_spark_give_the_pandas_scores_and_batch_results(deplo
     project = deployed_smoke
     deployed, replayed = _deployment_answers(project), _batch_results(project)
     judged = next(name for name, result in replayed.items() if result["status"] == "ok")  # metrics, drift, KPIs
-    (project / f"data/monitoring/batches/{judged}.json").unlink()  # so the replay builds this batch again, on Spark
+    state_dir = project / "data/monitoring/batches"
+    mon.state_path(state_dir, replayed[judged]["campaign_id"]).unlink()  # the replay builds this batch again, on Spark
     use_spark(project)
     said = [
         run(["dvc", "repro", "--force", "--single-item", s], project) for s in ("model_deployment", "model_monitoring")

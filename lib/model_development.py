@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES', 'FEATURE_KINDS', 'RULE_FEATURE',
            'FEATURE_TABLES', 'TRANSACTION_COLUMNS', 'NO_TIME', 'NO_WEEK', 'PARTIAL_COLUMNS', 'SPARK_TABLES',
-           'BROADCAST_TABLES', 'PARTIAL_SCHEMA', 'SHARES_SCHEMA', 'TRANSACTIONS_PER_BUCKET', 'CANDIDATES', 'MAKERS',
-           'METRICS', 'SLICES', 'CURVE_AXES', 'SKOPS_TRUSTED_TYPES', 'check_params', 'build_candidates',
-           'label_candidates', 'history_before', 'measure_rfm', 'measure_discount_sensitivity',
+           'BROADCAST_TABLES', 'PARTIAL_SCHEMA', 'SHARES_SCHEMA', 'TRANSACTIONS_PER_BUCKET', 'CANDIDATES',
+           'ONE_PASS_SKLEARN', 'MAKERS', 'METRICS', 'SLICES', 'CURVE_AXES', 'SKOPS_TRUSTED_TYPES', 'check_params',
+           'build_candidates', 'label_candidates', 'history_before', 'measure_rfm', 'measure_discount_sensitivity',
            'measure_offer_purchases', 'measure_affinity', 'measure_offer_breadth', 'count_offer_buyers',
            'offer_popularity', 'measure_offer_popularity', 'measure_past_redemptions', 'measure_offer_redeemed_before',
            'locate_home_stores', 'weeks_before', 'complete_weeks', 'measure_promotion_shares', 'exposure_at_home',
@@ -19,9 +19,10 @@ __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES',
            'spark_promotion_shares', 'spark_feature_frame', 'spark_features', 'by_key', 'labelled_rows_on_spark',
            'labelled_rows', 'split_campaigns', 'restrict_to_development', 'split_table', 'feature_tables',
            'transaction_span', 'transactions_between', 'TrainingDataError', 'check_training_data', 'make_rule_baseline',
-           'make_logistic_regression', 'make_gradient_boosting', 'OfferChoice', 'make_offer_choice', 'search_grid',
-           'grid_size', 'training_draws', 'sample_training_rows', 'fit_arguments', 'fit_candidate', 'top_k_offers',
-           'precision_at_k', 'measure_metrics', 'measure_slices', 'measure_lift', 'measure_curves', 'check_acceptance',
+           'make_logistic_regression', 'make_gradient_boosting', 'OfferChoice', 'make_offer_choice',
+           'one_pass_thresholds', 'use_one_pass_thresholds', 'one_pass_binning', 'search_grid', 'grid_size',
+           'training_draws', 'sample_training_rows', 'fit_arguments', 'fit_candidate', 'top_k_offers', 'precision_at_k',
+           'measure_metrics', 'measure_slices', 'measure_lift', 'measure_curves', 'check_acceptance',
            'select_candidate', 'bin_shares', 'describe_numeric', 'describe_categorical', 'reference_statistics',
            'Candidate', 'importance_sample', 'measure_importance', 'predict_in_batches', 'positive_class', 'timed_fit',
            'measure_candidate', 'develop_candidate', 'with_importance', 'refit_on_development', 'flat_metrics',
@@ -39,11 +40,14 @@ import json
 import math
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import sklearn
+from joblib import parallel_config
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingClassifier
@@ -1002,6 +1006,66 @@ def make_offer_choice(seed) -> Pipeline:
     model = Installed(categorical_features=list(range(len(CATEGORICAL))), random_state=seed)
     return Pipeline([("prep", prep), ("model", model)])
 
+# %% ../notebooks/03_model_development.ipynb #b1a2c3d5
+ONE_PASS_SKLEARN = ("1.9.1",)  # the scikit-learn versions whose bin thresholds `one_pass_thresholds` gives
+
+
+def one_pass_thresholds(col_data, max_bins, sample_weight=None) -> np.ndarray:
+    """The bin thresholds of one feature as scikit-learn's histogram gradient boosting finds them
+    (`_find_binning_thresholds`), the same numbers, with every weighted quantile taken after one sort of the column
+    instead of one sort per quantile."""
+    from numpy.lib.stride_tricks import sliding_window_view
+    from sklearn.ensemble._hist_gradient_boosting.common import ALMOST_INF, X_DTYPE
+    from sklearn.utils.stats import _weighted_percentile
+
+    kept = ~np.isnan(col_data)  # missing values, and rows of no weight, move no threshold
+    if sample_weight is not None:
+        kept &= sample_weight != 0
+    order = np.argsort(col_data[kept])
+    values = col_data[kept][order]
+    distinct = np.unique(values).astype(X_DTYPE)
+    if len(distinct) == 1:
+        return np.asarray([])
+    if len(distinct) <= max_bins:
+        thresholds = sliding_window_view(distinct, 2).mean(axis=1)  # midway between neighbouring values
+    else:
+        ranks = np.linspace(0, 100, num=max_bins + 1)[1:-1]
+        if sample_weight is None:
+            thresholds = np.percentile(values, ranks, method="averaged_inverted_cdf")
+        else:
+            thresholds = _weighted_percentile(values, sample_weight[kept][order], ranks, average=True)
+    if len(np.unique(thresholds)) != len(thresholds):
+        thresholds = np.unique(thresholds)
+    return np.clip(thresholds, a_min=None, a_max=ALMOST_INF)
+
+
+def use_one_pass_thresholds():
+    "`one_pass_thresholds` in place of scikit-learn's in this process: how each worker of a parallel search starts."
+    from sklearn.ensemble._hist_gradient_boosting import binning
+
+    binning._find_binning_thresholds = one_pass_thresholds
+
+
+@contextmanager
+def one_pass_binning():
+    """Within: histogram gradient boosting takes its bin thresholds from `one_pass_thresholds`, in this process and in
+    the worker processes of a parallel search; scikit-learn's own after, and throughout with a scikit-learn outside
+    `ONE_PASS_SKLEARN`."""
+    if sklearn.__version__ not in ONE_PASS_SKLEARN:
+        yield
+        return
+    from sklearn.ensemble._hist_gradient_boosting import binning
+
+    from lib.model_development import use_one_pass_thresholds as installed  # workers import it, not a pickled copy
+
+    own = binning._find_binning_thresholds
+    installed()
+    try:
+        with parallel_config(backend="loky", initializer=installed):
+            yield
+    finally:
+        binning._find_binning_thresholds = own
+
 # %% ../notebooks/03_model_development.ipynb #6446d8ed
 def search_grid(params, name) -> dict:
     "The hyperparameter grid of candidate `name` from the params section, keyed for its pipeline."
@@ -1083,9 +1147,11 @@ def fit_candidate(name, train, params, seed):
     rows, weights = sample_training_rows(train, params.get("negative_sample_rate", 1.0), seed)
     arguments, grid = fit_arguments(name, rows, weights), search_grid(params, name)
     if not grid:
-        return model.fit(rows[FEATURES], rows.label, **arguments), pd.DataFrame()
+        with one_pass_binning():
+            return model.fit(rows[FEATURES], rows.label, **arguments), pd.DataFrame()
     search = _halving_search(model, grid, params, seed)
-    search.fit(rows[FEATURES], rows.label, groups=rows.campaign_id, **arguments)
+    with one_pass_binning():
+        search.fit(rows[FEATURES], rows.label, groups=rows.campaign_id, **arguments)
     results = pd.DataFrame(search.cv_results_)
     return search.best_estimator_, results.assign(selected=results.index == search.best_index_)
 
@@ -1350,9 +1416,10 @@ def refit_on_development(candidate, train, held_out, params, seed, say=quiet) ->
     rate = params.get("negative_sample_rate", 1.0)
     rows = pd.concat([train, sample_training_rows(held_out, rate, seed)[0]], ignore_index=True)
     sampled, weights = sample_training_rows(rows, rate, seed)
-    model = clone(candidate.model).fit(
-        sampled[FEATURES], sampled.label, **fit_arguments(candidate.name, sampled, weights)
-    )
+    with one_pass_binning():
+        model = clone(candidate.model).fit(
+            sampled[FEATURES], sampled.label, **fit_arguments(candidate.name, sampled, weights)
+        )
     return replace(candidate, model=model, refit_rows=len(train) + len(held_out))
 
 # %% ../notebooks/03_model_development.ipynb #deb755a2

@@ -8,8 +8,12 @@ import nbformat
 import numpy as np
 import pandas as pd
 import pytest
+import sklearn
 import yaml
+from joblib import Parallel, delayed
+from sklearn.ensemble._hist_gradient_boosting import binning
 
+import lib.model_development as development
 from conftest import ROOT, run
 from lib.core import ParamsError, load_params, load_yaml, merge_params
 from lib.model_development import (
@@ -17,6 +21,7 @@ from lib.model_development import (
     FEATURES,
     KEYS,
     NUMERIC,
+    ONE_PASS_SKLEARN,
     SPEC,
     TrainingDataError,
     build_candidates,
@@ -32,6 +37,8 @@ from lib.model_development import (
     measure_past_redemptions,
     measure_promotion_exposure,
     measure_rfm,
+    one_pass_binning,
+    one_pass_thresholds,
     precision_at_k,
     select_candidate,
 )
@@ -256,6 +263,62 @@ def test_rule_baseline_ranks_exactly_as_the_rule():
     model, _ = fit_candidate("rule_baseline", rows, {}, seed=0)
     scores = model.predict_proba(rows[FEATURES])[:, 1]
     assert (pd.Series(scores).rank(method="dense") == rows.offer_baskets.rank(method="dense")).all()
+
+
+def column_cases():
+    "Feature columns and weights as boosting bins them: continuous, tied, missing, weightless rows, few values."
+    rng = np.random.default_rng(3)
+    continuous, weight = rng.normal(size=4_000), np.where(rng.random(4_000) < 0.1, 1.0, 5.0)
+    missing = np.where(rng.random(4_000) < 0.3, np.nan, continuous)
+    return {
+        "continuous": (continuous, weight),
+        "tied": (np.round(continuous * 30), weight),
+        "missing": (missing, weight),
+        "weightless rows": (continuous, np.where(rng.random(4_000) < 0.3, 0.0, weight)),
+        "few values": (rng.integers(0, 40, 4_000).astype(float), weight),
+        "quantiles on rows": (continuous[:2_550], np.ones(2_550)),  # 10 rows per bin: averaged with the next row
+        "one value": (np.full(4_000, 2.5), weight),
+        "half the rows at zero": (np.where(rng.random(4_000) < 0.5, 0.0, continuous), weight),  # repeated quantiles
+        "unweighted": (continuous, None),
+        "unweighted, tied and missing": (np.round(missing * 30), None),
+    }
+
+
+@pytest.mark.parametrize("case", list(column_cases()))
+def test_one_pass_thresholds_are_scikit_learns(case):
+    column, weight = column_cases()[case]
+    assert binning._find_binning_thresholds.__name__ == "_find_binning_thresholds"  # scikit-learn's own
+    want = binning._find_binning_thresholds(column.copy(), 255, None if weight is None else weight.copy())
+    got = one_pass_thresholds(column.copy(), 255, weight)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+def binning_in_use() -> str:
+    "The name of the function that finds bin thresholds in the process that calls it."
+    return binning._find_binning_thresholds.__name__
+
+
+def test_a_search_with_one_pass_binning_fits_what_scikit_learns_fits_and_its_workers_use_it(monkeypatch):
+    assert sklearn.__version__ in ONE_PASS_SKLEARN, (
+        f"scikit-learn {sklearn.__version__}: compare one_pass_thresholds with its _find_binning_thresholds (these "
+        "tests), then add the version to ONE_PASS_SKLEARN, or remove the one-pass binning if it sorts once itself"
+    )
+    rng = np.random.default_rng(4)
+    rows = training_rows(1_200).assign(spend=rng.gamma(2.0, 20.0, 1_200))  # more distinct values than bins
+    params = {
+        "negative_sample_rate": 0.5,
+        "search_iterations": 2,
+        "cv_folds": 2,
+        "gradient_boosting": {"max_iter": [20], "max_leaf_nodes": [7, 15], "min_samples_leaf": [20]},
+    }
+    model, search = fit_candidate("gradient_boosting", rows, params, seed=0)
+    with one_pass_binning():
+        assert Parallel(n_jobs=2)(delayed(binning_in_use)() for _ in range(2)) == ["one_pass_thresholds"] * 2
+    assert binning_in_use() == "_find_binning_thresholds"  # scikit-learn's own again after
+    monkeypatch.setattr(development, "ONE_PASS_SKLEARN", ())  # scikit-learn's binning throughout
+    own_model, own_search = fit_candidate("gradient_boosting", rows, params, seed=0)
+    assert search.mean_test_score.tolist() == own_search.mean_test_score.tolist()
+    assert np.array_equal(model.predict_proba(rows[FEATURES]), own_model.predict_proba(rows[FEATURES]))
 
 
 def test_selection_refuses_a_model_that_does_not_beat_the_rule():

@@ -1,6 +1,7 @@
 """Step 03 model development: features on hand-made frames, no feature sees the future, bad training data stops the
 stage. That the stage gives the same results when run again: tests/test_notebook_parity.py."""
 
+import contextlib
 import json
 import shutil
 
@@ -11,6 +12,7 @@ import pytest
 import sklearn
 import yaml
 from joblib import Parallel, delayed
+from sklearn.base import clone
 from sklearn.ensemble._hist_gradient_boosting import binning
 
 import lib.model_development as development
@@ -32,6 +34,7 @@ from lib.model_development import (
     fit_candidate,
     label_candidates,
     locate_home_stores,
+    make_gradient_boosting,
     measure_affinity,
     measure_offer_purchases,
     measure_past_redemptions,
@@ -298,27 +301,25 @@ def binning_in_use() -> str:
     return binning._find_binning_thresholds.__name__
 
 
-def test_a_search_with_one_pass_binning_fits_what_scikit_learns_fits_and_its_workers_use_it(monkeypatch):
+def test_one_pass_binning_fits_scikit_learns_model_here_and_reaches_a_parallel_searchs_workers(monkeypatch):
     assert sklearn.__version__ in ONE_PASS_SKLEARN, (
         f"scikit-learn {sklearn.__version__}: compare one_pass_thresholds with its _find_binning_thresholds (these "
         "tests), then add the version to ONE_PASS_SKLEARN, or remove the one-pass binning if it sorts once itself"
     )
     rng = np.random.default_rng(4)
     rows = training_rows(1_200).assign(spend=rng.gamma(2.0, 20.0, 1_200))  # more distinct values than bins
-    params = {
-        "negative_sample_rate": 0.5,
-        "search_iterations": 2,
-        "cv_folds": 2,
-        "gradient_boosting": {"max_iter": [20], "max_leaf_nodes": [7, 15], "min_samples_leaf": [20]},
-    }
-    model, search = fit_candidate("gradient_boosting", rows, params, seed=0)
+    weights = np.where(rows.label == 1, 1.0, 2.0)
+    model = make_gradient_boosting(0).set_params(model__max_iter=20)
     with one_pass_binning():
+        fitted = clone(model).fit(rows[FEATURES], rows.label, model__sample_weight=weights)
         assert Parallel(n_jobs=2)(delayed(binning_in_use)() for _ in range(2)) == ["one_pass_thresholds"] * 2
     assert binning_in_use() == "_find_binning_thresholds"  # scikit-learn's own again after
-    monkeypatch.setattr(development, "ONE_PASS_SKLEARN", ())  # scikit-learn's binning throughout
-    own_model, own_search = fit_candidate("gradient_boosting", rows, params, seed=0)
-    assert search.mean_test_score.tolist() == own_search.mean_test_score.tolist()
-    assert np.array_equal(model.predict_proba(rows[FEATURES]), own_model.predict_proba(rows[FEATURES]))
+    own = clone(model).fit(rows[FEATURES], rows.label, model__sample_weight=weights)
+    assert np.array_equal(fitted.predict_proba(rows[FEATURES]), own.predict_proba(rows[FEATURES]))
+    entered = []
+    monkeypatch.setattr(development, "one_pass_binning", lambda: entered.append(1) or contextlib.nullcontext())
+    fit_candidate("gradient_boosting", rows, {}, seed=0)  # no grid: a plain fit
+    assert entered == [1]
 
 
 def test_selection_refuses_a_model_that_does_not_beat_the_rule():

@@ -680,6 +680,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                    'lib/model_development.py'),
                                        'lib.model_development.one_pass_binning': ( 'model_development.html#one_pass_binning',
                                                                                    'lib/model_development.py'),
+                                       'lib.model_development.one_pass_binning_in_use': ( 'model_development.html#one_pass_binning_in_use',
+                                                                                          'lib/model_development.py'),
                                        'lib.model_development.one_pass_thresholds': ( 'model_development.html#one_pass_thresholds',
                                                                                       'lib/model_development.py'),
                                        'lib.model_development.params_digest': ( 'model_development.html#params_digest',

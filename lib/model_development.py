@@ -20,19 +20,19 @@ __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES',
            'labelled_rows', 'split_campaigns', 'restrict_to_development', 'split_table', 'feature_tables',
            'transaction_span', 'transactions_between', 'TrainingDataError', 'check_training_data', 'make_rule_baseline',
            'make_logistic_regression', 'make_gradient_boosting', 'OfferChoice', 'make_offer_choice',
-           'one_pass_thresholds', 'use_one_pass_thresholds', 'one_pass_binning', 'search_grid', 'grid_size',
-           'training_draws', 'sample_training_rows', 'fit_arguments', 'fit_candidate', 'top_k_offers', 'precision_at_k',
-           'measure_metrics', 'measure_slices', 'measure_lift', 'measure_curves', 'check_acceptance',
-           'select_candidate', 'bin_shares', 'describe_numeric', 'describe_categorical', 'reference_statistics',
-           'Candidate', 'importance_sample', 'measure_importance', 'predict_in_batches', 'positive_class', 'timed_fit',
-           'measure_candidate', 'develop_candidate', 'with_importance', 'refit_on_development', 'flat_metrics',
-           'write_plots', 'git_commit', 'params_digest', 'lineage_tags', 'plot_curves', 'plot_importance',
-           'model_requirements', 'log_candidate', 'log_development', 'AcceptanceError', 'enforce_acceptance',
-           'candidate_pointer', 'development_settings', 'campaign_ids', 'development_rows', 'write_parquet_file',
-           'spark_development_rows', 'training_sample', 'read_parts', 'held_out_rows', 'set_counts', 'fit_candidates',
-           'evaluate_candidates', 'input_hashes', 'run_parameters', 'row_counts', 'campaign_lists',
-           'reference_document', 'development_summary', 'plot_top_k', 'sample_note', 'model_card', 'candidate_table',
-           'slice_table', 'run_facts']
+           'one_pass_thresholds', 'one_pass_binning_in_use', 'use_one_pass_thresholds', 'one_pass_binning',
+           'search_grid', 'grid_size', 'training_draws', 'sample_training_rows', 'fit_arguments', 'fit_candidate',
+           'top_k_offers', 'precision_at_k', 'measure_metrics', 'measure_slices', 'measure_lift', 'measure_curves',
+           'check_acceptance', 'select_candidate', 'bin_shares', 'describe_numeric', 'describe_categorical',
+           'reference_statistics', 'Candidate', 'importance_sample', 'measure_importance', 'predict_in_batches',
+           'positive_class', 'timed_fit', 'measure_candidate', 'develop_candidate', 'with_importance',
+           'refit_on_development', 'flat_metrics', 'write_plots', 'git_commit', 'params_digest', 'lineage_tags',
+           'plot_curves', 'plot_importance', 'model_requirements', 'log_candidate', 'log_development',
+           'AcceptanceError', 'enforce_acceptance', 'candidate_pointer', 'development_settings', 'campaign_ids',
+           'development_rows', 'write_parquet_file', 'spark_development_rows', 'training_sample', 'read_parts',
+           'held_out_rows', 'set_counts', 'fit_candidates', 'evaluate_candidates', 'input_hashes', 'run_parameters',
+           'row_counts', 'campaign_lists', 'reference_document', 'development_summary', 'plot_top_k', 'sample_note',
+           'model_card', 'candidate_table', 'slice_table', 'run_facts']
 
 # %% ../notebooks/03_model_development.ipynb #ed6325e4
 import hashlib
@@ -1037,6 +1037,13 @@ def one_pass_thresholds(col_data, max_bins, sample_weight=None) -> np.ndarray:
     if len(np.unique(thresholds)) != len(thresholds):
         thresholds = np.unique(thresholds)
     return np.clip(thresholds, a_min=None, a_max=ALMOST_INF)
+
+
+def one_pass_binning_in_use() -> bool:
+    "Does histogram gradient boosting take its bin thresholds from `one_pass_thresholds` in this process?"
+    from sklearn.ensemble._hist_gradient_boosting import binning
+
+    return binning._find_binning_thresholds.__name__ == "one_pass_thresholds"
 
 
 def use_one_pass_thresholds():

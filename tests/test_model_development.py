@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import sklearn
 import yaml
-from joblib import Parallel, delayed
+from joblib.parallel import get_active_backend
 from sklearn.base import clone
 from sklearn.ensemble._hist_gradient_boosting import binning
 
@@ -41,9 +41,11 @@ from lib.model_development import (
     measure_promotion_exposure,
     measure_rfm,
     one_pass_binning,
+    one_pass_binning_in_use,
     one_pass_thresholds,
     precision_at_k,
     select_candidate,
+    use_one_pass_thresholds,
 )
 
 NOTEBOOK = "notebooks/03_model_development.ipynb"
@@ -296,12 +298,7 @@ def test_one_pass_thresholds_are_scikit_learns(case):
     assert got.dtype == want.dtype and np.array_equal(got, want)
 
 
-def binning_in_use() -> str:
-    "The name of the function that finds bin thresholds in the process that calls it."
-    return binning._find_binning_thresholds.__name__
-
-
-def test_one_pass_binning_fits_scikit_learns_model_here_and_reaches_a_parallel_searchs_workers(monkeypatch):
+def test_one_pass_binning_fits_scikit_learns_model_here_and_in_a_parallel_searchs_workers(monkeypatch):
     assert sklearn.__version__ in ONE_PASS_SKLEARN, (
         f"scikit-learn {sklearn.__version__}: compare one_pass_thresholds with its _find_binning_thresholds (these "
         "tests), then add the version to ONE_PASS_SKLEARN, or remove the one-pass binning if it sorts once itself"
@@ -312,8 +309,10 @@ def test_one_pass_binning_fits_scikit_learns_model_here_and_reaches_a_parallel_s
     model = make_gradient_boosting(0).set_params(model__max_iter=20)
     with one_pass_binning():
         fitted = clone(model).fit(rows[FEATURES], rows.label, model__sample_weight=weights)
-        assert Parallel(n_jobs=2)(delayed(binning_in_use)() for _ in range(2)) == ["one_pass_thresholds"] * 2
-    assert binning_in_use() == "_find_binning_thresholds"  # scikit-learn's own again after
+        assert one_pass_binning_in_use()
+        # a parallel search's worker processes start with the function that put it in place here
+        assert get_active_backend()[0].backend_kwargs["initializer"] is use_one_pass_thresholds
+    assert not one_pass_binning_in_use()  # scikit-learn's own again after
     own = clone(model).fit(rows[FEATURES], rows.label, model__sample_weight=weights)
     assert np.array_equal(fitted.predict_proba(rows[FEATURES]), own.predict_proba(rows[FEATURES]))
     entered = []

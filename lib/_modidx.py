@@ -613,6 +613,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                  'lib/model_development.py'),
                                        'lib.model_development.history_partials': ( 'model_development.html#history_partials',
                                                                                    'lib/model_development.py'),
+                                       'lib.model_development.importance_inputs': ( 'model_development.html#importance_inputs',
+                                                                                    'lib/model_development.py'),
                                        'lib.model_development.importance_sample': ( 'model_development.html#importance_sample',
                                                                                     'lib/model_development.py'),
                                        'lib.model_development.in_order': ('model_development.html#in_order', 'lib/model_development.py'),

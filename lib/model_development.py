@@ -24,10 +24,10 @@ __all__ = ['SPEC', 'KEYS', 'DEMOGRAPHICS', 'NUMERIC', 'CATEGORICAL', 'FEATURES',
            'search_grid', 'grid_size', 'training_draws', 'sample_training_rows', 'fit_arguments', 'fit_candidate',
            'top_k_offers', 'precision_at_k', 'measure_metrics', 'measure_slices', 'measure_lift', 'measure_curves',
            'check_acceptance', 'select_candidate', 'bin_shares', 'describe_numeric', 'describe_categorical',
-           'reference_statistics', 'Candidate', 'importance_sample', 'measure_importance', 'predict_in_batches',
-           'positive_class', 'timed_fit', 'measure_candidate', 'develop_candidate', 'with_importance',
-           'refit_on_development', 'flat_metrics', 'write_plots', 'git_commit', 'params_digest', 'lineage_tags',
-           'plot_curves', 'plot_importance', 'model_requirements', 'log_candidate', 'log_development',
+           'reference_statistics', 'Candidate', 'importance_sample', 'importance_inputs', 'measure_importance',
+           'predict_in_batches', 'positive_class', 'timed_fit', 'measure_candidate', 'develop_candidate',
+           'with_importance', 'refit_on_development', 'flat_metrics', 'write_plots', 'git_commit', 'params_digest',
+           'lineage_tags', 'plot_curves', 'plot_importance', 'model_requirements', 'log_candidate', 'log_development',
            'AcceptanceError', 'enforce_acceptance', 'candidate_pointer', 'development_settings', 'campaign_ids',
            'development_rows', 'write_parquet_file', 'spark_development_rows', 'training_sample', 'read_parts',
            'held_out_rows', 'set_counts', 'fit_candidates', 'evaluate_candidates', 'input_hashes', 'run_parameters',
@@ -1345,16 +1345,33 @@ def importance_sample(frame, rows, seed) -> pd.DataFrame:
     return frame if len(frame) <= rows else frame.sample(n=rows, random_state=seed).sort_index()
 
 
+def importance_inputs(model, rows) -> tuple:
+    """What permutation importance shuffles for `model` on `rows`: (estimator, matrix, the column of each of
+    `FEATURES`). When the model's preparation codes each feature into one column of its own, row by row (ordinal codes,
+    numbers passed through), shuffling that column shuffles the feature: the rows are prepared once, not once per
+    shuffle. Otherwise (one-hot columns, a rule on one feature) the features as they are, through the whole model."""
+    prep = model[0]
+    columnwise = isinstance(prep, ColumnTransformer) and all(
+        step == "passthrough" or isinstance(step, OrdinalEncoder) for _, step, _ in prep.transformers
+    )
+    names = [name.split("__", 1)[1] for name in prep.get_feature_names_out()] if columnwise else []
+    if sorted(names) != sorted(FEATURES):
+        return model, rows[FEATURES], list(range(len(FEATURES)))
+    return model[-1], model[:-1].transform(rows[FEATURES]), [names.index(f) for f in FEATURES]
+
+
 def measure_importance(model, frame, params, seed) -> pd.DataFrame:
     """Permutation importance of each feature on `importance_sample`'s `importance_rows` rows of `frame`: the mean drop
-    in average precision when it is shuffled. The sample bounds the memory and time it takes whatever the size of the
-    data; the features are shuffled in parallel, one per core, with the same seeded shuffles on any number of cores."""
+    in average precision when it is shuffled (`importance_inputs`). The sample bounds the memory and time it takes
+    whatever the size of the data; the features are shuffled in parallel, one per core, with the same seeded shuffles on
+    any number of cores."""
     from sklearn.inspection import permutation_importance
 
     rows = importance_sample(frame, params["importance_rows"], seed)
+    estimator, matrix, columns = importance_inputs(model, rows)
     result = permutation_importance(
-        model,
-        rows[FEATURES],
+        estimator,
+        matrix,
         rows.label,
         scoring="average_precision",
         n_repeats=params["importance_repeats"],
@@ -1362,7 +1379,7 @@ def measure_importance(model, frame, params, seed) -> pd.DataFrame:
         n_jobs=-1,
     )
     return pd.DataFrame(
-        {"feature": FEATURES, "importance": result.importances_mean, "std": result.importances_std}
+        {"feature": FEATURES, "importance": result.importances_mean[columns], "std": result.importances_std[columns]}
     ).sort_values(["importance", "feature"], ascending=[False, True], ignore_index=True)
 
 

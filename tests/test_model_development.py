@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import sklearn
 import yaml
+from joblib import parallel_config
 from joblib.parallel import get_active_backend
 from sklearn.base import clone
 from sklearn.ensemble._hist_gradient_boosting import binning
@@ -32,10 +33,12 @@ from lib.model_development import (
     check_training_data,
     complete_weeks,
     fit_candidate,
+    importance_inputs,
     label_candidates,
     locate_home_stores,
     make_gradient_boosting,
     measure_affinity,
+    measure_importance,
     measure_offer_purchases,
     measure_past_redemptions,
     measure_promotion_exposure,
@@ -319,6 +322,21 @@ def test_one_pass_binning_fits_scikit_learns_model_here_and_in_a_parallel_search
     monkeypatch.setattr(development, "one_pass_binning", lambda: entered.append(1) or contextlib.nullcontext())
     fit_candidate("gradient_boosting", rows, {}, seed=0)  # no grid: a plain fit
     assert entered == [1]
+
+
+def test_importance_shuffling_prepared_columns_is_the_importance_shuffling_the_features():
+    from sklearn.inspection import permutation_importance
+
+    rows = training_rows(600)
+    model = make_gradient_boosting(0).set_params(model__max_iter=20).fit(rows[FEATURES], rows.label)
+    assert importance_inputs(model, rows)[0] is model[-1]  # shuffled after the preparation
+    with parallel_config(backend="sequential"):  # the same seeded shuffles on any number of cores
+        measured = measure_importance(model, rows, {"importance_rows": 600, "importance_repeats": 2}, seed=3)
+    direct = permutation_importance(
+        model, rows[FEATURES], rows.label, scoring="average_precision", n_repeats=2, random_state=3
+    )
+    want = pd.DataFrame({"importance": direct.importances_mean, "std": direct.importances_std}, index=FEATURES)
+    assert (measured.set_index("feature").loc[FEATURES] == want).all().all()
 
 
 def test_selection_refuses_a_model_that_does_not_beat_the_rule():

@@ -57,7 +57,20 @@ def test_the_pipeline_tier_starts_its_longest_files_first(request, tmp_path):
     assert not set(LONGEST_FIRST) - marked_files, "LONGEST_FIRST names files without pipeline tests"
     ranks = [start_rank(item) for item in request.session.items]
     assert ranks == sorted(ranks), "collection does not start with the longest files"
-    assert "--no-loadscope-reorder" in (TESTS / "run_all.sh").read_text()  # else pytest-xdist reorders by test count
+    pytest_lines = re.findall(r"^pytest -m .*$", (TESTS / "run_all.sh").read_text(), re.MULTILINE)
+    assert len(pytest_lines) == 2, pytest_lines  # the fast tier's and the pipeline tier's
+    assert all("--no-loadscope-reorder" in line for line in pytest_lines)  # else pytest-xdist reorders by test count
+
+
+def test_both_tiers_let_an_openmp_thread_that_waits_sleep():
+    """Tests run side by side on few cores: an OpenMP thread that spins while it waits for work (scikit-learn's
+    boosting) takes a core another test needs. The tiers export OMP_WAIT_POLICY=PASSIVE before anything runs."""
+    script = (TESTS / "run_all.sh").read_text()
+    export = re.search(r"^export OMP_WAIT_POLICY=.*$", script, re.MULTILINE)
+    assert export and export.start() < script.index("ruff check"), "no OMP_WAIT_POLICY export before the tiers run"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    shell = subprocess.run(["bash", "-c", f"{export.group(0)}; echo $OMP_WAIT_POLICY"], env=env, capture_output=True)
+    assert shell.stdout.decode().strip() == "PASSIVE"
 
 
 def test_the_fast_tier_s_nbdev_test_ends_with_the_notebooks_not_with_idle_joblib_workers(tmp_path):

@@ -92,7 +92,7 @@ def _heap_mb(spark) -> tuple:
 
 
 def test_a_written_output_leaves_the_driver_holding_no_more_heap_than_it_uses(spark, tmp_path):
-    shuffled = spark.range(0, 2_000_000, numPartitions=2).selectExpr("id", "uuid() AS u").orderBy("u")
+    shuffled = spark.range(0, 4_000_000, numPartitions=2).selectExpr("id", "uuid() AS u").orderBy("u")
     shuffled.write.parquet(str(tmp_path / "plain"))  # the same job without the release: the heap it grows
     grown, _ = _heap_mb(spark)
     assert grown > 400, f"the job grew the heap to {grown:.0f} MB only: nothing to give back"

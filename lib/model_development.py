@@ -1021,8 +1021,9 @@ def one_pass_thresholds(col_data, max_bins, sample_weight=None) -> np.ndarray:
     kept = ~np.isnan(col_data)  # missing values, and rows of no weight, move no threshold
     if sample_weight is not None:
         kept &= sample_weight != 0
-    order = np.argsort(col_data[kept])
-    values = col_data[kept][order]
+    values = col_data[kept]
+    order = np.argsort(values)
+    values = values[order]
     distinct = np.unique(values).astype(X_DTYPE)
     if len(distinct) == 1:
         return np.asarray([])
@@ -1153,11 +1154,10 @@ def fit_candidate(name, train, params, seed):
     model = MAKERS[name](seed)
     rows, weights = sample_training_rows(train, params.get("negative_sample_rate", 1.0), seed)
     arguments, grid = fit_arguments(name, rows, weights), search_grid(params, name)
-    if not grid:
-        with one_pass_binning():
-            return model.fit(rows[FEATURES], rows.label, **arguments), pd.DataFrame()
-    search = _halving_search(model, grid, params, seed)
     with one_pass_binning():
+        if not grid:
+            return model.fit(rows[FEATURES], rows.label, **arguments), pd.DataFrame()
+        search = _halving_search(model, grid, params, seed)
         search.fit(rows[FEATURES], rows.label, groups=rows.campaign_id, **arguments)
     results = pd.DataFrame(search.cv_results_)
     return search.best_estimator_, results.assign(selected=results.index == search.best_index_)

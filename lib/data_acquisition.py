@@ -1146,7 +1146,8 @@ HOUSEHOLD_TABLES = tuple(t for t, c in CONTRACTS.items() if c.get("household_lev
 
 def process_tables(raw, households, key) -> tuple:
     """Cleansed, standardized and pseudonymized tables (all but promotions) from raw tables, for the sampled
-    `households`; and the log. `raw` is emptied as it goes: a long table is held twice at most, not three times."""
+    `households`; and the log. `raw` and its frames are emptied as they go (pass copies to keep them): a long table is
+    held twice at most, not three times."""
     out, log = {}, []
     for table in list(raw):
         frame, entry = drop_duplicate_rows(table, raw.pop(table))

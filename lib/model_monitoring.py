@@ -1276,7 +1276,7 @@ def register_challenger(client, name, model, example, tags, experiment_id) -> tu
 # %% ../notebooks/05_model_monitoring.ipynb #f3488ebb
 def register_verdict(client, name, model, frame, verdict, tags, experiment_id) -> dict:
     """Register the challenger and move `@champion` to it if the gate passed it, else tag it rejected; returns its
-    version and aliases."""
+    version and the aliases before and after (None when it was rejected: no alias moved)."""
     from lib.model_deployment import promote, reject
 
     version, pointer = register_challenger(client, name, model, frame[FEATURES].head(5), tags, experiment_id)
@@ -1291,10 +1291,9 @@ def register_verdict(client, name, model, frame, verdict, tags, experiment_id) -
 def close_the_loop(
     trigger, m: Monitor, family, development, gate, charter, client=None, experiment_id=None, tags=None
 ) -> dict:
-    "Train a challenger of model `family` (with step 03's `development` settings) on campaigns ended before the"
-    "`trigger` batch,"
-    "gate it against the champion on that batch (`gate`: step 04's settings), and with a `client` register it and move "
-    "or keep `@champion`."
+    """Train a challenger of model `family` (with step 03's `development` settings) on campaigns ended before the
+    `trigger` batch, gate it against the champion on that batch (`gate`: step 04's settings), and with a `client`
+    register it and move or keep `@champion`."""
     from lib.model_development import fit_candidate
 
     cds = m.tables["campaign_descriptions"]
@@ -1332,8 +1331,8 @@ def close_the_loop(
 def retrain_on_trigger(
     enabled, trigger, m: Monitor, family, development, gate, charter, client=None, experiment_id=None, tags=None
 ) -> dict:
-    "What the closed loop did: nothing unless `enabled` and a batch called for retraining, else `close_the_loop` on"
-    "that batch."
+    """What the closed loop did: nothing unless `enabled` and a batch called for retraining, else `close_the_loop` on
+    that batch."""
     out = {"enabled": enabled, "trigger": trigger["batch"] if trigger else None, "decision": "none"}
     if not (enabled and trigger):
         return out

@@ -185,6 +185,7 @@ def mlflow_server_command(settings, backend) -> list:
 
 # %% ../notebooks/00_team.ipynb #7e3a0028
 def tracking_url(settings) -> str:
+    "The team's MLflow server, as the clients reach it: loopback, on `settings`' port."
     return f"http://127.0.0.1:{settings['mlflow_port']}"
 
 

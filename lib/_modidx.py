@@ -111,6 +111,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'lib.data_acquisition._id': ('data_acquisition.html#_id', 'lib/data_acquisition.py'),
                                       'lib.data_acquisition._ingest_raw': ('data_acquisition.html#_ingest_raw', 'lib/data_acquisition.py'),
                                       'lib.data_acquisition._is_id': ('data_acquisition.html#_is_id', 'lib/data_acquisition.py'),
+                                      'lib.data_acquisition._iter_csv': ('data_acquisition.html#_iter_csv', 'lib/data_acquisition.py'),
                                       'lib.data_acquisition._iter_sql': ('data_acquisition.html#_iter_sql', 'lib/data_acquisition.py'),
                                       'lib.data_acquisition._log': ('data_acquisition.html#_log', 'lib/data_acquisition.py'),
                                       'lib.data_acquisition._owners': ('data_acquisition.html#_owners', 'lib/data_acquisition.py'),

@@ -5,22 +5,23 @@
 # %% auto #0
 __all__ = ['PROCESSED_TABLES', 'UNKNOWN', 'BANDS', 'DISPLAY_LOCATIONS', 'MAILER_LOCATIONS', 'FIRST_DAY', 'LAST_DAY', 'HOUSEHOLD',
            'CONTRACTS', 'PROCESSED_CONTRACTS', 'SCORECARD_COLUMNS', 'FOREIGN_KEYS', 'SNAPSHOT_COLUMNS', 'CSV_OPTIONS',
-           'EXTRA_COLUMN_POLICIES', 'ARROW_TYPES', 'PROGRESS_ROWS', 'FIRST_NAMES', 'LAST_NAMES', 'DEMO_NOTE',
-           'CONTACT_KEY_VAR', 'DEVELOPMENT_KEY', 'HOUSEHOLD_TABLES', 'LOCATIONS', 'DEVELOPMENT_KEY_WARNING',
-           'DEMO_CONTACTS_NOTE', 'SPEC', 'column', 'ContractError', 'violation', 'duplicated_rows', 'score_contract',
-           'raise_for_failures', 'check_contract', 'foreign_key_rule', 'interval_rule', 'campaign_window_rule',
-           'week_rule', 'meaning_rules', 'check_meaning', 'describe_column', 'take_snapshot', 'column_psi',
-           'compare_snapshot', 'SnapshotError', 'check_snapshot', 'snapshot_table', 'reading', 'source_columns',
-           'iter_source', 'text_dtypes', 'select_columns', 'coerce_table', 'arrow_schema', 'ingest_table',
-           'concat_chunks', 'stream_table', 'generate_contacts', 'DevelopmentKeyWarning', 'pseudonym_key',
-           'pseudonymize', 'sample_households', 'drop_duplicate_rows', 'without_rows', 'standardize_demographics',
-           'fill_unknown_text', 'to_categories', 'find_home_stores', 'pseudonymize_contacts', 'sort_by_key',
-           'process_tables', 'promotion_rows', 'promotion_reducer', 'process_promotions', 'Acquisition', 'write_raw',
-           'ingest_contacts', 'source_households', 'sample_filter', 'acquire', 'write_tables', 'load_processed',
-           'quality_scores', 'quality_metrics', 'catalog_entry', 'build_catalog', 'profile_table', 'profile_tables',
-           'has_pii', 'blanket_offers', 'kpi_tables', 'acquisition_summary', 'source_notes', 'plot_quality',
-           'profile_links', 'catalog_table', 'pii_table', 'rule_summary', 'imperfect_rules', 'processing_log',
-           'promotion_volume', 'baseline_table', 'baseline_note', 'plot_baseline', 'check_params']
+           'QUOTE_THE_DELIMITER', 'OVERFLOW', 'EXTRA_COLUMN_POLICIES', 'ARROW_TYPES', 'PROGRESS_ROWS', 'FIRST_NAMES',
+           'LAST_NAMES', 'DEMO_NOTE', 'CONTACT_KEY_VAR', 'DEVELOPMENT_KEY', 'HOUSEHOLD_TABLES', 'LOCATIONS',
+           'DEVELOPMENT_KEY_WARNING', 'DEMO_CONTACTS_NOTE', 'SPEC', 'column', 'ContractError', 'violation',
+           'duplicated_rows', 'score_contract', 'raise_for_failures', 'check_contract', 'foreign_key_rule',
+           'interval_rule', 'campaign_window_rule', 'week_rule', 'meaning_rules', 'check_meaning', 'describe_column',
+           'take_snapshot', 'column_psi', 'compare_snapshot', 'SnapshotError', 'check_snapshot', 'snapshot_table',
+           'reading', 'source_columns', 'iter_source', 'text_dtypes', 'select_columns', 'coerce_table', 'arrow_schema',
+           'ingest_table', 'concat_chunks', 'stream_table', 'generate_contacts', 'DevelopmentKeyWarning',
+           'pseudonym_key', 'pseudonymize', 'sample_households', 'drop_duplicate_rows', 'without_rows',
+           'standardize_demographics', 'fill_unknown_text', 'to_categories', 'find_home_stores',
+           'pseudonymize_contacts', 'sort_by_key', 'process_tables', 'promotion_rows', 'promotion_reducer',
+           'process_promotions', 'Acquisition', 'write_raw', 'ingest_contacts', 'source_households', 'sample_filter',
+           'acquire', 'write_tables', 'load_processed', 'quality_scores', 'quality_metrics', 'catalog_entry',
+           'build_catalog', 'profile_table', 'profile_tables', 'has_pii', 'blanket_offers', 'kpi_tables',
+           'acquisition_summary', 'source_notes', 'plot_quality', 'profile_links', 'catalog_table', 'pii_table',
+           'rule_summary', 'imperfect_rules', 'processing_log', 'promotion_volume', 'baseline_table', 'baseline_note',
+           'plot_baseline', 'check_params']
 
 # %% ../notebooks/02_data_acquisition.ipynb #93cdfefe
 import contextlib
@@ -676,6 +677,9 @@ def snapshot_table(changes, top=15):
 CSV_OPTIONS = dict(dtype=str, keep_default_na=False, na_values=[""])
 
 
+QUOTE_THE_DELIMITER = "a value holding the delimiter must be quoted (or set data_acquisition.source.csv_delimiter)"
+
+
 @contextlib.contextmanager
 def reading(path, table, encoding="utf-8-sig"):
     "Turn a source file that cannot be read into a `ContractError` naming the file, its table and the fix."
@@ -689,6 +693,8 @@ def reading(path, table, encoding="utf-8-sig"):
             detail=f"{path} is not {encoding} text ({err.reason} at byte {err.start}): "
             "set data_acquisition.source.csv_encoding to the file's encoding, e.g. latin-1 or cp1252",
         ) from None
+    except pd.errors.ParserError as err:  # a row with more fields than the columns it is read into
+        raise violation(table, "*", "csv_fields", detail=f"{path}: {err}; {QUOTE_THE_DELIMITER}") from None
     except (pa.ArrowException, OSError) as err:
         raise violation(
             table,
@@ -764,6 +770,34 @@ def _iter_sql(source, table, columns, chunk_rows):
         engine.dispose()
 
 
+OVERFLOW = "\x00overflow"  # the column a CSV row's fields beyond the header land in
+
+
+def _iter_csv(source, table, columns, chunk_rows):
+    """Chunks of a CSV table's `columns`. A row with more fields than the header is an error naming it: pandas would
+    drop the fields it has no column for, and the row's values may have shifted (a delimiter in an unquoted value)."""
+    path = source.files[table]
+    header = _csv_columns(path, table, source.csv_delimiter, source.csv_encoding)
+    names = dict(header=None, skiprows=1, names=[*header, OVERFLOW])  # the header's names, one column to spare
+    options = dict(sep=source.csv_delimiter, encoding=source.csv_encoding, **names, **CSV_OPTIONS)
+    rows = 0
+    with reading(path, table, source.csv_encoding):
+        for chunk in pd.read_csv(path, chunksize=chunk_rows, **options):
+            longer = np.flatnonzero(chunk[OVERFLOW].notna().to_numpy())
+            if len(longer):
+                raise violation(
+                    table,
+                    "*",
+                    "csv_fields",
+                    len(longer),
+                    len(chunk),
+                    f"{path.name}: data row {rows + longer[0] + 1:,} has more fields than the header's {len(header)}; "
+                    + QUOTE_THE_DELIMITER,
+                )
+            rows += len(chunk)
+            yield chunk[columns]
+
+
 def iter_source(source, table, columns, chunk_rows):
     "Chunks of at most `chunk_rows` rows of `columns` of `table`, as the source stores them."
     if source.kind == "sql":
@@ -771,10 +805,7 @@ def iter_source(source, table, columns, chunk_rows):
         return
     path = source.files[table]
     if path.suffix == ".csv":
-        with reading(path, table, source.csv_encoding):
-            options = dict(sep=source.csv_delimiter, usecols=columns, encoding=source.csv_encoding, **CSV_OPTIONS)
-            for chunk in pd.read_csv(path, chunksize=chunk_rows, **options):
-                yield chunk[columns]
+        yield from _iter_csv(source, table, columns, chunk_rows)
         return
     for part in table_files(path):  # a folder: part after part, so memory holds one chunk whatever the parts add up to
         with reading(part, table):

@@ -354,6 +354,15 @@ def test_csv_traps(tmp_path, small):
         fmt="csv",
         text=csv_text(cd.assign(campaign_type=["NA", *cd.campaign_type[1:]])),
     )
+    # a value holding the delimiter, unquoted: pandas would silently drop the fields beyond the header; an error naming
+    # the row, in whichever chunk it comes
+    lines = csv_text(small["products"]).splitlines(keepends=True)
+    for inserted, where in ((",Private,", "data row 250 has more fields than the header's 7"), (",A, B,", "line 251")):
+        text = "".join([*lines[:250], lines[250].replace(",", inserted, 1), *lines[251:]])
+        err = expect_error(
+            tmp_path, "products", None, "products.*: rule csv_fields", fmt="csv", text=text, chunk_rows=100
+        )
+        assert where in str(err) and "a value holding the delimiter must be quoted" in str(err), str(err)
     products = small["products"].assign(package_size=["NA", *small["products"].package_size[1:]])
     frame, _, _ = ingest_written(tmp_path, "products", None, "csv", text=csv_text(products))
     assert (

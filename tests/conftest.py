@@ -40,6 +40,13 @@ OUTPUT_DIRS = ("data", "models", "metrics", "plots", "reports")
 SPARK_LOCAL = {"master": "local[2]", "config": {"spark.sql.shuffle.partitions": 4}}  # Spark in the tests
 
 
+def cell_tree(source):
+    "A notebook cell's code as an `ast.Module`, its IPython magics (`%`) and shell lines (`!`) left out."
+    import ast
+
+    return ast.parse("\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))))
+
+
 def project_env(extra=None) -> dict:
     """The environment of this process with the project's virtual environment first on PATH, and without the MLflow
     tracking

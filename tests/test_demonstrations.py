@@ -8,7 +8,7 @@ import re
 import nbformat
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, cell_tree
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
@@ -52,11 +52,6 @@ TESTED_ELSEWHERE = {
 }
 
 
-def _tree(source) -> ast.Module:
-    "A cell's code, its IPython magics and shell lines left out."
-    return ast.parse("\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))))
-
-
 def _flag(source) -> str:
     "The cell's nbdev flag (`export`, `stage`, …) or '' for a cell nbdev-test runs as it is."
     match = re.match(r"#\|\s*(\w+)", source)
@@ -69,7 +64,7 @@ def exported_functions(cells) -> list:
         (node.name, i)
         for i, cell in enumerate(cells)
         if cell.cell_type == "code" and _flag(cell.source) == "export"
-        for node in _tree(cell.source).body
+        for node in cell_tree(cell.source).body
         if isinstance(node, ast.FunctionDef) and not node.name.startswith("_")
     ]
 
@@ -77,7 +72,7 @@ def exported_functions(cells) -> list:
 def _names_used(source) -> set:
     """The names a cell's code refers to, as a variable or an attribute, or in code it hands another process as a
     string (`import name`, `name(`); a comment, or a mere mention in a string, does not count."""
-    nodes = list(ast.walk(_tree(source)))
+    nodes = list(ast.walk(cell_tree(source)))
     texts = [n.value for n in nodes if isinstance(n, ast.Constant) and isinstance(n.value, str)]
     calls = r"\bimport (?:\w+, )*(\w+)|(\w+)\("
     in_code = {name for text in texts for pair in re.findall(calls, text) for name in pair if name}

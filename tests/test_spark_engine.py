@@ -96,7 +96,12 @@ def test_a_written_output_leaves_the_driver_holding_no_more_heap_than_it_uses(sp
     own = {"MaxHeapFreeRatio": "60", "MinHeapFreeRatio": "30"}  # a user's own bounds, looser than SPARK_DEFAULTS'
     session = {key: bean.getVMOption(key).getValue() for key in own}  # the session's, back for the next tests
     grown, release = [], md.release_driver_heap
-    monkeypatch.setattr(md, "release_driver_heap", lambda s: (grown.append(_heap_mb(s)[0]), release(s))[-1])
+
+    def heap_read_then_released(session):  # the committed heap the job grew, read just before the release
+        grown.append(_heap_mb(session)[0])
+        release(session)
+
+    monkeypatch.setattr(md, "release_driver_heap", heap_read_then_released)
     for key, value in own.items():
         bean.setVMOption(key, value)
     try:

@@ -8,17 +8,13 @@ import copy
 import nbformat
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, cell_tree
 from lib.core import CHARTER_FILE, SECTIONS, STAGES, step_notebook
 
 
 def notebook_cells(notebook) -> list:
     """The parsed code cells of `notebook` (IPython magics and shell lines left out)."""
-    cells = [c.source for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code"]
-    return [
-        ast.parse("\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))))
-        for source in cells
-    ]
+    return [cell_tree(c.source) for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code"]
 
 
 def _constant(node):

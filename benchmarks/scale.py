@@ -4,8 +4,8 @@ Per factor and engine, in a disposable copy of the project reading `data/scaled/
 missing): each stage's wall time, the peak memory of its largest process and of its whole process tree (DVC, the
 kernel, Spark's JVM and Python workers), feature and scoring rows per second; then whether the two engines gave the
 same feature table, scores and send list. A factor is skipped, and the reason said, when the disk lacks room for it or
-when step 02, which still holds whole tables in memory, would need more memory than the machine has (extrapolated in
-proportion from the largest factor measured). Writes benchmarks/scale.json and benchmarks/scale.md.
+when step 02 might need more memory than the machine has (extrapolated in proportion from the largest factor measured:
+an upper bound, as its peak grows more slowly than the data). Writes benchmarks/scale.json and benchmarks/scale.md.
 """
 
 import argparse
@@ -139,7 +139,7 @@ def skip_reason(factor, engines, x1_bytes, free_bytes, memory_bytes, measured) -
         expected_mb = measured[largest] * factor / largest
         if expected_mb * 2**20 > 0.8 * memory_bytes:
             return (
-                f"step 02 holds whole tables in memory: it peaked at {measured[largest]:,.0f} MB on ×{largest}, so "
+                f"step 02 peaked at {measured[largest]:,.0f} MB on ×{largest}, so "
                 f"×{factor} would need up to about {expected_mb / 1024:,.0f} GB, more than 80 % of this machine's "
                 f"{memory_bytes / 2**30:,.0f} GB"
             )

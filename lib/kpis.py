@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['KPI_SPEC', 'CHARTER_SPEC', 'MODEL_METRICS', 'ACCEPTANCE_METRICS', 'KPI_COLUMNS', 'KpiValue', 'measurable_campaigns',
            'window_end', 'count_visitors', 'measure_store_visit_rate', 'measure_visit_uplift',
-           'measure_redemption_rate', 'measure_offer_precision', 'kpi_function', 'measure_kpi', 'kpi_window',
-           'measure_kpis', 'validate_charter', 'charter_summary', 'charter_overview', 'plot_kpi_targets',
+           'measure_redemption_rate', 'campaign_offers', 'measure_offer_precision', 'kpi_function', 'measure_kpi',
+           'kpi_window', 'measure_kpis', 'validate_charter', 'charter_summary', 'charter_overview', 'plot_kpi_targets',
            'kpi_targets_table', 'stakeholders_table', 'ml_problem_facts', 'gate_table', 'acceptance_table',
            'domains_table', 'policies_table']
 
@@ -136,14 +136,25 @@ def measure_redemption_rate(campaigns, campaign_descriptions, coupon_redemptions
     return KpiValue(_pooled_rate(counts, "redeemers", "messaged"), counts)
 
 # %% ../notebooks/01_business_understanding.ipynb #994ccf57
+def campaign_offers(offers) -> tuple:
+    """The campaigns of `offers` and a function giving one campaign's offers: rows of a frame of offers, or built when
+    asked by an object with `campaign_ids` and `for_campaign` (such as step 02's `BlanketMailing`, whose millions of
+    offers are never held at once)."""
+    if not isinstance(offers, pd.DataFrame):
+        return set(offers.campaign_ids), offers.for_campaign
+    campaign_of = offers.campaign_id.to_numpy()
+    return set(pd.unique(campaign_of)), lambda campaign_id: offers.loc[campaign_of == campaign_id]
+
+
 def measure_offer_precision(offers, campaign_descriptions, coupon_redemptions) -> KpiValue:
-    """Share of messaged offers (household × campaign × coupon) redeemed during their campaign; a campaign at a time,
-    so a blanket mailing's millions of offers are never copied whole."""
+    """Share of messaged offers (household × campaign × coupon) redeemed during their campaign; a campaign at a time
+    (`campaign_offers`), so a blanket mailing's millions of offers are never copied whole."""
     keys = ["household_id", "campaign_id", "coupon_upc"]
     redeemed = _within_campaign(coupon_redemptions, campaign_descriptions, "redemption_date")[keys].drop_duplicates()
-    campaign_of, rows = offers.campaign_id.to_numpy(), []
-    for campaign_id in sorted(set(pd.unique(campaign_of)) & set(campaign_descriptions.campaign_id)):
-        distinct = offers.loc[campaign_of == campaign_id, keys].drop_duplicates()
+    campaign_ids, offers_of = campaign_offers(offers)
+    rows = []
+    for campaign_id in sorted(campaign_ids & set(campaign_descriptions.campaign_id)):
+        distinct = offers_of(campaign_id)[keys].drop_duplicates()
         hits = distinct.merge(redeemed[redeemed.campaign_id == campaign_id], on=keys)
         rows.append(dict(campaign_id=campaign_id, offers=len(distinct), redeemed=len(hits)))
     counts = pd.DataFrame(rows, columns=["campaign_id", "offers", "redeemed"])

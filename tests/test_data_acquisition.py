@@ -24,6 +24,7 @@ from lib.data_acquisition import (
     TABLES,
     ContractError,
     DevelopmentKeyWarning,
+    TransactionsFile,
     acquire,
     check_contract,
     generate_contacts,
@@ -78,6 +79,11 @@ def slice_dirs(slice_tables, tmp_path_factory):
     return base
 
 
+def loaded(table):
+    "A delivered table as a frame: the transactions, delivered as a file, loaded."
+    return table.frame() if isinstance(table, TransactionsFile) else table
+
+
 def acquire_into(source, folder, sample=0, key=KEY, **kw):
     """Acquire from `source` with raw files in `folder/raw`; processed tables written to `folder/processed`."""
     result = acquire(source, folder / "raw", sample, SEED, key, chunk_rows=50_000, **kw)
@@ -95,6 +101,8 @@ def acquired(package_tables, slice_dirs, tmp_path_factory):
         "csv": acquire_into(files_source("csv", slice_dirs), base / "csv"),
         "sqlite": acquire_into(sql_source(f"sqlite:///{slice_dirs / 'slice.db'}"), base / "sqlite"),
         "csv_again": acquire_into(files_source("csv/*.csv", slice_dirs), base / "csv_again"),
+        # the transactions processed a basket range of about 1,000 lines at a time, not in one range
+        "by_range": acquire_into(files_source("parquet", slice_dirs), base / "by_range", bucket_rows=1_000),
     }
 
 
@@ -104,8 +112,21 @@ def test_package_sqlite_and_csv_give_identical_processed_tables(acquired):
     for kind in ("csv", "sqlite"):
         other, other_paths = acquired[kind]
         for table in PROCESSED_TABLES:
-            pd.testing.assert_frame_equal(other.processed[table], reference.processed[table], obj=f"{kind}: {table}")
+            pd.testing.assert_frame_equal(
+                loaded(other.processed[table]), loaded(reference.processed[table]), obj=f"{kind}: {table}"
+            )
             assert file_sha256(other_paths[table]) == file_sha256(paths[table]), f"{kind}: {table} differs in bytes"
+
+
+def test_basket_ranges_deliver_what_one_range_does(acquired):
+    (whole, _), (by_range, _) = acquired["sqlite"], acquired["by_range"]  # the same slice, no sample
+    assert len(by_range.processed["transactions"]) > 5_000  # several ranges
+    for table in PROCESSED_TABLES:
+        pd.testing.assert_frame_equal(loaded(by_range.processed[table]), loaded(whole.processed[table]), obj=table)
+    rules = ["table", "column", "rule"]
+    scores = (a.scorecard.set_index(rules)[["failed", "pass_rate", "passed"]].sort_index() for a in (whole, by_range))
+    pd.testing.assert_frame_equal(*scores)  # the same rules, failing on the same rows
+    assert whole.log == by_range.log
 
 
 def test_same_input_twice_gives_the_same_content_hashes(acquired):
@@ -119,10 +140,10 @@ def test_same_input_twice_gives_the_same_content_hashes(acquired):
 def test_processed_tables_meet_the_delivery_contract(acquired):
     processed = acquired["package"][0].processed
     for table in PROCESSED_TABLES:
-        check_contract(table, processed[table], PROCESSED_CONTRACTS)
+        check_contract(table, loaded(processed[table]), PROCESSED_CONTRACTS)
     assert list(processed["contacts"].columns) == ["household_id", "contact_key"]
     assert processed["demographics"].age.cat.ordered and processed["demographics"].age.cat.categories[0] == "Unknown"
-    assert set(processed["households"].household_id) == set(processed["transactions"].household_id)
+    assert set(processed["households"].household_id) == set(loaded(processed["transactions"]).household_id)
     assert processed["promotions"].product_id.isin(processed["coupons"].product_id).all()
     assert processed["promotions"].store_id.isin(processed["households"].home_store_id).all()
 
@@ -146,8 +167,9 @@ def test_acquisition_says_each_part_and_how_far_each_long_table_got(slice_dirs, 
     )
     kept = len(result.processed["promotions"]) + repeats
     done = [m for m in heard if "under its contract" in m]
-    assert done == [
-        *(f"{t}: {rows[t]:,} rows, under its contract" for t in rows if t != "promotions"),
+    assert done == [  # the transactions are under their contract once their last basket range is checked
+        *(f"{t}: {rows[t]:,} rows, under its contract" for t in rows if t not in ("transactions", "promotions")),
+        f"transactions: {rows['transactions']:,} rows, under its contract",
         f"promotions: {rows['promotions']:,} rows read, {kept:,} kept, under its contract",
     ]
     parts = [

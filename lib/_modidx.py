@@ -295,6 +295,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                'lib/data_acquisition.py'),
                                       'lib.data_acquisition.shopping_days': ( 'data_acquisition.html#shopping_days',
                                                                               'lib/data_acquisition.py'),
+                                      'lib.data_acquisition.snapshot_chunks': ( 'data_acquisition.html#snapshot_chunks',
+                                                                                'lib/data_acquisition.py'),
                                       'lib.data_acquisition.snapshot_table': ( 'data_acquisition.html#snapshot_table',
                                                                                'lib/data_acquisition.py'),
                                       'lib.data_acquisition.sort_by_key': ('data_acquisition.html#sort_by_key', 'lib/data_acquisition.py'),

@@ -13,19 +13,19 @@ __all__ = ['PROCESSED_TABLES', 'UNKNOWN', 'BANDS', 'DISPLAY_LOCATIONS', 'MAILER_
            'week_offsets', 'week_rule_of_offsets', 'week_rule', 'meaning_rules', 'check_meaning', 'column_counts',
            'quantiles_of_counts', 'describe_column', 'take_snapshot', 'column_psi', 'compare_snapshot', 'SnapshotError',
            'check_snapshot', 'snapshot_table', 'reading', 'source_columns', 'iter_source', 'text_dtypes',
-           'select_columns', 'coerce_table', 'arrow_schema', 'ingest_table', 'concat_chunks', 'stream_table',
-           'generate_contacts', 'DevelopmentKeyWarning', 'pseudonym_key', 'pseudonymize', 'sample_households',
-           'drop_duplicate_rows', 'without_rows', 'standardize_demographics', 'fill_unknown_text', 'to_categories',
-           'basket_counts', 'home_stores', 'pseudonymize_contacts', 'sort_by_key', 'process_tables', 'basket_cuts',
-           'basket_range', 'RawTransactions', 'stream_raw_transactions', 'split_basket_ranges', 'shopping_days',
-           'sum_range_scorecards', 'TransactionsFile', 'process_range', 'StreamedTransactions', 'process_transactions',
-           'map_large_arrays', 'promotion_rows', 'promotion_reducer', 'process_promotions', 'Acquisition', 'write_raw',
-           'ingest_contacts', 'source_households', 'sample_filter', 'acquire', 'write_tables', 'load_processed',
-           'quality_scores', 'quality_metrics', 'catalog_entry', 'build_catalog', 'sample_positions', 'profiled_rows',
-           'profile_table', 'profile_tables', 'has_pii', 'blanket_offers', 'BlanketMailing', 'kpi_tables',
-           'acquisition_summary', 'source_notes', 'plot_quality', 'profile_links', 'catalog_table', 'pii_table',
-           'rule_summary', 'imperfect_rules', 'processing_log', 'promotion_volume', 'baseline_table', 'baseline_note',
-           'plot_baseline', 'check_params']
+           'select_columns', 'coerce_table', 'arrow_schema', 'ingest_table', 'concat_chunks', 'snapshot_chunks',
+           'stream_table', 'generate_contacts', 'DevelopmentKeyWarning', 'pseudonym_key', 'pseudonymize',
+           'sample_households', 'drop_duplicate_rows', 'without_rows', 'standardize_demographics', 'fill_unknown_text',
+           'to_categories', 'basket_counts', 'home_stores', 'pseudonymize_contacts', 'sort_by_key', 'process_tables',
+           'basket_cuts', 'basket_range', 'RawTransactions', 'stream_raw_transactions', 'split_basket_ranges',
+           'shopping_days', 'sum_range_scorecards', 'TransactionsFile', 'process_range', 'StreamedTransactions',
+           'process_transactions', 'map_large_arrays', 'promotion_rows', 'promotion_reducer', 'process_promotions',
+           'Acquisition', 'write_raw', 'ingest_contacts', 'source_households', 'sample_filter', 'acquire',
+           'write_tables', 'load_processed', 'quality_scores', 'quality_metrics', 'catalog_entry', 'build_catalog',
+           'sample_positions', 'profiled_rows', 'profile_table', 'profile_tables', 'has_pii', 'blanket_offers',
+           'BlanketMailing', 'kpi_tables', 'acquisition_summary', 'source_notes', 'plot_quality', 'profile_links',
+           'catalog_table', 'pii_table', 'rule_summary', 'imperfect_rules', 'processing_log', 'promotion_volume',
+           'baseline_table', 'baseline_note', 'plot_baseline', 'check_params']
 
 # %% ../notebooks/02_data_acquisition.ipynb #93cdfefe
 import contextlib
@@ -1012,21 +1012,30 @@ def _sum_scorecards(cards) -> pd.DataFrame:
     )
 
 
+def snapshot_chunks(
+    source, table, contracts, raw_path, extra_columns="error", chunk_rows=1_000_000, keep=None, say=quiet
+):
+    """The chunks of `table` (the rows `keep` keeps), each written to the raw snapshot `raw_path` and scored on its
+    columns as it passes: (chunk, its scorecard, the notes so far)."""
+    Path(raw_path).parent.mkdir(parents=True, exist_ok=True)
+    schema = arrow_schema(contracts[table])
+    with pq.ParquetWriter(raw_path, schema) as writer:
+        for chunk, notes in _read_checked(source, table, contracts, extra_columns, chunk_rows, keep, say):
+            writer.write_table(pa.Table.from_pandas(chunk, schema=schema, preserve_index=False))
+            yield chunk, score_contract(table, chunk, contracts, table_rules=False), notes
+
+
 def stream_table(
     source, table, contracts, raw_path, reduce, extra_columns="error", chunk_rows=1_000_000, keep=None, say=quiet
 ) -> tuple:
     """Stream `table` chunk by chunk (the rows `keep` keeps): check it, write the raw snapshot to `raw_path`, keep what
     `reduce(chunk)` returns; `say` hears how far it got."""
-    raw_path = Path(raw_path)
-    raw_path.parent.mkdir(parents=True, exist_ok=True)
-    schema, kept, cards, notes = arrow_schema(contracts[table]), [], [], {"rows_read": 0}
-    with pq.ParquetWriter(raw_path, schema) as writer:
-        for chunk, seen in _read_checked(source, table, contracts, extra_columns, chunk_rows, keep, say):
-            notes = seen
-            cards.append(score_contract(table, chunk, contracts, table_rules=False))
-            writer.write_table(pa.Table.from_pandas(chunk, schema=schema, preserve_index=False))
-            kept.append(reduce(chunk))
-    frame = concat_chunks(kept) if kept else schema.empty_table().to_pandas()
+    kept, cards, notes = [], [], {"rows_read": 0}
+    for chunk, card, seen in snapshot_chunks(source, table, contracts, raw_path, extra_columns, chunk_rows, keep, say):
+        notes = seen
+        cards.append(card)
+        kept.append(reduce(chunk))
+    frame = concat_chunks(kept) if kept else arrow_schema(contracts[table]).empty_table().to_pandas()
     card = pd.concat(
         [_sum_scorecards(cards) if cards else None, pd.DataFrame(_table_rules(table, frame, contracts[table]))]
     )
@@ -1289,15 +1298,13 @@ def stream_raw_transactions(
     checking each chunk's columns; raises `ContractError` naming a rule that failed."""
     schema, cards, households, baskets, rows = arrow_schema(CONTRACTS["transactions"]), [], [], [], 0
     notes = {"dropped_columns": [], "leading_zero_ids": {}, "rows_read": 0, "rows_skipped": 0}
-    Path(raw_path).parent.mkdir(parents=True, exist_ok=True)
-    with pq.ParquetWriter(raw_path, schema) as writer:
-        for chunk, seen in _read_checked(source, "transactions", CONTRACTS, extra_columns, chunk_rows, keep, say):
-            notes = seen
-            writer.write_table(pa.Table.from_pandas(chunk, schema=schema, preserve_index=False))
-            cards.append(score_contract("transactions", chunk, CONTRACTS, table_rules=False))
-            households.append(np.unique(chunk.household_id))
-            baskets.append(chunk.basket_id.to_numpy()[::BASKET_SAMPLE_EVERY])
-            rows += len(chunk)
+    chunks = snapshot_chunks(source, "transactions", CONTRACTS, raw_path, extra_columns, chunk_rows, keep, say)
+    for chunk, card, seen in chunks:
+        notes = seen
+        cards.append(card)
+        households.append(np.unique(chunk.household_id))
+        baskets.append(chunk.basket_id.to_numpy()[::BASKET_SAMPLE_EVERY])
+        rows += len(chunk)
     cards = cards or [score_contract("transactions", schema.empty_table().to_pandas(), CONTRACTS, table_rules=False)]
     scorecard = raise_for_failures(_sum_scorecards(cards))
     cuts = basket_cuts(np.concatenate([np.array([], np.int64), *baskets]), rows, bucket_rows)

@@ -4,6 +4,7 @@ error, contact details stay in data/raw/, pseudonyms are keyed and stable, and o
 import io
 import json
 import sqlite3
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -486,6 +487,24 @@ def test_acquisition_depends_on_a_fingerprint_of_the_source_taken_at_every_repro
     assert fingerprint["always_changed"] is True
     out = next(iter(fingerprint["outs"][0]))
     assert out in stages["data_acquisition"]["deps"]
+
+
+FINGERPRINT_IMPORTS = """
+import sys
+from lib.core import project_root
+from lib.sources import resolve_source, source_fingerprint, source_params
+
+root = project_root()
+assert source_fingerprint(resolve_source(source_params(root / "params.yaml"), root, {}))["tables"]
+print(" ".join(sorted(m for m in ("numpy", "pandas", "pyarrow", "sqlalchemy") if m in sys.modules)))
+"""
+
+
+def test_the_fingerprint_taken_at_every_repro_loads_no_data_library():
+    """A no-op `dvc repro` still runs `source-fingerprint`: reading the params and hashing the package's files must not
+    import numpy, pandas, pyarrow or SQLAlchemy (each import is tens of milliseconds of every no-op repro)."""
+    loaded = run([sys.executable, "-c", FINGERPRINT_IMPORTS], Path(__file__).parents[1]).stdout.split()
+    assert loaded == [], f"the fingerprint of the package source imported {loaded}"
 
 
 # ---------------------------------------------------------------- end to end through DVC

@@ -743,6 +743,10 @@ def reading(path, table, encoding="utf-8-sig"):
     except pd.errors.ParserError as err:  # a row with more fields than the columns it is read into
         raise violation(table, "*", "csv_fields", detail=f"{path}: {err}; {QUOTE_THE_DELIMITER}") from None
     except (pa.ArrowException, OSError) as err:
+        if Path(path).suffix == ".csv":  # a CSV file that cannot be opened: no parquet to blame
+            raise violation(
+                table, "*", "readable_file", detail=f"{path} cannot be read ({err}): check its path and permissions"
+            ) from None
         raise violation(
             table,
             "*",

@@ -110,14 +110,10 @@ def champion_version(client, name):
 
 
 def find_version(client, name, pointer):
-    "The registered version of `pointer`'s model, if it was registered before."
-    from mlflow.exceptions import MlflowException
-
-    try:
-        versions = client.search_model_versions(f"name = '{name}' and run_id = '{pointer['run_id']}'")
-    except MlflowException:
-        return None
-    return next((v for v in versions if v.source == pointer["model_uri"]), None)
+    """The registered version of `pointer`'s model under `name`, if it was registered before. The registry is searched
+    by run id (hex digits) and the name compared here: a name is never quoted into the search, whatever it holds."""
+    versions = client.search_model_versions(f"run_id = '{pointer['run_id']}'")
+    return next((v for v in versions if v.name == name and v.source == pointer["model_uri"]), None)
 
 
 def register_candidate(client, name, pointer, tags):

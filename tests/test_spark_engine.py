@@ -2,8 +2,8 @@
 it builds the same feature table, the same scores and the same send list as the pandas engine, in local mode and on a
 standalone cluster of a master and two workers, and a monitoring batch and its drill give the same rows and results;
 a few campaigns' rows are sorted once read, many by Spark; and a Python worker killed while features are written fails
-the write without leaving output, after which a rerun succeeds. Steps 03 to 05 run through DVC on Spark in
-test_spark_pipeline.py (03) and test_spark_deployment.py (04, 05)."""
+the write without leaving output, after which a rerun on the cluster gives the pandas answers. Steps 03 to 05 run
+through DVC on Spark in test_spark_pipeline.py (03) and test_spark_deployment.py (04, 05)."""
 
 import contextlib
 import dataclasses
@@ -408,29 +408,19 @@ def _executor_pythons(spark) -> set:
     return set(spark.sparkContext.parallelize(range(4), 4).map(lambda _: sys.executable).collect())
 
 
-@pytest.mark.pipeline
-def test_a_standalone_cluster_gives_the_same_features_scores_and_send_list(
-    deployed_smoke, standalone_cluster, tmp_path
-):
-    with cluster_session(standalone_cluster) as spark:
-        assert spark.sparkContext.master == standalone_cluster.master
-        assert _executor_pythons(spark) == {sys.executable}  # the project's Python (PYSPARK_PYTHON) on the executors
-        status = spark.sparkContext._jsc.sc().getExecutorMemoryStatus  # the driver and each executor
-        wait_until("an executor on each worker", lambda: status().size() == 3, 120, standalone_cluster.procs.values())
-        _assert_same_answers(spark, deployed_smoke, tmp_path)
-
-
 def _cluster_descendants(cluster) -> set:
     return {p.pid for w in cluster.procs.values() for p in psutil.Process(w.pid).children(recursive=True)}
 
 
 @pytest.mark.pipeline
-def test_a_python_worker_killed_while_features_are_written_fails_the_write_and_a_rerun_succeeds(
+def test_a_python_worker_killed_while_features_are_written_fails_the_write_and_a_rerun_gives_pandas_answers(
     deployed_smoke, standalone_cluster, tmp_path
 ):
     """Every Python worker of the write stage waits, once the write's temporary folder exists; one is killed: with one
-    attempt per task the job fails, no features folder is left (nor its temporary one), and a rerun writes them."""
-    on_pandas, promo_weeks = _rows_on_pandas(deployed_smoke)
+    attempt per task the job fails, and no features folder is left (nor its temporary one). The rerun, on the same
+    standalone cluster with an executor on each worker, gives the features, scores and send list of the pandas
+    engine."""
+    promo_weeks = load_yaml(deployed_smoke / "params.yaml")["model_development"]["promo_weeks"]
     out, markers = tmp_path / "features", tmp_path / "stalled"
     markers.mkdir()
     stalling = {
@@ -459,4 +449,8 @@ def test_a_python_worker_killed_while_features_are_written_fails_the_write_and_a
     assert not list(tmp_path.glob(f".{out.name}.*"))  # the temporary folder of the failed write was removed
 
     with cluster_session(standalone_cluster) as spark:
-        _assert_same_features(_features_on_spark(spark, deployed_smoke, out, promo_weeks), on_pandas)
+        assert spark.sparkContext.master == standalone_cluster.master
+        assert _executor_pythons(spark) == {sys.executable}  # the project's Python (PYSPARK_PYTHON) on the executors
+        status = spark.sparkContext._jsc.sc().getExecutorMemoryStatus  # the driver and each executor
+        wait_until("an executor on each worker", lambda: status().size() == 3, 120, standalone_cluster.procs.values())
+        _assert_same_answers(spark, deployed_smoke, tmp_path)  # writes the features to `out` again

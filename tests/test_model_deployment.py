@@ -210,9 +210,9 @@ def test_rollback_changes_what_batch_scoring_uses_without_code_change(store):
     assert client.get_model_version(NAME, "2").tags["deployment"] == "rolled_back"
 
 
-def test_a_store_without_the_candidates_run_is_a_clear_error(store, tmp_path):
+def test_a_store_without_the_candidates_run_is_a_clear_error(store, tmp_path, empty_store):
     pointer = log_toy_model()
-    empty = f"sqlite:///{tmp_path}/fresh.db"
+    empty = f"sqlite:///{shutil.copy(empty_store, tmp_path / 'fresh.db')}"
     with pytest.raises(RegistryStateError, match="does not hold") as err:
         check_candidate_in_store(MlflowClient(empty), pointer, empty)
     assert "dvc repro --force --single-item model_development" in str(err.value)

@@ -68,6 +68,23 @@ def test_an_unreachable_master_is_named_within_the_wait():
     assert time.perf_counter() - started < 10
 
 
+# First of the tests that start a session: the JVM it starts last is the one the `spark` fixture then reuses.
+def test_a_stage_done_with_spark_lets_its_jvm_and_python_workers_go():
+    session = spark_session(SPARK_LOCAL)
+    assert session.range(8).rdd.map(lambda x: x).count() == 8  # a Python job: the workers start
+    jvm = psutil.Process(pyspark.SparkContext._gateway.proc.pid)
+    workers = jvm.children(recursive=True)
+    assert workers, "a Python job ran, so the JVM has Python workers"
+    stop_engine(session)
+    gone, alive = psutil.wait_procs([jvm, *workers], timeout=120)
+    assert not alive, f"still running after stop_engine: {[p.pid for p in alive]}"
+    again = spark_session(SPARK_LOCAL)  # a later session starts a JVM of its own
+    try:
+        assert again.range(5).count() == 5
+    finally:
+        again.stop()
+
+
 def test_a_second_session_with_other_settings_gets_them(spark):
     settings = {"master": "local[1]", "config": {"spark.sql.shuffle.partitions": 3}}
     again = spark_session(settings)
@@ -105,7 +122,7 @@ def test_a_written_output_leaves_the_driver_holding_no_more_heap_than_it_uses(sp
     for key, value in own.items():
         bean.setVMOption(key, value)
     try:
-        shuffled = spark.range(0, 4_000_000, numPartitions=2).selectExpr("id", "uuid() AS u").orderBy("u")
+        shuffled = spark.range(0, 3_000_000, numPartitions=2).selectExpr("id", "uuid() AS u").orderBy("u")
         md.write_parquet_atomically(shuffled, tmp_path / "released")
         assert grown and grown[0] > 400, f"the job grew the heap to {grown} MB only: nothing to give back"
         committed, used = _heap_mb(spark)
@@ -115,22 +132,6 @@ def test_a_written_output_leaves_the_driver_holding_no_more_heap_than_it_uses(sp
     finally:
         for key in reversed(session):
             bean.setVMOption(key, session[key])
-
-
-def test_a_stage_done_with_spark_lets_its_jvm_and_python_workers_go():
-    session = spark_session(SPARK_LOCAL)
-    assert session.range(8).rdd.map(lambda x: x).count() == 8  # a Python job: the workers start
-    jvm = psutil.Process(pyspark.SparkContext._gateway.proc.pid)
-    workers = jvm.children(recursive=True)
-    assert workers, "a Python job ran, so the JVM has Python workers"
-    stop_engine(session)
-    gone, alive = psutil.wait_procs([jvm, *workers], timeout=120)
-    assert not alive, f"still running after stop_engine: {[p.pid for p in alive]}"
-    again = spark_session(SPARK_LOCAL)  # a later session starts a JVM of its own
-    try:
-        assert again.range(5).count() == 5
-    finally:
-        again.stop()
 
 
 @pytest.fixture

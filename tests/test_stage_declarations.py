@@ -4,6 +4,7 @@ through another lib module), is in its dvc.yaml stage, so that `dvc repro` rerun
 
 import ast
 import copy
+import functools
 
 import nbformat
 import yaml
@@ -12,6 +13,7 @@ from conftest import ROOT, cell_tree
 from lib.core import CHARTER_FILE, SECTIONS, STAGES, step_notebook
 
 
+@functools.cache  # each notebook and lib file is parsed once for all the tests here
 def notebook_cells(notebook) -> list:
     """The parsed code cells of `notebook` (IPython magics and shell lines left out)."""
     return [cell_tree(c.source) for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code"]
@@ -58,6 +60,11 @@ def lib_modules(trees, package="lib") -> set:
     return {m for m in found if (ROOT / "lib" / f"{m}.py").exists()}
 
 
+@functools.cache
+def lib_tree(module) -> ast.Module:
+    return ast.parse((ROOT / "lib" / f"{module}.py").read_text())
+
+
 def with_lib_dependencies(modules) -> set:
     """`modules` and every lib module they import, transitively."""
     seen, todo = set(), list(modules)
@@ -66,7 +73,7 @@ def with_lib_dependencies(modules) -> set:
         if module in seen:
             continue
         seen.add(module)
-        todo += lib_modules([ast.parse((ROOT / "lib" / f"{module}.py").read_text())])
+        todo += lib_modules([lib_tree(module)])
     return seen
 
 

@@ -140,6 +140,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'lib.data_acquisition._owners': ('data_acquisition.html#_owners', 'lib/data_acquisition.py'),
                                       'lib.data_acquisition._parquet_columns': ( 'data_acquisition.html#_parquet_columns',
                                                                                  'lib/data_acquisition.py'),
+                                      'lib.data_acquisition._parse_integers': ( 'data_acquisition.html#_parse_integers',
+                                                                                'lib/data_acquisition.py'),
                                       'lib.data_acquisition._parse_text': ('data_acquisition.html#_parse_text', 'lib/data_acquisition.py'),
                                       'lib.data_acquisition._processed_contracts': ( 'data_acquisition.html#_processed_contracts',
                                                                                      'lib/data_acquisition.py'),

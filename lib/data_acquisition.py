@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .core import ParamsError, file_sha256, parquet_frame, quiet, table_view
@@ -891,17 +892,36 @@ def select_columns(table, present, contract, extra_columns="error") -> tuple:
     return declared, extra
 
 # %% ../notebooks/02_data_acquisition.ipynb #246a79f3
-def _parse_text(series, dtype):
-    "Text read as `dtype`; returns the values and how many non-empty values do not parse."
-    text = series.astype("string").str.strip().replace("", pd.NA)
+def _parse_integers(series) -> tuple:
+    """Integer text (`007`, ` +12`): the values as `Int64`, how many non-empty values are not int64, and how many have
+    leading zeros. Arrow trims, matches and casts the whole column at once; the rare value of 19 digits or more is
+    checked against int64's range one by one."""
+    text = pc.utf8_trim_whitespace(pa.array(series, type=pa.string(), from_pandas=True))
+    text = pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
+    unsigned = pc.replace_substring_regex(text, r"^\+", "")  # Arrow's cast takes no "+"
+    short = pc.match_substring_regex(unsigned, r"^-?[0-9]{1,18}$")  # always within int64
+    values = pc.cast(pc.if_else(short, unsigned, pa.scalar(None, pa.string())), pa.int64()).to_pandas(
+        types_mapper={pa.int64(): pd.Int64Dtype()}.get
+    )
+    values.index = series.index
+    long = np.flatnonzero(pc.fill_null(pc.match_substring_regex(unsigned, r"^-?[0-9]{19,}$"), False))
+    for at in long:
+        number = int(unsigned[at].as_py())
+        values.iloc[at] = number if -(2**63) <= number < 2**63 else pd.NA
+    zeros = pc.sum(pc.match_substring_regex(unsigned, r"^-?0[0-9]+$")).as_py() or 0
+    return values, int(pc.count(text).as_py() - values.notna().sum()), zeros
+
+
+def _parse_text(series, dtype) -> tuple:
+    "Text read as `dtype`; returns the values, how many non-empty values do not parse, and how many have leading zeros."
     if dtype == "int64":
-        ok = text.str.fullmatch(r"[+-]?\d+").fillna(False).astype(bool)
-        values = pd.to_numeric(text.where(ok), errors="coerce").astype("Int64")
-    elif dtype == "float64":
+        return _parse_integers(series)
+    text = series.astype("string").str.strip().replace("", pd.NA)
+    if dtype == "float64":
         values = pd.to_numeric(text, errors="coerce").astype("float64")
     else:
         values = pd.to_datetime(text, format="ISO8601", errors="coerce")
-    return values, int((text.notna() & values.isna()).sum())
+    return values, int((text.notna() & values.isna()).sum()), 0
 
 
 def _typed(series, dtype, table, name):
@@ -937,11 +957,10 @@ def coerce_table(table, frame, contract, text_ok=frozenset()) -> tuple:
     for name, spec in contract["columns"].items():
         series = frame[name]
         if spec["dtype"] in text_ok and (series.dtype == object or pd.api.types.is_string_dtype(series)):
-            values, bad = _parse_text(series, spec["dtype"])
+            values, bad, zeros[name] = _parse_text(series, spec["dtype"])
             if bad:
                 raise violation(table, name, "dtype", bad, len(series), detail=f"values that are not {spec['dtype']}")
             if spec["dtype"] == "int64":
-                zeros[name] = int(series.astype("string").str.strip().str.fullmatch(r"[+-]?0\d+").fillna(False).sum())
                 values = values if values.isna().any() else values.astype("int64")
             series = values
         else:

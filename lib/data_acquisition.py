@@ -896,7 +896,8 @@ def _parse_integers(series) -> tuple:
     """Integer text (`007`, ` +12`): the values as `Int64`, how many non-empty values are not int64, and how many have
     leading zeros. Arrow trims, matches and casts the whole column at once; the rare value of 19 digits or more is
     checked against int64's range one by one."""
-    text = pc.utf8_trim_whitespace(pa.array(series, type=pa.string(), from_pandas=True))
+    as_text = series.astype("string")  # a loosely typed source (SQLite) may mix numbers and text in a column
+    text = pc.utf8_trim_whitespace(pa.array(as_text, type=pa.string(), from_pandas=True))
     text = pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
     unsigned = pc.replace_substring_regex(text, r"^\+", "")  # Arrow's cast takes no "+"
     short = pc.match_substring_regex(unsigned, r"^-?[0-9]{1,18}$")  # always within int64

@@ -369,6 +369,15 @@ def test_csv_traps(tmp_path, small):
         fmt="csv",
         text=csv_text(cd.astype({"campaign_id": object}).assign(campaign_id=["NA", *cd.campaign_id[1:]])),
     )
+    # an id beyond int64 is no int64 (it is not wrapped around to a negative number)
+    expect_error(
+        tmp_path,
+        "campaign_descriptions",
+        None,
+        "campaign_descriptions.campaign_id: rule dtype failed for 1 of 27",
+        fmt="csv",
+        text=csv_text(cd.astype({"campaign_id": object}).assign(campaign_id=[str(2**63), *cd.campaign_id[1:]])),
+    )
     expect_error(
         tmp_path,
         "campaign_descriptions",

@@ -148,9 +148,13 @@ def _scores_both_ways(spark, model_uri, rows, features_path, out):
     return rows[md.KEYS].assign(score=on_pandas), on_spark
 
 
+def _promo_weeks(project) -> int:
+    return load_yaml(project / "params.yaml")["model_development"]["promo_weeks"]
+
+
 def _rows_on_pandas(project):
     "The labelled rows of `CAMPAIGNS` built by the pandas engine, and the `promo_weeks` of the project."
-    promo_weeks = load_yaml(project / "params.yaml")["model_development"]["promo_weeks"]
+    promo_weeks = _promo_weeks(project)
     return md.build_labelled_rows(load_processed(project, md.FEATURE_TABLES), CAMPAIGNS, promo_weeks), promo_weeks
 
 
@@ -421,7 +425,7 @@ def test_a_python_worker_killed_while_features_are_written_fails_the_write_and_a
     attempt per task the job fails, and no features folder is left (nor its temporary one). The rerun, on the same
     standalone cluster with an executor on each worker, gives the features, scores and send list of the pandas
     engine."""
-    promo_weeks = load_yaml(deployed_smoke / "params.yaml")["model_development"]["promo_weeks"]
+    promo_weeks = _promo_weeks(deployed_smoke)
     out, markers = tmp_path / "features", tmp_path / "stalled"
     markers.mkdir()
     stalling = {
